@@ -1,0 +1,34 @@
+# The README's two commands: `make run` (set up + the main job) and `make test` (set up + tests).
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# This machine's pip.conf names local wheel folders that may be absent: drop those warnings.
+PIP_FILTER := grep -v "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: setup data run test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | $(PIP_FILTER)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | $(PIP_FILTER)
+	$(PY) -c "import cmd_ray, ray, torch, torchvision, pyarrow, wandb"
+	touch $@
+
+setup: $(VENV)/.installed
+
+data:
+	bash launch/get_data.sh
+
+run: setup data
+	$(VENV)/bin/cmd-ray train --config launch/configs/fmnist.yaml --output-json runs/fmnist/summary-main.json
+
+test: setup data
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf runs .pytest_cache

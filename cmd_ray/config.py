@@ -1,0 +1,349 @@
+"""One validated configuration for a CMD run: YAML presets, `--set a.b=value` overrides, checks.
+
+Every key a user can set is a field below, with its default and a comment. Values are
+checked before any work starts; a bad value raises `ConfigError` whose message is one line
+naming the field, the value and what is allowed. Nothing here imports torch or Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+METHODS = ("ce", "dml", "cmd-s", "cmd-p", "coteaching")
+DISTILLATION_METHODS = ("dml", "cmd-s", "cmd-p", "coteaching")
+# Which threshold schedule each method name stands for (DESIGN.md section 1).
+METHOD_SCHEDULE = {
+    "ce": "zero",
+    "dml": "all",
+    "cmd-s": "static",
+    "cmd-p": "progressive",
+    "coteaching": "coteaching",
+}
+MODELS = ("small_cnn", "preact_resnet18")
+
+
+class ConfigError(ValueError):
+    """A configuration value is not allowed; the message is one line naming the field."""
+
+
+@dataclass
+class DataConfig:
+    name: Literal["fashion-mnist", "cifar10", "cifar100"] = "fashion-mnist"
+    # Where raw data is looked for / downloaded, and where the Parquet cache is written.
+    root: str = "~/.cache/cmd-ray/data"
+    # Train on a seeded random subset of this many training images (None = all of them).
+    train_subset: Optional[int] = None
+    # Evaluate on the first N test images (None = the full clean test set; use for smoke tests only).
+    test_subset: Optional[int] = None
+    # Random crop (padding 4) + horizontal flip; "auto" = on for CIFAR, off for Fashion-MNIST.
+    augment: Literal["auto", "on", "off"] = "auto"
+
+
+@dataclass
+class NoiseConfig:
+    # none | symmetric (to one of the C-1 other classes, uniformly) | pairflip (y -> y+1 mod C)
+    # | asymmetric (documented class map per data set) | matrix (a user's C x C file).
+    type: Literal["none", "symmetric", "pairflip", "asymmetric", "matrix"] = "symmetric"
+    # Flip probability r in [0, 1]; ignored for none and matrix.
+    rate: float = 0.4
+    # Path to a C x C row-stochastic matrix (.npy, .csv or .txt) when type = matrix.
+    matrix: Optional[str] = None
+
+
+@dataclass
+class ModelConfig:
+    # Architecture of every peer: small_cnn (28x28 inputs) | preact_resnet18 (32x32 inputs).
+    name: Literal["small_cnn", "preact_resnet18"] = "small_cnn"
+    # Optional architecture per peer (length = peers); overrides `name` where given.
+    per_peer: Optional[list[str]] = None
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "sgd"] = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+    # Learning-rate schedule over all steps: constant | cosine (to 0 at the last step).
+    schedule: Literal["constant", "cosine"] = "cosine"
+
+
+@dataclass
+class KnowledgeConfig:
+    # Certainty c(p) of a peer's knowledge: entropy (1 - H(p)/log C) | max_prob.
+    certainty: Literal["entropy", "max_prob"] = "entropy"
+    # Compare c(p) with tau directly (certainty) or with the batch's tau-quantile (quantile).
+    threshold_on: Literal["certainty", "quantile"] = "certainty"
+    # CMD-S: static threshold.
+    tau: float = 0.5
+    # CMD-P: tau(s) = tau_start + (tau_end - tau_start) * g(s), s = training progress in [0, 1].
+    tau_start: float = 0.3
+    tau_end: float = 0.7
+    shape: Literal["logistic", "linear"] = "logistic"
+    steepness: float = 10.0  # B in g(s) = 1 / (1 + exp(-B (s - s0)))
+    midpoint: float = 0.5  # s0
+
+
+@dataclass
+class DistillConfig:
+    # kl: CE(z, y~) + lambda * T^2 * KL(q_T || softmax(z/T)) on selected rows (batch mean)
+    # target_mix: CE(z, (1 - e) onehot(y~) + e q), e = mix_weight * c(q), on selected rows.
+    loss: Literal["kl", "target_mix"] = "kl"
+    weight: float = 1.0  # lambda
+    temperature: float = 1.0  # T
+    mix_weight: float = 1.0  # w, target_mix only
+
+
+@dataclass
+class CoteachingConfig:
+    # r_max: fraction of large-loss samples dropped at full ramp; None = noise.rate.
+    forget_rate: Optional[float] = None
+    # T_k: epochs over which the drop rate ramps linearly from 0 to r_max.
+    ramp_epochs: float = 10.0
+
+
+@dataclass
+class Config:
+    # Method by name: ce (zero knowledge) | dml (all knowledge) | cmd-s | cmd-p | coteaching.
+    method: Literal["ce", "dml", "cmd-s", "cmd-p", "coteaching"] = "cmd-p"
+    peers: int = 2  # P >= 2 peer networks
+    replicas: int = 1  # D data-parallel replicas per peer (Ray path)
+    epochs: int = 5
+    batch_size: int = 128  # global batch; every peer sees the same one
+    seed: int = 0  # seeds noise, subset, batch order, initial weights
+    use_gpu: bool = False
+    # Numerics of the forward pass: fp32 | bf16 (autocast; meant for GPUs, losses stay fp32).
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # Where run outputs (summaries, checkpoints) go.
+    output_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    coteaching: CoteachingConfig = field(default_factory=CoteachingConfig)
+
+    @property
+    def schedule(self) -> str:
+        """The threshold schedule the method stands for: zero | all | static | progressive | coteaching."""
+        return METHOD_SCHEDULE[self.method]
+
+    def peer_models(self) -> list[str]:
+        """Architecture name of each peer, length `peers`."""
+        return list(self.model.per_peer) if self.model.per_peer else [self.model.name] * self.peers
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------
+# Building a Config from nested dicts, with type checks that name the field.
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        parts = [_describe(a) for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(parts) + " or null"
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, str(tp)
+    )
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{name}: got {value!r}; allowed: {_describe(tp)}")
+    if origin is Union:
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(name, value, inner)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (inner,) = typing.get_args(tp)
+        return [_coerce(f"{name}[{i}]", v, inner) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"unsupported field type {tp!r} for {name}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            where = f"{prefix}{key}"
+            raise ConfigError(
+                f"{where}: unknown key; allowed at this level: {', '.join(sorted(known))}"
+            )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        value, tp, name = values[f.name], hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name}: got {value!r}; allowed: a mapping of its keys")
+            kwargs[f.name] = _build(tp, value, prefix=f"{name}.")
+        else:
+            kwargs[f.name] = _coerce(name, value, tp)
+    return cls(**kwargs)
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{name}: got {value!r}; allowed: a number in [{low}, {high}]")
+
+
+def _check_positive(name: str, value: Optional[int]) -> None:
+    if value is not None and value < 1:
+        raise ConfigError(f"{name}: got {value!r}; allowed: an integer >= 1")
+
+
+def validate(cfg: Config) -> Config:
+    """Check the relations between fields; raise ConfigError naming the first bad one."""
+    if cfg.peers < 2:
+        raise ConfigError(
+            f"peers: got {cfg.peers}; allowed: an integer >= 2 (CMD needs at least two peer networks)"
+        )
+    for name in ("replicas", "epochs", "batch_size", "data.train_subset", "data.test_subset"):
+        obj, attr = (cfg, name) if "." not in name else (getattr(cfg, name.split(".")[0]), name.split(".")[1])
+        _check_positive(name, getattr(obj, attr))
+    if cfg.seed < 0:
+        raise ConfigError(f"seed: got {cfg.seed}; allowed: an integer >= 0")
+    _check_range("noise.rate", cfg.noise.rate, 0.0, 1.0)
+    if cfg.noise.type == "matrix" and not cfg.noise.matrix:
+        raise ConfigError("noise.matrix: got null; allowed: a path to a C x C matrix file when noise.type is 'matrix'")
+    for name in ("tau", "tau_start", "tau_end"):
+        _check_range(f"knowledge.{name}", getattr(cfg.knowledge, name), 0.0, 1.0)
+    _check_range("knowledge.midpoint", cfg.knowledge.midpoint, 0.0, 1.0)
+    if cfg.knowledge.steepness <= 0:
+        raise ConfigError(f"knowledge.steepness: got {cfg.knowledge.steepness}; allowed: a number > 0")
+    if cfg.distill.weight < 0:
+        raise ConfigError(f"distill.weight: got {cfg.distill.weight}; allowed: a number >= 0")
+    if cfg.distill.temperature <= 0:
+        raise ConfigError(f"distill.temperature: got {cfg.distill.temperature}; allowed: a number > 0")
+    _check_range("distill.mix_weight", cfg.distill.mix_weight, 0.0, 1.0)
+    if cfg.coteaching.forget_rate is not None:
+        _check_range("coteaching.forget_rate", cfg.coteaching.forget_rate, 0.0, 1.0)
+    if cfg.coteaching.ramp_epochs < 0:
+        raise ConfigError(f"coteaching.ramp_epochs: got {cfg.coteaching.ramp_epochs}; allowed: a number >= 0")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr: got {cfg.optim.lr}; allowed: a number > 0")
+    if cfg.optim.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay: got {cfg.optim.weight_decay}; allowed: a number >= 0")
+    _check_range("optim.momentum", cfg.optim.momentum, 0.0, 1.0)
+    if cfg.model.per_peer is not None:
+        if len(cfg.model.per_peer) != cfg.peers:
+            raise ConfigError(
+                f"model.per_peer: got {len(cfg.model.per_peer)} names; allowed: exactly peers={cfg.peers} names"
+            )
+        for i, name in enumerate(cfg.model.per_peer):
+            if name not in MODELS:
+                raise ConfigError(f"model.per_peer[{i}]: got {name!r}; allowed: one of {', '.join(MODELS)}")
+    if cfg.batch_size % cfg.replicas:
+        raise ConfigError(
+            f"batch_size: got {cfg.batch_size}; allowed: a multiple of replicas={cfg.replicas}"
+        )
+    return cfg
+
+
+# --------------------------------------------------------------------------------------
+# Loading: YAML file + overrides.
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b=value` into (["a", "b"], value), the value parsed as a YAML scalar."""
+    if "=" not in text:
+        raise ConfigError(f"--set: got {text!r}; allowed: KEY=VALUE, e.g. noise.rate=0.4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set: got {text!r}; allowed: KEY=VALUE with a dotted key, e.g. data.name=cifar10")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `values` (nested dicts) with each `a.b=value` override applied."""
+    out = _deep_copy(values)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(path[: i + 1])}: is a value, not a section; cannot set {'.'.join(path)}")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _deep_copy(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in values.items()}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML preset into nested dicts; a missing or malformed file raises ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"--config: cannot read {path}: {err.strerror or err}") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(f"--config: {path} is not valid YAML{where}: {problem}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of keys, got {type(values).__name__}")
+    return values
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """Build and validate a Config from nested dicts."""
+    return validate(_build(Config, values))
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load a YAML preset (or the defaults), apply `a.b=value` overrides, validate."""
+    values = read_yaml(path) if path else {}
+    return from_dict(apply_overrides(values, overrides or []))

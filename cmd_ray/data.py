@@ -1,0 +1,412 @@
+"""Data sets with synthetic label noise, materialised once as Parquet and read back as tensors.
+
+Raw sources: Fashion-MNIST from its original IDX files (Debian's `dataset-fashion-mnist`
+under /usr/share/datasets/fashion-mnist, else `<root>`, else torchvision's download);
+CIFAR-10/100 from the Python-pickle batches in CIFAR's own layout under `<root>` (else
+torchvision's download). Each (data set, noise spec, seed) is written once to
+`<root>/cmd-ray-cache/*.parquet` with columns index, image (raw HWC uint8 bytes),
+clean_label and noisy_label, and the noise spec and realised noise in the file metadata.
+Later runs read the cache. Batching helpers give every peer the same batches in the same order.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import pickle
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from cmd_ray.noise import NoiseSpec, apply_noise
+
+CACHE_FORMAT = 1
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+class DataError(RuntimeError):
+    """Data are missing or unreadable; the message names the path and what to do."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    shape: tuple[int, int, int]  # H, W, C
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+DATASETS = {
+    "fashion-mnist": DatasetInfo(10, (28, 28, 1), (0.2860,), (0.3530,)),
+    "cifar10": DatasetInfo(10, (32, 32, 3), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": DatasetInfo(100, (32, 32, 3), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+# --------------------------------------------------------------------------------------
+# Raw readers
+
+
+def _open_maybe_gz(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def read_idx(path: Path, expected_dims: int) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) of unsigned bytes; raise DataError if malformed."""
+    try:
+        with _open_maybe_gz(path) as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:
+        raise DataError(
+            f"{path}: cannot read ({err}); delete or reinstall it (apt-get install --reinstall dataset-fashion-mnist)"
+        ) from None
+    if len(raw) < 4 + 4 * expected_dims:
+        raise DataError(f"{path}: truncated IDX header; delete or reinstall the file")
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08 or ndim != expected_dims:
+        raise DataError(f"{path}: not an IDX file of {expected_dims}-d unsigned bytes; delete or reinstall it")
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(
+            f"{path}: truncated IDX data ({body.size} bytes, header says {int(np.prod(dims))}); delete or reinstall it"
+        )
+    return body.reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Optional[Path]:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+FMNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+def fashion_mnist_folder(root: Path) -> Optional[Path]:
+    """First folder holding all four Fashion-MNIST IDX files: Debian's, <root>, torchvision's."""
+    for folder in (DEBIAN_FASHION_MNIST, root / "fashion-mnist", root / "FashionMNIST" / "raw"):
+        if all(_find_idx(folder, stem) for stem in FMNIST_FILES.values()):
+            return folder
+    return None
+
+
+def load_fashion_mnist_raw(root: Path) -> dict[str, np.ndarray]:
+    """Return train/test images (N, 28, 28, 1) uint8 and labels (N,) int64."""
+    folder = fashion_mnist_folder(root)
+    if folder is None:
+        folder = _torchvision_download("fashion-mnist", root)
+    images = {s: read_idx(_find_idx(folder, FMNIST_FILES[f"{s}_images"]), 3) for s in ("train", "test")}
+    labels = {s: read_idx(_find_idx(folder, FMNIST_FILES[f"{s}_labels"]), 1) for s in ("train", "test")}
+    out = {}
+    for split in ("train", "test"):
+        if len(images[split]) != len(labels[split]):
+            raise DataError(f"{folder}: {split} images and labels differ in count; reinstall the files")
+        out[f"{split}_images"] = images[split][..., None]
+        out[f"{split}_labels"] = labels[split].astype(np.int64)
+    return out
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batches (dicts of bytes, lists and NumPy arrays) and nothing else."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+CIFAR_LAYOUT = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels"),
+}
+
+
+def _read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayOnlyUnpickler(f, encoding="bytes").load()
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except (OSError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as err:
+        raise DataError(
+            f"{path}: not a readable CIFAR batch ({type(err).__name__}: {err}); delete the folder to re-download"
+        ) from None
+    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+        raise DataError(f"{path}: CIFAR batch has shape {data.shape}, expected (N, 3072); delete it to re-download")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def load_cifar_raw(name: str, root: Path) -> dict[str, np.ndarray]:
+    """Return CIFAR train/test images (N, 32, 32, 3) uint8 and labels (N,) int64."""
+    folder_name, train_files, test_files, label_key = CIFAR_LAYOUT[name]
+    folder = root / folder_name
+    if not all((folder / f).is_file() for f in train_files + test_files):
+        _torchvision_download(name, root)
+    out = {}
+    for split, files in (("train", train_files), ("test", test_files)):
+        parts = [_read_cifar_batch(folder / f, label_key) for f in files]
+        out[f"{split}_images"] = np.concatenate([p[0] for p in parts])
+        out[f"{split}_labels"] = np.concatenate([p[1] for p in parts])
+    return out
+
+
+def _torchvision_download(name: str, root: Path) -> Path:
+    import torchvision
+
+    cls = {
+        "fashion-mnist": torchvision.datasets.FashionMNIST,
+        "cifar10": torchvision.datasets.CIFAR10,
+        "cifar100": torchvision.datasets.CIFAR100,
+    }[name]
+    print(f"[cmd-ray] {name} not found under {root}; downloading with torchvision ...", flush=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for train in (True, False):
+            cls(str(root), train=train, download=True)
+    except Exception as err:  # noqa: BLE001 - any download failure becomes one clear message
+        hint = (
+            "install Debian's dataset-fashion-mnist or put the four IDX files in "
+            f"{root / 'fashion-mnist'}"
+            if name == "fashion-mnist"
+            else f"put the extracted {CIFAR_LAYOUT[name][0]}/ folder under {root}"
+        )
+        raise DataError(f"{name}: not found under {root} and download failed ({err}); {hint}") from None
+    return root / "FashionMNIST" / "raw" if name == "fashion-mnist" else root / CIFAR_LAYOUT[name][0]
+
+
+def load_raw(name: str, root: Path) -> dict[str, np.ndarray]:
+    if name == "fashion-mnist":
+        return load_fashion_mnist_raw(root)
+    if name in CIFAR_LAYOUT:
+        return load_cifar_raw(name, root)
+    raise DataError(f"data.name: got {name!r}; allowed: one of {', '.join(DATASETS)}")
+
+
+# --------------------------------------------------------------------------------------
+# Parquet cache
+
+
+def cache_key(name: str, spec: NoiseSpec, seed: int) -> str:
+    """Stable short key of (data set, noise spec, seed); a matrix file counts by its contents."""
+    payload = {"dataset": name, "noise": spec.describe(), "seed": seed, "format": CACHE_FORMAT}
+    if spec.type == "matrix" and spec.matrix:
+        path = Path(spec.matrix).expanduser()
+        payload["noise"]["matrix"] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else str(path)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cache_paths(name: str, root: Path, spec: NoiseSpec, seed: int) -> tuple[Path, Path]:
+    folder = root / "cmd-ray-cache"
+    tag = "clean" if spec.type == "none" else f"{spec.type}-{spec.rate:g}"
+    return (
+        folder / f"{name}-train-{tag}-seed{seed}-{cache_key(name, spec, seed)}.parquet",
+        folder / f"{name}-test.parquet",
+    )
+
+
+def _write_parquet_atomic(path: Path, images: np.ndarray, clean: np.ndarray, noisy: np.ndarray, meta: dict) -> None:
+    flat = np.ascontiguousarray(images).reshape(len(images), -1)
+    width = flat.shape[1]
+    image_col = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(width), len(flat), [None, pa.py_buffer(flat.tobytes())]
+    )
+    table = pa.table(
+        {
+            "index": pa.array(np.arange(len(flat), dtype=np.int64)),
+            "image": image_col,
+            "clean_label": pa.array(clean.astype(np.int64)),
+            "noisy_label": pa.array(noisy.astype(np.int64)),
+        }
+    ).replace_schema_metadata({b"cmd_ray": json.dumps(meta).encode()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@dataclass
+class Split:
+    """One split in memory. images: uint8 (N, C, H, W); labels int64 (N,)."""
+
+    images: torch.Tensor
+    clean_labels: torch.Tensor
+    noisy_labels: torch.Tensor
+    index: torch.Tensor
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def subset(self, positions: torch.Tensor) -> "Split":
+        return Split(
+            self.images[positions],
+            self.clean_labels[positions],
+            self.noisy_labels[positions],
+            self.index[positions],
+            self.meta,
+        )
+
+
+def read_parquet_split(path: Path) -> Split:
+    """Read a cached split; a missing or corrupt file raises DataError naming the path."""
+    if not path.is_file():
+        raise DataError(f"{path}: cache file missing; run `cmd-ray prepare` (or any run) to build it")
+    try:
+        table = pq.read_table(path)
+        meta = json.loads(table.schema.metadata[b"cmd_ray"])
+        images = table.column("image").combine_chunks()
+        if not pa.types.is_fixed_size_binary(images.type):
+            raise ValueError("image column is not fixed-size binary")
+        height, width, channels = meta["shape"]
+        buffer = np.frombuffer(images.buffers()[1], dtype=np.uint8)
+        start = images.offset * images.type.byte_width
+        array = buffer[start : start + len(images) * images.type.byte_width]
+        array = array.reshape(len(images), height, width, channels).transpose(0, 3, 1, 2)
+        split = Split(
+            images=torch.from_numpy(np.ascontiguousarray(array)),
+            clean_labels=torch.from_numpy(table.column("clean_label").to_numpy().astype(np.int64)),
+            noisy_labels=torch.from_numpy(table.column("noisy_label").to_numpy().astype(np.int64)),
+            index=torch.from_numpy(table.column("index").to_numpy().astype(np.int64)),
+            meta=meta,
+        )
+    except (OSError, pa.ArrowException, KeyError, ValueError, TypeError, json.JSONDecodeError) as err:
+        raise DataError(
+            f"{path}: cache file is corrupt ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "delete it and rerun to rebuild it"
+        ) from None
+    if meta.get("format") != CACHE_FORMAT:
+        raise DataError(f"{path}: cache format {meta.get('format')} is not {CACHE_FORMAT}; delete it and rerun")
+    return split
+
+
+def materialise(name: str, root: str | Path, spec: NoiseSpec, seed: int) -> tuple[Path, Path]:
+    """Write the Parquet cache for (data set, noise spec, seed) if absent; return (train, test) paths."""
+    if name not in DATASETS:
+        raise DataError(f"data.name: got {name!r}; allowed: one of {', '.join(DATASETS)}")
+    root = Path(root).expanduser()
+    train_path, test_path = cache_paths(name, root, spec, seed)
+    if train_path.is_file() and test_path.is_file():
+        return train_path, test_path
+    info = DATASETS[name]
+    raw = load_raw(name, root)
+    if raw["train_images"].shape[1:] != info.shape:
+        raise DataError(f"{name}: images have shape {raw['train_images'].shape[1:]}, expected {info.shape}")
+    base = {"dataset": name, "shape": list(info.shape), "num_classes": info.num_classes, "format": CACHE_FORMAT}
+    if not train_path.is_file():
+        noisy, report = apply_noise(raw["train_labels"], spec, info.num_classes, name, seed)
+        meta = {**base, "split": "train", "noise": spec.describe(), "seed": seed, **report.to_dict()}
+        _write_parquet_atomic(train_path, raw["train_images"], raw["train_labels"], noisy, meta)
+    if not test_path.is_file():
+        labels = raw["test_labels"]
+        _write_parquet_atomic(test_path, raw["test_images"], labels, labels, {**base, "split": "test"})
+    return train_path, test_path
+
+
+@dataclass
+class DataBundle:
+    """What a run trains and evaluates on."""
+
+    train: Split
+    test: Split
+    info: DatasetInfo
+    noise: dict  # realised rate, asked and realised matrices, spec
+
+
+def load_data(
+    name: str,
+    root: str | Path,
+    spec: NoiseSpec,
+    seed: int,
+    train_subset: Optional[int] = None,
+    test_subset: Optional[int] = None,
+) -> DataBundle:
+    """Materialise (once) and read the noisy train split and clean test split.
+
+    `train_subset` keeps a seeded random subset of the training set; `test_subset` the first
+    N test images (smoke tests only: reported accuracy is then not on the full test set).
+    """
+    train_path, test_path = materialise(name, root, spec, seed)
+    train, test = read_parquet_split(train_path), read_parquet_split(test_path)
+    if train_subset is not None and train_subset < len(train):
+        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:train_subset]
+        train = train.subset(torch.sort(keep).values)
+    if test_subset is not None and test_subset < len(test):
+        test = test.subset(torch.arange(test_subset))
+    noise = {k: train.meta[k] for k in ("noise", "realised_rate", "asked_matrix", "realised_matrix")}
+    noise["subset_realised_rate"] = float((train.noisy_labels != train.clean_labels).float().mean())
+    return DataBundle(train=train, test=test, info=DATASETS[name], noise=noise)
+
+
+# --------------------------------------------------------------------------------------
+# Batches: identical for every peer
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """Training order of one epoch: a function of (seed, epoch) only, so every peer agrees."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_samples, generator=generator)
+
+
+def num_batches(num_samples: int, batch_size: int) -> int:
+    return (num_samples + batch_size - 1) // batch_size
+
+
+def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int) -> Iterator[torch.Tensor]:
+    """Positions of each training batch of an epoch; the last batch may be smaller."""
+    order = epoch_permutation(num_samples, seed, epoch)
+    yield from order.split(batch_size)
+
+
+def shard(positions: torch.Tensor, replica: int, replicas: int) -> torch.Tensor:
+    """Replica r's contiguous share of a global batch (the shards partition the batch)."""
+    return positions.tensor_split(replicas)[replica]
+
+
+def normalise(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 standardised per channel."""
+    mean = torch.tensor(info.mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Random crop (zero padding `padding`) and horizontal flip of a (B, C, H, W) batch."""
+    batch, _, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)
+    flip = torch.rand(batch, generator=generator) < 0.5
+    rows = (dy[:, None] + torch.arange(height)[None, :]).to(images.device)
+    cols = (dx[:, None] + torch.arange(width)[None, :]).to(images.device)
+    cols = torch.where(flip.to(images.device)[:, None], cols.flip(1), cols)
+    b = torch.arange(batch, device=images.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,224 @@
+"""Synthetic label noise: transition matrices, seeded corruption and the realised noise.
+
+A noise model is a C x C row-stochastic matrix T with T[i, j] = P(noisy = j | clean = i).
+Labels are corrupted once, with a seed, by sampling each noisy label from the row of its
+clean label. Pure NumPy; no torch.
+
+Asymmetric class maps (clean class -> the class it flips to with probability r):
+
+- Fashion-MNIST: T-shirt/top (0) <-> Shirt (6), Pullover (2) -> Coat (4), Sandal (5) -> Sneaker (7).
+- CIFAR-10: truck (9) -> automobile (1), bird (2) -> airplane (0), deer (4) -> horse (7),
+  cat (3) <-> dog (5)  (Patrini et al. 2017).
+- CIFAR-100: each fine class flips to the next fine class of its own super-class, in the
+  alphabetical order of the fine names inside the super-class, the last wrapping to the first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+NOISE_TYPES = ("none", "symmetric", "pairflip", "asymmetric", "matrix")
+
+
+class NoiseError(ValueError):
+    """A noise specification is not allowed; the message is one line naming the field."""
+
+
+FASHION_MNIST_ASYMMETRIC = {0: 6, 6: 0, 2: 4, 5: 7}
+CIFAR10_ASYMMETRIC = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
+
+# The 20 CIFAR-100 super-classes with their fine classes (fine label = index in sorted names).
+CIFAR100_SUPERCLASSES = {
+    "aquatic_mammals": ["beaver", "dolphin", "otter", "seal", "whale"],
+    "fish": ["aquarium_fish", "flatfish", "ray", "shark", "trout"],
+    "flowers": ["orchid", "poppy", "rose", "sunflower", "tulip"],
+    "food_containers": ["bottle", "bowl", "can", "cup", "plate"],
+    "fruit_and_vegetables": ["apple", "mushroom", "orange", "pear", "sweet_pepper"],
+    "household_electrical_devices": ["clock", "keyboard", "lamp", "telephone", "television"],
+    "household_furniture": ["bed", "chair", "couch", "table", "wardrobe"],
+    "insects": ["bee", "beetle", "butterfly", "caterpillar", "cockroach"],
+    "large_carnivores": ["bear", "leopard", "lion", "tiger", "wolf"],
+    "large_man-made_outdoor_things": ["bridge", "castle", "house", "road", "skyscraper"],
+    "large_natural_outdoor_scenes": ["cloud", "forest", "mountain", "plain", "sea"],
+    "large_omnivores_and_herbivores": ["camel", "cattle", "chimpanzee", "elephant", "kangaroo"],
+    "medium_mammals": ["fox", "porcupine", "possum", "raccoon", "skunk"],
+    "non-insect_invertebrates": ["crab", "lobster", "snail", "spider", "worm"],
+    "people": ["baby", "boy", "girl", "man", "woman"],
+    "reptiles": ["crocodile", "dinosaur", "lizard", "snake", "turtle"],
+    "small_mammals": ["hamster", "mouse", "rabbit", "shrew", "squirrel"],
+    "trees": ["maple_tree", "oak_tree", "palm_tree", "pine_tree", "willow_tree"],
+    "vehicles_1": ["bicycle", "bus", "motorcycle", "pickup_truck", "train"],
+    "vehicles_2": ["lawn_mower", "rocket", "streetcar", "tank", "tractor"],
+}
+CIFAR100_FINE_NAMES = sorted(n for names in CIFAR100_SUPERCLASSES.values() for n in names)
+
+
+def _cifar100_asymmetric() -> dict[int, int]:
+    index = {name: i for i, name in enumerate(CIFAR100_FINE_NAMES)}
+    flips = {}
+    for names in CIFAR100_SUPERCLASSES.values():
+        for a, b in zip(names, names[1:] + names[:1]):
+            flips[index[a]] = index[b]
+    return flips
+
+
+ASYMMETRIC_MAPS = {
+    "fashion-mnist": FASHION_MNIST_ASYMMETRIC,
+    "cifar10": CIFAR10_ASYMMETRIC,
+    "cifar100": _cifar100_asymmetric(),
+}
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    """What noise to apply: type, rate, and for `matrix` the file holding T."""
+
+    type: str = "symmetric"
+    rate: float = 0.0
+    matrix: Optional[str] = None
+
+    def describe(self) -> dict:
+        return {"type": self.type, "rate": self.rate, "matrix": self.matrix}
+
+
+def _check_rate(rate: float) -> None:
+    if not (isinstance(rate, (int, float)) and 0.0 <= rate <= 1.0):
+        raise NoiseError(f"noise.rate: got {rate!r}; allowed: a number in [0, 1]")
+
+
+def symmetric_matrix(rate: float, num_classes: int) -> np.ndarray:
+    """Flip with probability `rate` to one of the C-1 *other* classes, uniformly. Shape (C, C)."""
+    _check_rate(rate)
+    off = rate / (num_classes - 1)
+    matrix = np.full((num_classes, num_classes), off)
+    np.fill_diagonal(matrix, 1.0 - rate)
+    return matrix
+
+
+def pairflip_matrix(rate: float, num_classes: int) -> np.ndarray:
+    """Flip y -> (y + 1) mod C with probability `rate` (Co-teaching's pair noise). Shape (C, C)."""
+    _check_rate(rate)
+    matrix = np.eye(num_classes) * (1.0 - rate)
+    for c in range(num_classes):
+        matrix[c, (c + 1) % num_classes] += rate
+    return matrix
+
+
+def asymmetric_matrix(rate: float, dataset: str) -> np.ndarray:
+    """Class-dependent flips between similar classes, from the data set's documented map."""
+    _check_rate(rate)
+    if dataset not in ASYMMETRIC_MAPS:
+        raise NoiseError(
+            f"noise.type: 'asymmetric' has no class map for data set {dataset!r}; "
+            f"allowed data sets: {', '.join(ASYMMETRIC_MAPS)}"
+        )
+    flips = ASYMMETRIC_MAPS[dataset]
+    num_classes = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100}[dataset]
+    matrix = np.eye(num_classes)
+    for src, dst in flips.items():
+        matrix[src, src] = 1.0 - rate
+        matrix[src, dst] = rate
+    return matrix
+
+
+def check_matrix(matrix: np.ndarray, num_classes: int, name: str = "noise.matrix") -> np.ndarray:
+    """Return `matrix` as float64 if it is C x C, finite, non-negative with rows summing to 1."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.shape != (num_classes, num_classes):
+        raise NoiseError(
+            f"{name}: got shape {tuple(matrix.shape)}; allowed: ({num_classes}, {num_classes}) for {num_classes} classes"
+        )
+    if not np.all(np.isfinite(matrix)) or np.any(matrix < 0):
+        raise NoiseError(f"{name}: has negative or non-finite entries; allowed: entries >= 0")
+    sums = matrix.sum(axis=1)
+    bad = np.flatnonzero(np.abs(sums - 1.0) > 1e-6)
+    if bad.size:
+        raise NoiseError(
+            f"{name}: row {int(bad[0])} sums to {sums[bad[0]]:.6g}; allowed: every row sums to 1"
+        )
+    return matrix
+
+
+def read_matrix_file(path: str | Path, num_classes: int) -> np.ndarray:
+    """Read a transition matrix from .npy, or from text (.csv: commas, .txt: whitespace)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise NoiseError(f"noise.matrix: file {path} does not exist; allowed: a .npy, .csv or .txt file")
+    try:
+        if path.suffix == ".npy":
+            matrix = np.load(path, allow_pickle=False)
+        else:
+            matrix = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2)
+    except (ValueError, OSError) as err:
+        raise NoiseError(f"noise.matrix: cannot read {path} as a matrix: {str(err).splitlines()[0]}") from None
+    return check_matrix(matrix, num_classes)
+
+
+def transition_matrix(spec: NoiseSpec, num_classes: int, dataset: str) -> np.ndarray:
+    """The C x C matrix T the spec asks for; T[i, j] = P(noisy = j | clean = i)."""
+    if spec.type == "none":
+        return np.eye(num_classes)
+    if spec.type == "symmetric":
+        return symmetric_matrix(spec.rate, num_classes)
+    if spec.type == "pairflip":
+        return pairflip_matrix(spec.rate, num_classes)
+    if spec.type == "asymmetric":
+        return asymmetric_matrix(spec.rate, dataset)
+    if spec.type == "matrix":
+        if not spec.matrix:
+            raise NoiseError("noise.matrix: got null; allowed: a path to a C x C matrix file")
+        return read_matrix_file(spec.matrix, num_classes)
+    raise NoiseError(f"noise.type: got {spec.type!r}; allowed: one of {', '.join(NOISE_TYPES)}")
+
+
+def corrupt_labels(clean: np.ndarray, matrix: np.ndarray, seed: int) -> np.ndarray:
+    """Sample noisy[i] ~ matrix[clean[i]] with a seeded generator. Shape (N,), int64."""
+    clean = np.asarray(clean, dtype=np.int64)
+    matrix = check_matrix(matrix, matrix.shape[0])
+    rng = np.random.default_rng(seed)
+    cumulative = np.cumsum(matrix, axis=1)
+    cumulative[:, -1] = 1.0  # guard against rounding leaving a gap at the top
+    u = rng.random(clean.shape[0])
+    return (u[:, None] > cumulative[clean]).sum(axis=1).astype(np.int64)
+
+
+def realised_matrix(clean: np.ndarray, noisy: np.ndarray, num_classes: int) -> np.ndarray:
+    """Empirical T: row i is the distribution of noisy labels among samples of clean class i."""
+    counts = np.zeros((num_classes, num_classes))
+    np.add.at(counts, (np.asarray(clean), np.asarray(noisy)), 1)
+    rows = counts.sum(axis=1, keepdims=True)
+    return np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+
+
+@dataclass
+class NoiseReport:
+    """What the corruption did: asked-for matrix, realised matrix and overall flip rate."""
+
+    asked: np.ndarray
+    realised: np.ndarray
+    realised_rate: float
+
+    def to_dict(self) -> dict:
+        return {
+            "asked_matrix": self.asked.round(6).tolist(),
+            "realised_matrix": self.realised.round(6).tolist(),
+            "realised_rate": self.realised_rate,
+        }
+
+
+def apply_noise(
+    clean: np.ndarray, spec: NoiseSpec, num_classes: int, dataset: str, seed: int
+) -> tuple[np.ndarray, NoiseReport]:
+    """Corrupt `clean` labels (shape (N,)) under `spec`; return noisy labels and a report."""
+    matrix = transition_matrix(spec, num_classes, dataset)
+    noisy = corrupt_labels(clean, matrix, seed)
+    report = NoiseReport(
+        asked=matrix,
+        realised=realised_matrix(clean, noisy, num_classes),
+        realised_rate=float(np.mean(noisy != clean)) if len(clean) else 0.0,
+    )
+    return noisy, report

@@ -1,0 +1,255 @@
+"""One peer network and its training step: the code both the Ray workers and the in-process
+trainer run. Only how the peers' logits are exchanged differs between the two.
+
+A step is: `forward` (own logits on the batch) -> exchange (caller's business) ->
+`peer_step` (select the others' confident knowledge, distil, backward, optimiser step,
+count metrics). Clean labels enter `step_counts` only, never the loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from cmd_ray.config import Config
+from cmd_ray.data import DataBundle, DatasetInfo, Split, augment, normalise
+from cmd_ray.knowledge import LossParts, coteaching_forget_rate, peer_loss, threshold
+from cmd_ray.models import build_model
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A peer's loss became NaN or inf; training stops rather than training through it."""
+
+
+@dataclass
+class Peer:
+    """A peer network with its optimiser and learning-rate schedule."""
+
+    index: int
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    autocast_bf16: bool = False
+
+
+def build_peer(cfg: Config, index: int, info: DatasetInfo, total_steps: int, device: torch.device) -> Peer:
+    """Peer `index` with weights seeded by (seed, index), so a run is reproducible."""
+    height, _, channels = info.shape
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed * 1000 + index)
+        model = build_model(cfg.peer_models()[index], info.num_classes, channels, height).to(device)
+    o = cfg.optim
+    if o.name == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.momentum > 0
+        )
+    if o.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return Peer(index, model, optimizer, scheduler, device, autocast_bf16=cfg.precision == "bf16")
+
+
+@dataclass
+class Batch:
+    """One training batch as every peer sees it (labels on the peer's device)."""
+
+    images: torch.Tensor  # float (B, C, H, W), normalised, augmented if asked
+    noisy_labels: torch.Tensor  # (B,)
+    clean_labels: torch.Tensor  # (B,) metrics only
+    index: torch.Tensor  # (B,) sample ids, for checking that peers agree
+
+
+def make_batch(
+    split: Split,
+    positions: torch.Tensor,
+    info: DatasetInfo,
+    device: torch.device,
+    augment_seed: Optional[int] = None,
+) -> Batch:
+    """Gather, (optionally) augment with a seeded generator, normalise, move to `device`."""
+    images = split.images[positions]
+    if augment_seed is not None:
+        images = augment(images, torch.Generator().manual_seed(augment_seed))
+    return Batch(
+        images=normalise(images.to(device, non_blocking=True), info),
+        noisy_labels=split.noisy_labels[positions].to(device),
+        clean_labels=split.clean_labels[positions].to(device),
+        index=split.index[positions].to(device),
+    )
+
+
+def augment_seed(cfg: Config, epoch: int, step: int) -> Optional[int]:
+    """Seed of a step's augmentation, shared by every peer; None when augmentation is off."""
+    on = cfg.data.augment == "on" or (cfg.data.augment == "auto" and cfg.data.name != "fashion-mnist")
+    return (cfg.seed * 1_000_003 + epoch) * 100_003 + step if on else None
+
+
+def _autocast(peer: Peer):
+    if peer.autocast_bf16:
+        return torch.autocast(device_type=peer.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def forward(peer: Peer, images: torch.Tensor) -> torch.Tensor:
+    """Own logits (B, C) in training mode, with the graph kept for `peer_step`."""
+    peer.model.train()
+    with _autocast(peer):
+        return peer.model(images).float()
+
+
+@dataclass
+class StepSchedule:
+    """Where training stands: used for tau(s) and the co-teaching forget rate."""
+
+    step: int  # global step, 0-based
+    total_steps: int
+    steps_per_epoch: int
+
+    @property
+    def progress(self) -> float:
+        return self.step / max(self.total_steps, 1)
+
+    @property
+    def epoch_progress(self) -> float:
+        return self.step / max(self.steps_per_epoch, 1)
+
+
+def loss_for_step(
+    cfg: Config, peer_index: int, logits: torch.Tensor, peer_logits: torch.Tensor, batch: Batch, when: StepSchedule
+) -> LossParts:
+    """The selection and distillation loss of one peer at one step (pure, no optimiser)."""
+    tau = threshold(cfg.schedule, when.progress, cfg.knowledge)
+    forget_rate = 0.0
+    if cfg.schedule == "coteaching":
+        r_max = cfg.coteaching.forget_rate if cfg.coteaching.forget_rate is not None else cfg.noise.rate
+        forget_rate = coteaching_forget_rate(when.epoch_progress, r_max, cfg.coteaching.ramp_epochs)
+    return peer_loss(logits, peer_logits, peer_index, batch.noisy_labels, cfg.schedule, tau, cfg, forget_rate)
+
+
+COUNT_KEYS = (
+    "samples",
+    "loss_sum",
+    "ce_sum",
+    "distill_sum",
+    "selected",
+    "selected_correct",
+    "noisy",
+    "corrected",
+    "memorised",
+    "train_correct",
+)
+
+
+def step_counts(parts: LossParts, logits: torch.Tensor, batch: Batch) -> dict[str, float]:
+    """Sums over one batch, to be added up over an epoch (clean labels used here only).
+
+    selected_correct: selected samples whose knowledge (argmax of the target) is the clean
+    label; for co-teaching, kept samples whose noisy label is clean. corrected: noisy-labelled
+    samples whose selected knowledge names the clean label. memorised: noisy-labelled samples
+    the peer predicts with their noisy label.
+    """
+    n = batch.noisy_labels.shape[0]
+    prediction = logits.detach().argmax(-1)
+    is_noisy = batch.noisy_labels != batch.clean_labels
+    selected = parts.selected
+    if parts.target is not None:
+        knowledge_right = parts.target.argmax(-1) == batch.clean_labels
+    else:
+        knowledge_right = ~is_noisy
+    return {
+        "samples": float(n),
+        "loss_sum": float(parts.total.detach()) * n,
+        "ce_sum": float(parts.ce) * n,
+        "distill_sum": float(parts.distill) * n,
+        "selected": float(selected.sum()),
+        "selected_correct": float((selected & knowledge_right).sum()),
+        "noisy": float(is_noisy.sum()),
+        "corrected": float((selected & is_noisy & knowledge_right).sum()),
+        "memorised": float((is_noisy & (prediction == batch.noisy_labels)).sum()),
+        "train_correct": float((prediction == batch.clean_labels).sum()),
+    }
+
+
+def peer_step(
+    cfg: Config, peer: Peer, logits: torch.Tensor, peer_logits: torch.Tensor, batch: Batch, when: StepSchedule
+) -> dict[str, float]:
+    """Select, distil, step: one optimiser step of `peer` given every peer's logits.
+
+    logits (B, C): this peer's own, with graph (from `forward`); peer_logits (P, B, C): all
+    peers' detached logits on the same batch, in peer order. Returns `step_counts`.
+    Raises NonFiniteLossError naming the peer and step if the loss is NaN or inf.
+    """
+    parts = loss_for_step(cfg, peer.index, logits, peer_logits, batch, when)
+    if not torch.isfinite(parts.total):
+        raise NonFiniteLossError(
+            f"peer {peer.index}: loss is {float(parts.total)} at epoch {when.step // max(when.steps_per_epoch, 1)}, "
+            f"step {when.step}; stopping instead of training through it"
+        )
+    peer.optimizer.zero_grad(set_to_none=True)
+    parts.total.backward()
+    peer.optimizer.step()
+    peer.scheduler.step()
+    counts = step_counts(parts, logits, batch)
+    counts["tau_sum"] = (parts.tau if math.isfinite(parts.tau) else float("nan")) * counts["samples"]
+    return counts
+
+
+def add_counts(total: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
+    for key, value in counts.items():
+        total[key] = total.get(key, 0.0) + value
+    return total
+
+
+def epoch_metrics(counts: dict[str, float]) -> dict[str, float]:
+    """Turn an epoch's summed counts into rates (DESIGN.md section 1 metrics)."""
+    n = max(counts.get("samples", 0.0), 1.0)
+    selected = counts.get("selected", 0.0)
+    noisy = counts.get("noisy", 0.0)
+    return {
+        "loss": counts.get("loss_sum", 0.0) / n,
+        "ce_loss": counts.get("ce_sum", 0.0) / n,
+        "distill_loss": counts.get("distill_sum", 0.0) / n,
+        "tau": counts.get("tau_sum", float("nan")) / n,
+        "selected_fraction": selected / n,
+        "selection_precision": counts.get("selected_correct", 0.0) / selected if selected else float("nan"),
+        "label_correction_rate": counts.get("corrected", 0.0) / noisy if noisy else float("nan"),
+        "memorisation": counts.get("memorised", 0.0) / noisy if noisy else float("nan"),
+        "train_clean_accuracy": counts.get("train_correct", 0.0) / n,
+    }
+
+
+@torch.no_grad()
+def test_probabilities(peer: Peer, split: Split, info: DatasetInfo, batch_size: int = 1000) -> torch.Tensor:
+    """Softmax outputs (N, C) on every test image, in eval mode; no batch is dropped."""
+    peer.model.eval()
+    out = []
+    for positions in torch.arange(len(split)).split(batch_size):
+        images = normalise(split.images[positions].to(peer.device), info)
+        with _autocast(peer):
+            out.append(torch.softmax(peer.model(images).float(), -1).cpu())
+    return torch.cat(out)
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((probs.argmax(-1) == labels).float().mean())
+
+
+def evaluate(peer_probs: list[torch.Tensor], test: Split) -> dict[str, float]:
+    """Clean test accuracy of each peer and of their ensemble (mean of softmax outputs)."""
+    labels = test.clean_labels
+    out = {f"peer{k}/test_accuracy": accuracy(p, labels) for k, p in enumerate(peer_probs)}
+    out["ensemble/test_accuracy"] = accuracy(torch.stack(peer_probs).mean(0), labels)
+    return out
+
+
+def steps_per_epoch(cfg: Config, data: DataBundle) -> int:
+    return (len(data.train) + cfg.batch_size - 1) // cfg.batch_size

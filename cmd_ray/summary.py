@@ -1,0 +1,121 @@
+"""Per-epoch records, the console progress line and the run summary JSON.
+
+Shared by the in-process trainer and the Ray Train path so both report the same keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cmd_ray.config import Config
+from cmd_ray.peer import epoch_metrics
+
+
+def epoch_record(
+    epoch: int,
+    peer_counts: list[dict[str, float]],
+    test_accuracy: dict[str, float],
+    train_seconds: float,
+    exchange_seconds: float,
+) -> dict[str, Any]:
+    """Flat dict of one epoch's metrics: `peerK/<metric>`, `ensemble/test_accuracy`, timing."""
+    record: dict[str, Any] = {"epoch": epoch}
+    for k, counts in enumerate(peer_counts):
+        for key, value in epoch_metrics(counts).items():
+            record[f"peer{k}/{key}"] = value
+    record.update(test_accuracy)
+    samples = peer_counts[0].get("samples", 0.0) if peer_counts else 0.0
+    record["train_seconds"] = train_seconds
+    record["samples_per_second"] = samples / train_seconds if train_seconds > 0 else float("nan")
+    record["exchange_seconds"] = exchange_seconds
+    record["exchange_fraction"] = exchange_seconds / train_seconds if train_seconds > 0 else float("nan")
+    for key in ("selected_fraction", "selection_precision", "label_correction_rate", "memorisation", "tau"):
+        values = [record[f"peer{k}/{key}"] for k in range(len(peer_counts))]
+        finite = [v for v in values if not math.isnan(v)]
+        record[f"mean/{key}"] = sum(finite) / len(finite) if finite else float("nan")
+    return record
+
+
+def _fmt(value: float, pct: bool = True) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "  -  "
+    return f"{100 * value:5.1f}" if pct else f"{value:.3f}"
+
+
+def progress_line(record: dict[str, Any], peers: int, epochs: int) -> str:
+    """One readable line per epoch for the console."""
+    accs = " ".join(_fmt(record[f"peer{k}/test_accuracy"]) for k in range(peers))
+    return (
+        f"epoch {record['epoch'] + 1:>3}/{epochs}  test acc % [{accs}] ens {_fmt(record['ensemble/test_accuracy'])}"
+        f"  loss {record['peer0/loss']:.3f}  tau {_fmt(record['mean/tau'], pct=False)}"
+        f"  sel {_fmt(record['mean/selected_fraction'])}% prec {_fmt(record['mean/selection_precision'])}%"
+        f"  mem {_fmt(record['mean/memorisation'])}%  {record['samples_per_second']:.0f} samples/s"
+        f"  exch {100 * record['exchange_fraction']:.1f}%"
+    )
+
+
+def summarise(cfg: Config, history: list[dict[str, Any]], noise: dict, extra: dict | None = None) -> dict[str, Any]:
+    """Run summary: final and best clean test accuracy per peer and ensemble, selection, speed."""
+    last = history[-1]
+    names = [f"peer{k}" for k in range(cfg.peers)] + ["ensemble"]
+    accuracy = {
+        name: {
+            "final": last[f"{name}/test_accuracy"],
+            "best": max(r[f"{name}/test_accuracy"] for r in history),
+            "best_epoch": max(range(len(history)), key=lambda i: history[i][f"{name}/test_accuracy"]) + 1,
+        }
+        for name in names
+    }
+    steady = history[1:] if len(history) > 1 else history
+    summary = {
+        "method": cfg.method,
+        "schedule": cfg.schedule,
+        "peers": cfg.peers,
+        "epochs": len(history),
+        "dataset": cfg.data.name,
+        "train_samples": int(last.get("train_samples", 0)),
+        "test_samples": int(last.get("test_samples", 0)),
+        "noise": {"type": cfg.noise.type, "rate": cfg.noise.rate, **{k: v for k, v in noise.items() if k != "noise"}},
+        "test_accuracy": accuracy,
+        "selected_fraction": {f"peer{k}": last[f"peer{k}/selected_fraction"] for k in range(cfg.peers)},
+        "selection_precision": {f"peer{k}": last[f"peer{k}/selection_precision"] for k in range(cfg.peers)},
+        "label_correction_rate": {f"peer{k}": last[f"peer{k}/label_correction_rate"] for k in range(cfg.peers)},
+        "memorisation": {f"peer{k}": last[f"peer{k}/memorisation"] for k in range(cfg.peers)},
+        "samples_per_second": sum(r["samples_per_second"] for r in steady) / len(steady),
+        "exchange_fraction": sum(r["exchange_fraction"] for r in steady) / len(steady),
+        "history": history,
+        "config": cfg.to_dict(),
+    }
+    summary.update(extra or {})
+    return summary
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: str | Path, data: dict[str, Any]) -> Path:
+    """Write JSON (NaN -> null) to a temp file beside `path`, then rename it into place."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_jsonable(data), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
