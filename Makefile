@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # This machine's pip.conf names local wheel folders that may be absent: drop those warnings.
-PIP_FILTER := grep -v "is ignored: it is neither a file nor a directory" || true
+PIP_FILTER := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: setup data run test lint clean
 

@@ -29,7 +29,9 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cmd-ray", description="CMD: confident knowledge selection + mutual distillation")
+    parser = argparse.ArgumentParser(
+        prog="cmd-ray", description="CMD: confident knowledge selection + mutual distillation"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train P peers on noisy labels and print a JSON summary")
@@ -57,7 +59,9 @@ def _check_output_dir(cfg: Config) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
-        raise ConfigError(f"output_dir: cannot write to {path} ({err.strerror or err}); allowed: a writable folder") from None
+        raise ConfigError(
+            f"output_dir: cannot write to {path} ({err.strerror or err}); allowed: a writable folder"
+        ) from None
 
 
 def _compact(summary: dict) -> dict:

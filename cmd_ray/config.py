@@ -26,7 +26,7 @@ METHOD_SCHEDULE = {
     "cmd-p": "progressive",
     "coteaching": "coteaching",
 }
-MODELS = ("small_cnn", "preact_resnet18")
+MODELS = ("small_cnn", "mlp", "preact_resnet18")
 
 
 class ConfigError(ValueError):
@@ -59,8 +59,8 @@ class NoiseConfig:
 
 @dataclass
 class ModelConfig:
-    # Architecture of every peer: small_cnn (28x28 inputs) | preact_resnet18 (32x32 inputs).
-    name: Literal["small_cnn", "preact_resnet18"] = "small_cnn"
+    # Architecture of every peer: small_cnn (28x28 inputs) | mlp (any) | preact_resnet18 (32x32).
+    name: Literal["small_cnn", "mlp", "preact_resnet18"] = "small_cnn"
     # Optional architecture per peer (length = peers); overrides `name` where given.
     per_peer: Optional[list[str]] = None
 
@@ -157,9 +157,7 @@ def _describe(tp: Any) -> str:
         return " or ".join(parts) + " or null"
     if origin is list:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
-        tp, str(tp)
-    )
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
 def _coerce(name: str, value: Any, tp: Any) -> Any:
@@ -204,9 +202,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     for key in values:
         if key not in known:
             where = f"{prefix}{key}"
-            raise ConfigError(
-                f"{where}: unknown key; allowed at this level: {', '.join(sorted(known))}"
-            )
+            raise ConfigError(f"{where}: unknown key; allowed at this level: {', '.join(sorted(known))}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in values:
@@ -234,9 +230,7 @@ def _check_positive(name: str, value: Optional[int]) -> None:
 def validate(cfg: Config) -> Config:
     """Check the relations between fields; raise ConfigError naming the first bad one."""
     if cfg.peers < 2:
-        raise ConfigError(
-            f"peers: got {cfg.peers}; allowed: an integer >= 2 (CMD needs at least two peer networks)"
-        )
+        raise ConfigError(f"peers: got {cfg.peers}; allowed: an integer >= 2 (CMD needs at least two peer networks)")
     for name in ("replicas", "epochs", "batch_size", "data.train_subset", "data.test_subset"):
         obj, attr = (cfg, name) if "." not in name else (getattr(cfg, name.split(".")[0]), name.split(".")[1])
         _check_positive(name, getattr(obj, attr))
@@ -273,9 +267,7 @@ def validate(cfg: Config) -> Config:
             if name not in MODELS:
                 raise ConfigError(f"model.per_peer[{i}]: got {name!r}; allowed: one of {', '.join(MODELS)}")
     if cfg.batch_size % cfg.replicas:
-        raise ConfigError(
-            f"batch_size: got {cfg.batch_size}; allowed: a multiple of replicas={cfg.replicas}"
-        )
+        raise ConfigError(f"batch_size: got {cfg.batch_size}; allowed: a multiple of replicas={cfg.replicas}")
     return cfg
 
 

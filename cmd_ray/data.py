@@ -18,9 +18,10 @@ import os
 import pickle
 import struct
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -69,11 +70,13 @@ def read_idx(path: Path, expected_dims: int) -> np.ndarray:
         raise DataError(
             f"{path}: cannot read ({err}); delete or reinstall it (apt-get install --reinstall dataset-fashion-mnist)"
         ) from None
-    if len(raw) < 4 + 4 * expected_dims:
+    if len(raw) < 4:
         raise DataError(f"{path}: truncated IDX header; delete or reinstall the file")
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code != 0x08 or ndim != expected_dims:
         raise DataError(f"{path}: not an IDX file of {expected_dims}-d unsigned bytes; delete or reinstall it")
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header; delete or reinstall the file")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
@@ -188,8 +191,7 @@ def _torchvision_download(name: str, root: Path) -> Path:
             cls(str(root), train=train, download=True)
     except Exception as err:  # noqa: BLE001 - any download failure becomes one clear message
         hint = (
-            "install Debian's dataset-fashion-mnist or put the four IDX files in "
-            f"{root / 'fashion-mnist'}"
+            f"install Debian's dataset-fashion-mnist or put the four IDX files in {root / 'fashion-mnist'}"
             if name == "fashion-mnist"
             else f"put the extracted {CIFAR_LAYOUT[name][0]}/ folder under {root}"
         )
@@ -230,9 +232,7 @@ def cache_paths(name: str, root: Path, spec: NoiseSpec, seed: int) -> tuple[Path
 def _write_parquet_atomic(path: Path, images: np.ndarray, clean: np.ndarray, noisy: np.ndarray, meta: dict) -> None:
     flat = np.ascontiguousarray(images).reshape(len(images), -1)
     width = flat.shape[1]
-    image_col = pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(width), len(flat), [None, pa.py_buffer(flat.tobytes())]
-    )
+    image_col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(flat), [None, pa.py_buffer(flat.tobytes())])
     table = pa.table(
         {
             "index": pa.array(np.arange(len(flat), dtype=np.int64)),
@@ -265,7 +265,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.index)
 
-    def subset(self, positions: torch.Tensor) -> "Split":
+    def subset(self, positions: torch.Tensor) -> Split:
         return Split(
             self.images[positions],
             self.clean_labels[positions],

@@ -191,9 +191,7 @@ def peer_loss(
     others = [j for j in range(peer_logits.shape[0]) if j != peer_index]
     sources = peer_logits[others].detach().float()
     if schedule == "coteaching":
-        losses = torch.stack(
-            [F.cross_entropy(s, noisy_labels, reduction="none") for s in sources]
-        )
+        losses = torch.stack([F.cross_entropy(s, noisy_labels, reduction="none") for s in sources])
         keep = coteaching_keep(losses, forget_rate)
         ce = F.cross_entropy(logits[keep], noisy_labels[keep])
         return LossParts(ce, ce.detach(), torch.zeros(()), keep, None, math.inf)

@@ -1,4 +1,4 @@
-"""Peer network architectures: a small CNN for 28x28 inputs and PreAct ResNet-18 for 32x32."""
+"""Peer network architectures: a small CNN (28x28), an MLP (any size), PreAct ResNet-18 (32x32)."""
 
 from __future__ import annotations
 
@@ -86,19 +86,40 @@ class PreActResNet18(nn.Module):
         return self.linear(out)
 
 
-INPUT_SIZE = {"small_cnn": 28, "preact_resnet18": 32}
+class MLP(nn.Module):
+    """Two hidden layers on flattened pixels; any image size (a cheap, different peer)."""
+
+    def __init__(self, num_classes: int, in_features: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_features, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+# Input side each architecture takes; None = any.
+INPUT_SIZE = {"small_cnn": 28, "mlp": None, "preact_resnet18": 32}
 
 
 def build_model(name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """Build a peer network by name; refuse an architecture that does not fit the images."""
     if name not in MODELS:
         raise ValueError(f"model.name: got {name!r}; allowed: one of {', '.join(MODELS)}")
-    if INPUT_SIZE[name] != image_size:
+    if INPUT_SIZE[name] not in (None, image_size):
         raise ValueError(
             f"model.name: {name!r} takes {INPUT_SIZE[name]}x{INPUT_SIZE[name]} images, the data set has "
             f"{image_size}x{image_size}; allowed here: "
-            + ", ".join(n for n, s in INPUT_SIZE.items() if s == image_size)
+            + ", ".join(n for n, s in INPUT_SIZE.items() if s in (None, image_size))
         )
     if name == "small_cnn":
         return SmallCNN(num_classes, in_channels)
+    if name == "mlp":
+        return MLP(num_classes, in_channels * image_size * image_size)
     return PreActResNet18(num_classes, in_channels)

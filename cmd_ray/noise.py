@@ -130,16 +130,15 @@ def check_matrix(matrix: np.ndarray, num_classes: int, name: str = "noise.matrix
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.shape != (num_classes, num_classes):
         raise NoiseError(
-            f"{name}: got shape {tuple(matrix.shape)}; allowed: ({num_classes}, {num_classes}) for {num_classes} classes"
+            f"{name}: got shape {tuple(matrix.shape)}; "
+            f"allowed: ({num_classes}, {num_classes}) for {num_classes} classes"
         )
     if not np.all(np.isfinite(matrix)) or np.any(matrix < 0):
         raise NoiseError(f"{name}: has negative or non-finite entries; allowed: entries >= 0")
     sums = matrix.sum(axis=1)
     bad = np.flatnonzero(np.abs(sums - 1.0) > 1e-6)
     if bad.size:
-        raise NoiseError(
-            f"{name}: row {int(bad[0])} sums to {sums[bad[0]]:.6g}; allowed: every row sums to 1"
-        )
+        raise NoiseError(f"{name}: row {int(bad[0])} sums to {sums[bad[0]]:.6g}; allowed: every row sums to 1")
     return matrix
 
 

@@ -190,9 +190,10 @@ def peer_step(
     """
     parts = loss_for_step(cfg, peer.index, logits, peer_logits, batch, when)
     if not torch.isfinite(parts.total):
+        epoch = when.step // max(when.steps_per_epoch, 1) + 1
         raise NonFiniteLossError(
-            f"peer {peer.index}: loss is {float(parts.total)} at epoch {when.step // max(when.steps_per_epoch, 1)}, "
-            f"step {when.step}; stopping instead of training through it"
+            f"peer {peer.index}: loss is {float(parts.total.detach())} at epoch {epoch}, global step {when.step}; "
+            "stopping instead of training through it"
         )
     peer.optimizer.zero_grad(set_to_none=True)
     parts.total.backward()

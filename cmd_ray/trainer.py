@@ -8,7 +8,8 @@ identical order; all peers forward before any of them steps, exactly as on Ray.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 

@@ -1,0 +1,108 @@
+"""Shared fixtures: tiny configs and data sets written in the real formats."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cmd_ray.config import from_dict
+from cmd_ray.data import fashion_mnist_folder
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(raw))
+    else:
+        path.write_bytes(raw)
+    return path
+
+
+def write_fake_fashion_mnist(root: Path, n_train: int = 600, n_test: int = 200, seed: int = 0) -> Path:
+    """Learnable fake Fashion-MNIST in IDX format: class c lights up row band c."""
+    rng = np.random.default_rng(seed)
+    folder = root / "fashion-mnist"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            images[i, 2 * c + 4 : 2 * c + 7, :] = 230
+        write_idx(folder / f"{split}-images-idx3-ubyte", images)
+        write_idx(folder / f"{split}-labels-idx1-ubyte", labels)
+    return folder
+
+
+def write_fake_cifar(root: Path, name: str, n_train: int = 100, n_test: int = 40, seed: int = 0) -> Path:
+    """Small files in CIFAR's own python-pickle layout."""
+    rng = np.random.default_rng(seed)
+    num_classes = 10 if name == "cifar10" else 100
+    if name == "cifar10":
+        folder, train_files, test_files, key = (
+            root / "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            ["test_batch"],
+            b"labels",
+        )
+    else:
+        folder, train_files, test_files, key = root / "cifar-100-python", ["train"], ["test"], b"fine_labels"
+    folder.mkdir(parents=True, exist_ok=True)
+    for files, n in ((train_files, n_train), (test_files, n_test)):
+        for f in files:
+            count = n // len(files)
+            batch = {
+                b"data": rng.integers(0, 256, (count, 3072)).astype(np.uint8),
+                key: rng.integers(0, num_classes, count).tolist(),
+            }
+            with open(folder / f, "wb") as fh:
+                pickle.dump(batch, fh)
+    return folder
+
+
+@pytest.fixture
+def fake_fmnist_root(tmp_path, monkeypatch) -> Path:
+    """A data root holding fake Fashion-MNIST; Debian's real copy is hidden."""
+    monkeypatch.setattr("cmd_ray.data.DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+    write_fake_fashion_mnist(tmp_path)
+    return tmp_path
+
+
+def real_fmnist_available() -> bool:
+    return fashion_mnist_folder(Path("/nonexistent")) is not None
+
+
+needs_fmnist = pytest.mark.skipif(not real_fmnist_available(), reason="Fashion-MNIST IDX files not installed")
+
+
+@pytest.fixture(scope="session")
+def real_data_root(tmp_path_factory) -> Path:
+    """A cache root shared by the end-to-end tests (real Fashion-MNIST from Debian's package)."""
+    return tmp_path_factory.mktemp("data")
+
+
+def tiny_config(root: Path, **overrides):
+    """A small, fast config on Fashion-MNIST (real or fake, depending on `root`)."""
+    values = {
+        "method": "cmd-p",
+        "peers": 2,
+        "epochs": 2,
+        "batch_size": 64,
+        "seed": 0,
+        "output_dir": str(root / "runs"),
+        "data": {"name": "fashion-mnist", "root": str(root), "train_subset": 512, "test_subset": 256},
+        "noise": {"type": "symmetric", "rate": 0.4},
+    }
+    for key, value in overrides.items():
+        node = values
+        parts = key.split("__")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return from_dict(values)

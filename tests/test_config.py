@@ -1,0 +1,111 @@
+"""Configuration: presets, overrides and one-line refusals naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cmd_ray.cli import main
+from cmd_ray.config import Config, ConfigError, apply_overrides, from_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_valid_and_cmd_p():
+    cfg = from_dict({})
+    assert isinstance(cfg, Config)
+    assert cfg.method == "cmd-p" and cfg.schedule == "progressive" and cfg.peers == 2
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "launch" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_loads(preset):
+    load_config(preset)
+
+
+def test_overrides_reach_nested_keys_and_parse_types():
+    cfg = load_config(
+        ROOT / "launch/configs/fmnist.yaml",
+        ["noise.rate=0.2", "method=cmd-s", "data.train_subset=null", "peers=3", "knowledge.tau=0.6"],
+    )
+    assert cfg.noise.rate == 0.2 and cfg.method == "cmd-s" and cfg.data.train_subset is None
+    assert cfg.peers == 3 and cfg.knowledge.tau == 0.6
+
+
+def test_override_does_not_mutate_input():
+    values = {"noise": {"rate": 0.1}}
+    apply_overrides(values, ["noise.rate=0.3"])
+    assert values == {"noise": {"rate": 0.1}}
+
+
+def test_per_peer_models():
+    cfg = from_dict({"peers": 2, "model": {"per_peer": ["small_cnn", "small_cnn"]}})
+    assert cfg.peer_models() == ["small_cnn", "small_cnn"]
+    assert from_dict({"peers": 3}).peer_models() == ["small_cnn"] * 3
+
+
+BAD = [
+    ({"epochs": "ten"}, r"^epochs: got 'ten'; allowed: an integer$"),
+    ({"epochs": 0}, r"^epochs: got 0; allowed: an integer >= 1$"),
+    ({"peers": 1}, r"^peers: got 1; allowed: an integer >= 2"),
+    ({"method": "mixup"}, r"^method: got 'mixup'; allowed: one of 'ce', 'dml', 'cmd-s', 'cmd-p', 'coteaching'$"),
+    ({"noise": {"rate": 1.2}}, r"^noise\.rate: got 1\.2; allowed: a number in \[0\.0, 1\.0\]$"),
+    ({"noise": {"type": "gauss"}}, r"^noise\.type: got 'gauss'; allowed: one of"),
+    ({"noise": {"type": "matrix"}}, r"^noise\.matrix: got null"),
+    ({"knowledge": {"tau": -0.1}}, r"^knowledge\.tau: got -0\.1; allowed: a number in \[0\.0, 1\.0\]$"),
+    ({"knowledge": {"tau_end": 2}}, r"^knowledge\.tau_end: got 2\.0"),
+    (
+        {"knowledge": {"certainty": "margin"}},
+        r"^knowledge\.certainty: got 'margin'; allowed: one of 'entropy', 'max_prob'$",
+    ),
+    ({"data": {"name": "mnist"}}, r"^data\.name: got 'mnist'; allowed: one of 'fashion-mnist', 'cifar10', 'cifar100'$"),
+    ({"data": {"colour": 1}}, r"^data\.colour: unknown key; allowed at this level:"),
+    ({"lr": 0.1}, r"^lr: unknown key; allowed at this level:"),
+    ({"model": {"name": "vgg"}}, r"^model\.name: got 'vgg'"),
+    ({"model": {"per_peer": ["small_cnn"]}}, r"^model\.per_peer: got 1 names; allowed: exactly peers=2 names$"),
+    ({"model": {"per_peer": ["small_cnn", "resnet"]}}, r"^model\.per_peer\[1\]: got 'resnet'"),
+    ({"optim": {"lr": 0}}, r"^optim\.lr: got 0\.0; allowed: a number > 0$"),
+    ({"distill": {"temperature": 0}}, r"^distill\.temperature: got 0\.0"),
+    ({"use_gpu": "yes"}, r"^use_gpu: got 'yes'; allowed: true or false$"),
+    ({"data": 3}, r"^data: got 3; allowed: a mapping of its keys$"),
+    ({"batch_size": 10, "replicas": 3}, r"^batch_size: got 10; allowed: a multiple of replicas=3$"),
+]
+
+
+@pytest.mark.parametrize("values,match", BAD, ids=[m for _, m in BAD])
+def test_bad_value_is_refused_with_one_line_naming_the_field(values, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        from_dict(values)
+    assert "\n" not in str(err.value)
+
+
+def test_malformed_yaml_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: cmd-p\nnoise: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"^--config: .*bad\.yaml is not valid YAML at line \d+"):
+        load_config(bad)
+
+
+def test_override_without_equals_is_refused():
+    with pytest.raises(ConfigError, match=r"^--set: got 'noise\.rate'; allowed: KEY=VALUE"):
+        load_config(None, ["noise.rate"])
+
+
+def test_cli_refuses_bad_input_with_exit_2_and_one_line(capsys, tmp_path):
+    code = main(["train", "--config", str(ROOT / "launch/configs/fmnist.yaml"), "--set", "noise.rate=3"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines() == ["cmd-ray: error: noise.rate: got 3.0; allowed: a number in [0.0, 1.0]"]
+
+
+def test_cli_refuses_unwritable_output_dir(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = main(["train", "--set", f"output_dir={blocker}/sub"])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("cmd-ray: error: output_dir: cannot write to")
+
+
+def test_show_config_prints_validated_yaml(capsys):
+    assert main(["show-config", "--set", "peers=3"]) == 0
+    assert "peers: 3" in capsys.readouterr().out

@@ -1,0 +1,180 @@
+"""Data: IDX and CIFAR readers on files written here, the Parquet cache, batches, augmentation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cmd_ray import data as data_mod
+from cmd_ray.data import (
+    DataError,
+    augment,
+    epoch_batches,
+    load_data,
+    materialise,
+    read_idx,
+    read_parquet_split,
+    shard,
+)
+from cmd_ray.noise import NoiseSpec
+
+from .conftest import needs_fmnist, write_fake_cifar, write_idx
+
+
+def test_idx_roundtrip_and_truncation(tmp_path):
+    array = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    path = write_idx(tmp_path / "x-idx3-ubyte", array, gz=False)
+    assert np.array_equal(read_idx(path, 3), array)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(DataError, match=r"x-idx3-ubyte: truncated IDX data .* delete or reinstall it"):
+        read_idx(path, 3)
+
+
+def test_idx_wrong_kind_is_refused(tmp_path):
+    path = write_idx(tmp_path / "labels", np.arange(5, dtype=np.uint8), gz=True)
+    with pytest.raises(DataError, match="not an IDX file of 3-d unsigned bytes"):
+        read_idx(path, 3)
+
+
+def test_fashion_mnist_cache_holds_clean_and_noisy_labels_and_noise_metadata(fake_fmnist_root):
+    spec = NoiseSpec("symmetric", 0.4)
+    train_path, test_path = materialise("fashion-mnist", fake_fmnist_root, spec, seed=1)
+    table = pq.read_table(train_path)
+    assert table.column_names == ["index", "image", "clean_label", "noisy_label"]
+    meta = json.loads(table.schema.metadata[b"cmd_ray"])
+    assert meta["noise"] == {"type": "symmetric", "rate": 0.4, "matrix": None}
+    assert meta["seed"] == 1 and len(meta["realised_matrix"]) == 10
+    split = read_parquet_split(train_path)
+    assert split.images.shape == (600, 1, 28, 28) and split.images.dtype == torch.uint8
+    rate = float((split.noisy_labels != split.clean_labels).float().mean())
+    assert rate == pytest.approx(meta["realised_rate"]) and 0.3 < rate < 0.5
+    test = read_parquet_split(test_path)
+    assert torch.equal(test.noisy_labels, test.clean_labels)
+
+
+def test_second_load_reads_the_cache_without_raw_files(fake_fmnist_root, monkeypatch):
+    spec = NoiseSpec("pairflip", 0.2)
+    first = load_data("fashion-mnist", fake_fmnist_root, spec, seed=0)
+
+    def no_raw(*_):
+        raise AssertionError("raw files read again")
+
+    monkeypatch.setattr(data_mod, "load_raw", no_raw)
+    second = load_data("fashion-mnist", fake_fmnist_root, spec, seed=0)
+    assert torch.equal(first.train.noisy_labels, second.train.noisy_labels)
+    assert torch.equal(first.train.images, second.train.images)
+
+
+def test_different_noise_specs_get_different_cache_files(fake_fmnist_root):
+    a, _ = materialise("fashion-mnist", fake_fmnist_root, NoiseSpec("symmetric", 0.2), 0)
+    b, _ = materialise("fashion-mnist", fake_fmnist_root, NoiseSpec("symmetric", 0.4), 0)
+    c, _ = materialise("fashion-mnist", fake_fmnist_root, NoiseSpec("symmetric", 0.2), 1)
+    assert len({a, b, c}) == 3
+
+
+def test_corrupt_cache_file_gives_a_clear_error(fake_fmnist_root):
+    train_path, _ = materialise("fashion-mnist", fake_fmnist_root, NoiseSpec("symmetric", 0.2), 0)
+    train_path.write_bytes(train_path.read_bytes()[:200])
+    with pytest.raises(DataError, match=r"cache file is corrupt .*delete it and rerun"):
+        load_data("fashion-mnist", fake_fmnist_root, NoiseSpec("symmetric", 0.2), 0)
+
+
+def test_missing_cache_file_names_the_path(tmp_path):
+    with pytest.raises(DataError, match=r"nope\.parquet: cache file missing"):
+        read_parquet_split(tmp_path / "nope.parquet")
+
+
+def test_missing_raw_data_without_network_gives_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_mod, "DEBIAN_FASHION_MNIST", tmp_path / "none")
+
+    def fail(*_):
+        raise DataError("fashion-mnist: not found under X and download failed (offline); install it")
+
+    monkeypatch.setattr(data_mod, "_torchvision_download", fail)
+    with pytest.raises(DataError, match="not found"):
+        materialise("fashion-mnist", tmp_path, NoiseSpec("none", 0.0), 0)
+
+
+@pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
+def test_cifar_loader_reads_cifar_format(tmp_path, name, classes):
+    write_fake_cifar(tmp_path, name, n_train=100, n_test=40)
+    bundle = load_data(name, tmp_path, NoiseSpec("symmetric", 0.5), seed=0)
+    assert bundle.train.images.shape == (100, 3, 32, 32)
+    assert bundle.test.images.shape == (40, 3, 32, 32)
+    assert int(bundle.train.clean_labels.max()) < classes
+    assert bundle.info.num_classes == classes
+
+
+def test_cifar_image_layout_is_channel_planes(tmp_path):
+    folder = write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10)
+    import pickle
+
+    with open(folder / "data_batch_1", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")[b"data"][0]
+    bundle = load_data("cifar10", tmp_path, NoiseSpec("none", 0.0), seed=0)
+    first = bundle.train.images[0]
+    assert np.array_equal(first[0].numpy().ravel(), raw[:1024])  # red plane
+    assert np.array_equal(first[2].numpy().ravel(), raw[2048:])  # blue plane
+
+
+def test_cifar_loader_refuses_pickles_holding_code(tmp_path):
+    folder = write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10)
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": Evil(), b"labels": [0]}, f)
+    with pytest.raises(DataError, match="test_batch: not a readable CIFAR batch .*refusing to load"):
+        load_data("cifar10", tmp_path, NoiseSpec("none", 0.0), seed=0)
+
+
+def test_train_subset_is_seeded_and_test_is_never_subset_by_default(fake_fmnist_root):
+    a = load_data("fashion-mnist", fake_fmnist_root, NoiseSpec("none", 0.0), 0, train_subset=100)
+    b = load_data("fashion-mnist", fake_fmnist_root, NoiseSpec("none", 0.0), 0, train_subset=100)
+    assert len(a.train) == 100 and torch.equal(a.train.index, b.train.index)
+    assert len(a.test) == 200
+
+
+def test_epoch_batches_cover_every_sample_once_in_a_seeded_order():
+    batches = list(epoch_batches(103, 10, seed=5, epoch=2))
+    assert len(batches) == 11 and len(batches[-1]) == 3
+    assert sorted(torch.cat(batches).tolist()) == list(range(103))
+    again = list(epoch_batches(103, 10, seed=5, epoch=2))
+    assert all(torch.equal(x, y) for x, y in zip(batches, again))
+    other = torch.cat(list(epoch_batches(103, 10, seed=5, epoch=3)))
+    assert not torch.equal(torch.cat(batches), other)
+
+
+def test_replica_shards_partition_the_batch():
+    positions = torch.arange(10)
+    parts = [shard(positions, r, 3) for r in range(3)]
+    assert torch.equal(torch.cat(parts), positions)
+
+
+def test_augment_crops_and_flips_deterministically():
+    images = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
+    a = augment(images, torch.Generator().manual_seed(0))
+    b = augment(images, torch.Generator().manual_seed(0))
+    assert a.shape == images.shape and torch.equal(a, b)
+    assert not torch.equal(a, images)
+    # With no padding and a forced flip, augmentation is an exact mirror image.
+    torch.manual_seed(0)
+    flipped = augment(images, torch.Generator().manual_seed(1), padding=0)
+    for i in range(2):
+        assert torch.equal(flipped[i], images[i]) or torch.equal(flipped[i], images[i].flip(-1))
+
+
+@needs_fmnist
+def test_real_fashion_mnist_has_60000_train_and_10000_test(real_data_root):
+    bundle = load_data("fashion-mnist", real_data_root, NoiseSpec("symmetric", 0.4), seed=0, train_subset=10_000)
+    assert len(bundle.train) == 10_000 and len(bundle.test) == 10_000
+    assert bundle.noise["realised_rate"] == pytest.approx(0.4, abs=0.01)
+    assert sorted(torch.unique(bundle.test.clean_labels).tolist()) == list(range(10))

@@ -1,0 +1,142 @@
+"""Label noise: realised transition matrices, seeding, class maps and refused specs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cmd_ray.noise import (
+    ASYMMETRIC_MAPS,
+    CIFAR100_FINE_NAMES,
+    CIFAR100_SUPERCLASSES,
+    NoiseError,
+    NoiseSpec,
+    apply_noise,
+    check_matrix,
+    read_matrix_file,
+    transition_matrix,
+)
+
+N = 200_000
+
+
+def _labels(num_classes: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, num_classes, N)
+
+
+@pytest.mark.parametrize(
+    "spec,dataset,num_classes",
+    [
+        (NoiseSpec("symmetric", 0.4), "fashion-mnist", 10),
+        (NoiseSpec("symmetric", 0.8), "cifar10", 10),
+        (NoiseSpec("pairflip", 0.45), "cifar10", 10),
+        (NoiseSpec("asymmetric", 0.4), "fashion-mnist", 10),
+        (NoiseSpec("asymmetric", 0.4), "cifar10", 10),
+        (NoiseSpec("none", 0.3), "cifar10", 10),
+    ],
+)
+def test_realised_matrix_matches_asked_within_sampling_error(spec, dataset, num_classes):
+    clean = _labels(num_classes)
+    noisy, report = apply_noise(clean, spec, num_classes, dataset, seed=7)
+    counts = np.bincount(clean, minlength=num_classes)[:, None]
+    sigma = np.sqrt(report.asked * (1 - report.asked) / counts)
+    # 5 sigma per cell; a wrong matrix (e.g. flipping to the true class) is off by > 50 sigma.
+    assert np.all(np.abs(report.realised - report.asked) <= 5 * sigma + 1e-12)
+    expected_rate = float(np.mean(1 - np.diag(report.asked)[clean]))
+    assert abs(report.realised_rate - expected_rate) < 0.005
+
+
+def test_symmetric_never_keeps_label_when_it_flips():
+    matrix = transition_matrix(NoiseSpec("symmetric", 1.0), 10, "cifar10")
+    assert np.allclose(np.diag(matrix), 0.0)
+    clean = _labels(10)
+    noisy, report = apply_noise(clean, NoiseSpec("symmetric", 1.0), 10, "cifar10", seed=0)
+    assert np.all(noisy != clean)
+    assert report.realised_rate == 1.0
+
+
+def test_same_seed_same_labels_and_other_seed_other_labels():
+    clean = _labels(10)
+    spec = NoiseSpec("symmetric", 0.5)
+    a, _ = apply_noise(clean, spec, 10, "cifar10", seed=3)
+    b, _ = apply_noise(clean, spec, 10, "cifar10", seed=3)
+    c, _ = apply_noise(clean, spec, 10, "cifar10", seed=4)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_pairflip_goes_to_next_class():
+    matrix = transition_matrix(NoiseSpec("pairflip", 0.45), 10, "cifar10")
+    for c in range(10):
+        assert matrix[c, (c + 1) % 10] == pytest.approx(0.45)
+        assert matrix[c, c] == pytest.approx(0.55)
+
+
+def test_asymmetric_maps_follow_documented_pairs():
+    fm = transition_matrix(NoiseSpec("asymmetric", 0.4), 10, "fashion-mnist")
+    assert fm[0, 6] == fm[6, 0] == fm[2, 4] == fm[5, 7] == pytest.approx(0.4)
+    assert fm[1, 1] == 1.0 and fm[9, 9] == 1.0
+    c10 = ASYMMETRIC_MAPS["cifar10"]
+    assert c10 == {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
+
+
+def test_cifar100_asymmetric_stays_within_superclass():
+    flips = ASYMMETRIC_MAPS["cifar100"]
+    assert len(flips) == 100 and len(CIFAR100_FINE_NAMES) == 100
+    assert CIFAR100_FINE_NAMES[0] == "apple" and CIFAR100_FINE_NAMES[99] == "worm"
+    group = {n: g for g, names in CIFAR100_SUPERCLASSES.items() for n in names}
+    for src, dst in flips.items():
+        assert src != dst
+        assert group[CIFAR100_FINE_NAMES[src]] == group[CIFAR100_FINE_NAMES[dst]]
+    matrix = transition_matrix(NoiseSpec("asymmetric", 0.2), 100, "cifar100")
+    check_matrix(matrix, 100)
+
+
+def test_user_matrix_file_is_used(tmp_path):
+    matrix = np.eye(3) * 0.7 + np.roll(np.eye(3), 1, axis=1) * 0.3
+    path = tmp_path / "t.csv"
+    np.savetxt(path, matrix, delimiter=",")
+    spec = NoiseSpec("matrix", 0.0, str(path))
+    assert np.allclose(transition_matrix(spec, 3, "cifar10"), matrix)
+    np.save(tmp_path / "t.npy", matrix)
+    assert np.allclose(read_matrix_file(tmp_path / "t.npy", 3), matrix)
+
+
+@pytest.mark.parametrize(
+    "spec,classes,match",
+    [
+        (NoiseSpec("symmetric", 1.5), 10, r"^noise\.rate: got 1\.5; allowed: a number in \[0, 1\]$"),
+        (NoiseSpec("pairflip", -0.1), 10, r"^noise\.rate: got -0\.1"),
+        (NoiseSpec("gaussian", 0.1), 10, r"^noise\.type: got 'gaussian'; allowed: one of none, symmetric"),
+        (NoiseSpec("matrix", 0.0, None), 10, r"^noise\.matrix: got null"),
+        (
+            NoiseSpec("matrix", 0.0, "/nonexistent/t.npy"),
+            10,
+            r"^noise\.matrix: file /nonexistent/t\.npy does not exist",
+        ),
+    ],
+)
+def test_bad_spec_is_refused_with_one_line(spec, classes, match):
+    with pytest.raises(NoiseError, match=match) as err:
+        transition_matrix(spec, classes, "cifar10")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "matrix,match",
+    [
+        (np.full((3, 3), 0.5), r"^noise\.matrix: row 0 sums to 1\.5; allowed: every row sums to 1$"),
+        (np.eye(4), r"^noise\.matrix: got shape \(4, 4\); allowed: \(3, 3\)"),
+        (np.array([[1.5, -0.5, 0], [0, 1, 0], [0, 0, 1]]), r"negative or non-finite"),
+    ],
+)
+def test_bad_matrix_is_refused(tmp_path, matrix, match):
+    path = tmp_path / "m.npy"
+    np.save(path, matrix)
+    with pytest.raises(NoiseError, match=match):
+        read_matrix_file(path, 3)
+
+
+def test_unknown_dataset_for_asymmetric_is_refused():
+    with pytest.raises(NoiseError, match="noise.type: 'asymmetric' has no class map for data set 'svhn'"):
+        transition_matrix(NoiseSpec("asymmetric", 0.2), 10, "svhn")
