@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument("--output-json", help="also write the summary JSON here")
     train.add_argument(
+        "--address", help="Ray cluster to join (e.g. auto); default: $RAY_ADDRESS or a local embedded Ray"
+    )
+    train.add_argument(
         "--in-process",
         action="store_true",
         help="step all peers in this process (the reference path) instead of Ray workers",
@@ -65,7 +68,10 @@ def _check_output_dir(cfg: Config) -> None:
 
 
 def _compact(summary: dict) -> dict:
-    return {k: v for k, v in summary.items() if k not in ("history", "config")}
+    """The summary without per-epoch history, config and noise matrices, for the console."""
+    out = {k: v for k, v in summary.items() if k not in ("history", "config")}
+    out["noise"] = {k: v for k, v in summary["noise"].items() if not k.endswith("matrix")}
+    return out
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -81,9 +87,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             raise ConfigError("use_gpu: got true, but this machine has no CUDA GPU; allowed here: false")
     from cmd_ray.summary import write_json_atomic
-    from cmd_ray.trainer import train_in_process
 
-    summary = train_in_process(cfg)
+    if args.in_process:
+        from cmd_ray.trainer import train_in_process
+
+        summary = train_in_process(cfg)
+    else:
+        from cmd_ray.ray_train import train_on_ray
+
+        if args.address:
+            cfg.ray.address = args.address
+        summary = train_on_ray(cfg)
     write_json_atomic(Path(cfg.output_dir).expanduser() / "summary.json", summary)
     if args.output_json:
         write_json_atomic(args.output_json, summary)

@@ -110,6 +110,36 @@ class CoteachingConfig:
 
 
 @dataclass
+class RayConfig:
+    # Cluster to join: null = a local embedded Ray (or $RAY_ADDRESS if set); "auto" = running cluster.
+    address: Optional[str] = None
+    # Logical CPUs of the embedded local Ray (null = this machine's cores); ignored on a cluster.
+    num_cpus: Optional[float] = None
+    # CPUs each peer worker reserves; null = 1, or on a local Ray with fewer cores than workers, an even share.
+    cpus_per_worker: Optional[float] = None
+    # GPUs each worker reserves when use_gpu: 1 = a GPU per peer; 0.5 = two peers share one GPU.
+    gpus_per_worker: float = 1.0
+    # Restart the worker group from the latest checkpoint up to this many times (-1 = forever).
+    max_failures: int = 1
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always checkpoints)
+    checkpoints_to_keep: int = 2
+    # Level of Ray Train's own logs on the console (per-report INFO lines are noise for most runs).
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+    # Where Ray Train keeps run state and checkpoints (null = <output_dir>/ray); shared storage on a cluster.
+    storage_path: Optional[str] = None
+
+
+@dataclass
+class TestingConfig:
+    """Hooks for tests; leave at the defaults for real runs."""
+
+    trace_dir: Optional[str] = None  # write each peer's per-step loss and selection mask here
+    crash_epoch: Optional[int] = None  # kill one worker process once, in this epoch (0-based) ...
+    crash_step: int = 0  # ... at this step ...
+    crash_rank: int = 1  # ... the worker of this world rank
+
+
+@dataclass
 class Config:
     # Method by name: ce (zero knowledge) | dml (all knowledge) | cmd-s | cmd-p | coteaching.
     method: Literal["ce", "dml", "cmd-s", "cmd-p", "coteaching"] = "cmd-p"
@@ -130,6 +160,8 @@ class Config:
     knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     coteaching: CoteachingConfig = field(default_factory=CoteachingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    testing: TestingConfig = field(default_factory=TestingConfig)
 
     @property
     def schedule(self) -> str:
@@ -266,6 +298,21 @@ def validate(cfg: Config) -> Config:
         for i, name in enumerate(cfg.model.per_peer):
             if name not in MODELS:
                 raise ConfigError(f"model.per_peer[{i}]: got {name!r}; allowed: one of {', '.join(MODELS)}")
+    r = cfg.ray
+    if r.num_cpus is not None and r.num_cpus <= 0:
+        raise ConfigError(f"ray.num_cpus: got {r.num_cpus}; allowed: a number > 0 or null")
+    if r.cpus_per_worker is not None and r.cpus_per_worker < 0:
+        raise ConfigError(f"ray.cpus_per_worker: got {r.cpus_per_worker}; allowed: a number >= 0")
+    if not 0 < r.gpus_per_worker <= 1 and not (r.gpus_per_worker >= 1 and float(r.gpus_per_worker).is_integer()):
+        raise ConfigError(
+            f"ray.gpus_per_worker: got {r.gpus_per_worker}; allowed: a fraction in (0, 1] or a whole number"
+        )
+    if r.max_failures < -1:
+        raise ConfigError(f"ray.max_failures: got {r.max_failures}; allowed: an integer >= -1")
+    _check_positive("ray.checkpoint_every", r.checkpoint_every)
+    _check_positive("ray.checkpoints_to_keep", r.checkpoints_to_keep)
+    if cfg.batch_size < cfg.replicas:
+        raise ConfigError(f"batch_size: got {cfg.batch_size}; allowed: at least replicas={cfg.replicas}")
     if cfg.batch_size % cfg.replicas:
         raise ConfigError(f"batch_size: got {cfg.batch_size}; allowed: a multiple of replicas={cfg.replicas}")
     return cfg

@@ -28,14 +28,19 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class Peer:
-    """A peer network with its optimiser and learning-rate schedule."""
+    """A peer network with its optimiser, learning-rate schedule and own random stream.
+
+    Each peer keeps its own RNG state (dropout) so that stepping P peers in one process
+    draws exactly the numbers P separate worker processes would.
+    """
 
     index: int
-    model: nn.Module
+    model: nn.Module  # possibly DDP-wrapped on the Ray path; see `unwrap`
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     autocast_bf16: bool = False
+    rng_state: Optional[torch.Tensor] = None
 
 
 def build_peer(cfg: Config, index: int, info: DatasetInfo, total_steps: int, device: torch.device) -> Peer:
@@ -55,7 +60,36 @@ def build_peer(cfg: Config, index: int, info: DatasetInfo, total_steps: int, dev
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    return Peer(index, model, optimizer, scheduler, device, autocast_bf16=cfg.precision == "bf16")
+    rng_state = torch.Generator().manual_seed(cfg.seed * 1000 + index + 500).get_state()
+    return Peer(index, model, optimizer, scheduler, device, cfg.precision == "bf16", rng_state)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare network under a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def peer_state(peer: Peer, epoch: int) -> dict:
+    """Everything needed to resume a peer after `epoch` epochs (tensors and plain types only)."""
+    return {
+        "peer": peer.index,
+        "epoch": epoch,
+        "model": unwrap(peer.model).state_dict(),
+        "optimizer": peer.optimizer.state_dict(),
+        "scheduler": peer.scheduler.state_dict(),
+        "rng_state": peer.rng_state,
+    }
+
+
+def load_peer_state(peer: Peer, state: dict) -> int:
+    """Restore a peer saved by `peer_state`; return the number of epochs it had finished."""
+    if state["peer"] != peer.index:
+        raise ValueError(f"checkpoint holds peer {state['peer']}, not peer {peer.index}")
+    unwrap(peer.model).load_state_dict(state["model"])
+    peer.optimizer.load_state_dict(state["optimizer"])
+    peer.scheduler.load_state_dict(state["scheduler"])
+    peer.rng_state = state["rng_state"]
+    return int(state["epoch"])
 
 
 @dataclass
@@ -99,10 +133,25 @@ def _autocast(peer: Peer):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def _own_rng(peer: Peer):
+    """Run with the peer's own CPU RNG stream (dropout), then hand the global one back."""
+    if peer.rng_state is None or peer.device.type != "cpu":
+        yield
+        return
+    saved = torch.get_rng_state()
+    torch.set_rng_state(peer.rng_state)
+    try:
+        yield
+    finally:
+        peer.rng_state = torch.get_rng_state()
+        torch.set_rng_state(saved)
+
+
 def forward(peer: Peer, images: torch.Tensor) -> torch.Tensor:
     """Own logits (B, C) in training mode, with the graph kept for `peer_step`."""
     peer.model.train()
-    with _autocast(peer):
+    with _own_rng(peer), _autocast(peer):
         return peer.model(images).float()
 
 
@@ -179,14 +228,23 @@ def step_counts(parts: LossParts, logits: torch.Tensor, batch: Batch) -> dict[st
     }
 
 
+@dataclass
+class StepResult:
+    """What one peer step did: summed counts for the epoch, the selection mask, the loss."""
+
+    counts: dict[str, float]
+    selected: torch.Tensor  # (B,) bool
+    loss: float
+
+
 def peer_step(
     cfg: Config, peer: Peer, logits: torch.Tensor, peer_logits: torch.Tensor, batch: Batch, when: StepSchedule
-) -> dict[str, float]:
+) -> StepResult:
     """Select, distil, step: one optimiser step of `peer` given every peer's logits.
 
     logits (B, C): this peer's own, with graph (from `forward`); peer_logits (P, B, C): all
-    peers' detached logits on the same batch, in peer order. Returns `step_counts`.
-    Raises NonFiniteLossError naming the peer and step if the loss is NaN or inf.
+    peers' detached logits on the same batch, in peer order. Raises NonFiniteLossError
+    naming the peer, epoch and step if the loss is NaN or inf.
     """
     parts = loss_for_step(cfg, peer.index, logits, peer_logits, batch, when)
     if not torch.isfinite(parts.total):
@@ -201,7 +259,7 @@ def peer_step(
     peer.scheduler.step()
     counts = step_counts(parts, logits, batch)
     counts["tau_sum"] = (parts.tau if math.isfinite(parts.tau) else float("nan")) * counts["samples"]
-    return counts
+    return StepResult(counts, parts.selected.detach().cpu(), float(parts.total.detach()))
 
 
 def add_counts(total: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
@@ -240,16 +298,20 @@ def test_probabilities(peer: Peer, split: Split, info: DatasetInfo, batch_size: 
     return torch.cat(out)
 
 
-def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((probs.argmax(-1) == labels).float().mean())
+def correct_counts(peer_probs: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Correct predictions (P + 1,) of each peer and, last, of their ensemble (mean softmax)."""
+    ensemble = torch.stack(peer_probs).mean(0)
+    return torch.tensor([float((p.argmax(-1) == labels).sum()) for p in [*peer_probs, ensemble]])
 
 
-def evaluate(peer_probs: list[torch.Tensor], test: Split) -> dict[str, float]:
+def accuracy_names(peers: int) -> list[str]:
+    return [f"peer{k}/test_accuracy" for k in range(peers)] + ["ensemble/test_accuracy"]
+
+
+def evaluate(peer_probs: list[torch.Tensor], labels: torch.Tensor) -> dict[str, float]:
     """Clean test accuracy of each peer and of their ensemble (mean of softmax outputs)."""
-    labels = test.clean_labels
-    out = {f"peer{k}/test_accuracy": accuracy(p, labels) for k, p in enumerate(peer_probs)}
-    out["ensemble/test_accuracy"] = accuracy(torch.stack(peer_probs).mean(0), labels)
-    return out
+    correct = correct_counts(peer_probs, labels) / max(len(labels), 1)
+    return dict(zip(accuracy_names(len(peer_probs)), correct.tolist()))
 
 
 def steps_per_epoch(cfg: Config, data: DataBundle) -> int:

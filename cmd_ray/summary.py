@@ -9,6 +9,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ def epoch_record(
     exchange_seconds: float,
 ) -> dict[str, Any]:
     """Flat dict of one epoch's metrics: `peerK/<metric>`, `ensemble/test_accuracy`, timing."""
-    record: dict[str, Any] = {"epoch": epoch}
+    record: dict[str, Any] = {"epoch": epoch, "finished_at": time.time()}
     for k, counts in enumerate(peer_counts):
         for key, value in epoch_metrics(counts).items():
             record[f"peer{k}/{key}"] = value

@@ -1,23 +1,27 @@
-"""In-process trainer: all P peers stepped in one process with an in-memory logit exchange.
+"""The epoch loop shared by both paths, and the in-process trainer built on it.
 
-This is the reference path: the Ray workers run the same `forward` / `peer_step` functions
-and differ only in how logits travel between peers. Every peer sees identical batches in
-identical order; all peers forward before any of them steps, exactly as on Ray.
+`train_epoch` steps the peers a process holds (all P in-process; one on a Ray worker) over
+one epoch: same batches in the same order for every peer, every peer forwards before any
+steps, then the logits are exchanged and each local peer runs `peer_step`. The exchange
+is a function argument: an in-memory stack here, an all-gather in `cmd_ray.exchange`.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
 
 from cmd_ray.config import Config
-from cmd_ray.data import DataBundle, epoch_batches, load_data
+from cmd_ray.data import DataBundle, epoch_batches, load_data, shard
 from cmd_ray.noise import NoiseSpec
 from cmd_ray.peer import (
+    Batch,
     Peer,
+    StepResult,
     StepSchedule,
     add_counts,
     augment_seed,
@@ -31,6 +35,10 @@ from cmd_ray.peer import (
 )
 from cmd_ray.summary import epoch_record, progress_line, summarise
 
+# exchange(local peers' logits with graph, batch) -> every peer's detached logits (P, B, C)
+Exchange = Callable[[list[torch.Tensor], Batch], torch.Tensor]
+StepHook = Callable[[int, int, list[Peer], list[StepResult]], None]
+
 
 def load_run_data(cfg: Config) -> DataBundle:
     """The noisy train split and clean test split a config asks for (cached as Parquet)."""
@@ -38,11 +46,9 @@ def load_run_data(cfg: Config) -> DataBundle:
     return load_data(cfg.data.name, cfg.data.root, spec, cfg.seed, cfg.data.train_subset, cfg.data.test_subset)
 
 
-def resolve_device(cfg: Config) -> torch.device:
-    return torch.device("cuda") if cfg.use_gpu else torch.device("cpu")
-
-
-StepHook = Callable[[int, int, list[dict[str, float]]], None]
+def in_process_exchange(logits: list[torch.Tensor], batch: Batch) -> torch.Tensor:
+    """All peers live here: the exchange is a stack of their detached logits."""
+    return torch.stack([z.detach() for z in logits])
 
 
 def train_epoch(
@@ -50,11 +56,14 @@ def train_epoch(
     peers: list[Peer],
     data: DataBundle,
     epoch: int,
+    exchange: Exchange = in_process_exchange,
+    replica: int = 0,
     on_step: Optional[StepHook] = None,
 ) -> tuple[list[dict[str, float]], float, float]:
-    """One epoch of all peers; returns (summed counts per peer, train seconds, exchange seconds).
+    """One epoch of the local `peers` on replica `replica`'s shard of every global batch.
 
-    `on_step(epoch, step, per-peer counts)` sees every step (tests compare it with the Ray path).
+    Returns (summed counts per local peer, train seconds, exchange seconds).
+    `on_step(epoch, step, peers, results)` sees every step (used for step traces).
     """
     per_epoch = steps_per_epoch(cfg, data)
     total_steps = per_epoch * cfg.epochs
@@ -62,19 +71,38 @@ def train_epoch(
     exchange_seconds = 0.0
     start = time.perf_counter()
     device = peers[0].device
-    for step, positions in enumerate(epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch)):
-        batch = make_batch(data.train, positions, data.info, device, augment_seed(cfg, epoch, step))
+    for step, global_positions in enumerate(epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch)):
+        positions = shard(global_positions, replica, cfg.replicas)
+        seed = augment_seed(cfg, epoch, step)
+        batch = make_batch(data.train, positions, data.info, device, None if seed is None else seed + replica)
         logits = [forward(peer, batch.images) for peer in peers]
         t0 = time.perf_counter()
-        peer_logits = torch.stack([z.detach() for z in logits])  # the in-process "exchange"
+        peer_logits = exchange(logits, batch)
         exchange_seconds += time.perf_counter() - t0
         when = StepSchedule(epoch * per_epoch + step, total_steps, per_epoch)
-        step_counts = [peer_step(cfg, peer, z, peer_logits, batch, when) for peer, z in zip(peers, logits)]
-        for total, c in zip(counts, step_counts):
-            add_counts(total, c)
+        results = [peer_step(cfg, peer, z, peer_logits, batch, when) for peer, z in zip(peers, logits)]
+        for total, result in zip(counts, results):
+            add_counts(total, result.counts)
         if on_step is not None:
-            on_step(epoch, step, step_counts)
+            on_step(epoch, step, peers, results)
     return counts, time.perf_counter() - start, exchange_seconds
+
+
+class StepTrace:
+    """Appends each peer's per-step loss and selection mask to `<folder>/peer<k>.jsonl` (tests)."""
+
+    def __init__(self, folder: str | Path, replica: int = 0):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.replica = replica
+
+    def __call__(self, epoch: int, step: int, peers: list[Peer], results: list[StepResult]) -> None:
+        if self.replica != 0:
+            return
+        for peer, result in zip(peers, results):
+            line = {"epoch": epoch, "step": step, "loss": result.loss, "selected": result.selected.int().tolist()}
+            with open(self.folder / f"peer{peer.index}.jsonl", "a") as f:
+                f.write(json.dumps(line) + "\n")
 
 
 def train_in_process(
@@ -85,11 +113,12 @@ def train_in_process(
 ) -> dict[str, Any]:
     """Train P peers in this process; return the run summary (see `cmd_ray.summary.summarise`)."""
     started = time.perf_counter()
-    torch.manual_seed(cfg.seed)
     data = data if data is not None else load_run_data(cfg)
-    device = resolve_device(cfg)
+    device = torch.device("cuda") if cfg.use_gpu else torch.device("cpu")
     total_steps = steps_per_epoch(cfg, data) * cfg.epochs
     peers = [build_peer(cfg, k, data.info, total_steps, device) for k in range(cfg.peers)]
+    if on_step is None and cfg.testing.trace_dir:
+        on_step = StepTrace(cfg.testing.trace_dir)
     log(
         f"[cmd-ray] in-process: {cfg.method} with {cfg.peers} peers on {cfg.data.name}, "
         f"{len(data.train)} train / {len(data.test)} test, noise {cfg.noise.type} {cfg.noise.rate:g} "
@@ -97,10 +126,11 @@ def train_in_process(
     )
     history = []
     for epoch in range(cfg.epochs):
-        counts, train_seconds, exchange_seconds = train_epoch(cfg, peers, data, epoch, on_step)
-        accuracy = evaluate([test_probabilities(p, data.test, data.info) for p in peers], data.test)
+        counts, train_seconds, exchange_seconds = train_epoch(cfg, peers, data, epoch, on_step=on_step)
+        accuracy = evaluate([test_probabilities(p, data.test, data.info) for p in peers], data.test.clean_labels)
         record = epoch_record(epoch, counts, accuracy, train_seconds, exchange_seconds)
         record.update(train_samples=len(data.train), test_samples=len(data.test))
         history.append(record)
         log(progress_line(record, cfg.peers, cfg.epochs))
-    return summarise(cfg, history, data.noise, {"path": "in-process", "wall_seconds": time.perf_counter() - started})
+    extra = {"path": "in-process", "wall_seconds": time.perf_counter() - started}
+    return summarise(cfg, history, data.noise, extra)

@@ -1,0 +1,315 @@
+"""CMD on Ray Train: one `TorchTrainer` whose workers are the peers (x replicas).
+
+Driver side (`train_on_ray`): materialise the data cache, join or start Ray, check the
+resources, run the trainer, and turn the last checkpoint's history into the run summary.
+Worker side (`train_loop_per_worker`): build this worker's peer, resume from the latest
+checkpoint, run the shared epoch loop with a collective logit exchange, evaluate, and
+report one record (and a checkpoint every `ray.checkpoint_every` epochs) per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from cmd_ray.config import Config, ConfigError, from_dict
+from cmd_ray.data import DataBundle, Split
+from cmd_ray.exchange import CollectiveExchange, Topology, all_gather_stack, all_reduce_sum, make_groups
+from cmd_ray.peer import (
+    COUNT_KEYS,
+    Peer,
+    accuracy_names,
+    build_peer,
+    correct_counts,
+    load_peer_state,
+    peer_state,
+    steps_per_epoch,
+    test_probabilities,
+)
+from cmd_ray.summary import epoch_record, progress_line, summarise
+from cmd_ray.trainer import StepTrace, load_run_data, train_epoch
+
+EPOCH_COUNT_KEYS = (*COUNT_KEYS, "tau_sum")
+HISTORY_FILE = "history.json"
+
+
+# --------------------------------------------------------------------------------------
+# Worker side
+
+
+def _console(line: str) -> None:
+    """One line to the driver's console. Ray Train patches print() into its logger, which
+    shows each line twice; the process's real stdout is streamed to the driver once."""
+    sys.__stdout__.write(line + "\n")
+    sys.__stdout__.flush()
+
+
+def _quiet_report_logger(level: str) -> None:
+    """Ray Train's per-report INFO line ("Reporting training result N: TrainingReport(...)")
+    is logged by a logger named after its *file path*, outside the `ray.train` hierarchy that
+    LoggingConfig(log_level) filters; give that one logger the configured level."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(level)
+
+
+def _checkpoint_file(topology: Topology) -> str:
+    return f"peer{topology.peer}_replica{topology.replica}.pt"
+
+
+def _restore(peer: Peer, topology: Topology) -> tuple[int, list[dict[str, Any]]]:
+    """Resume from Ray Train's latest checkpoint, if any: (epochs done, history so far)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / _checkpoint_file(topology), map_location=peer.device, weights_only=True)
+        history = json.loads((Path(folder) / HISTORY_FILE).read_text())
+    return load_peer_state(peer, state), history
+
+
+def _epoch_record_across_workers(
+    cfg: Config,
+    topology: Topology,
+    peer: Peer,
+    data: DataBundle,
+    epoch: int,
+    counts: dict[str, float],
+    train_seconds: float,
+    exchange_seconds: float,
+    exchange_group,
+) -> dict[str, Any]:
+    """Sum every peer's counts over its replicas and evaluate on the clean test set (collectives)."""
+    table = torch.zeros(cfg.peers, len(EPOCH_COUNT_KEYS), dtype=torch.float64, device=peer.device)
+    table[topology.peer] = torch.tensor([counts.get(k, 0.0) for k in EPOCH_COUNT_KEYS], dtype=torch.float64)
+    all_reduce_sum(table)
+    peer_counts = [dict(zip(EPOCH_COUNT_KEYS, row.tolist())) for row in table.cpu()]
+
+    # Each replica evaluates its shard of the test set; the exchange group stacks the peers'
+    # softmax outputs so the ensemble can be scored; peer 0's workers hold the totals.
+    positions = torch.arange(len(data.test)).tensor_split(cfg.replicas)[topology.replica]
+    test_shard: Split = data.test.subset(positions)
+    probs = test_probabilities(peer, test_shard, data.info).to(peer.device)
+    stacked = all_gather_stack(probs, cfg.peers, exchange_group).cpu()
+    correct = correct_counts(list(stacked), test_shard.clean_labels)
+    if topology.peer != 0:
+        correct.zero_()
+    correct = all_reduce_sum(correct.to(peer.device, torch.float64)).cpu()
+    accuracy = dict(zip(accuracy_names(cfg.peers), (correct / len(data.test)).tolist()))
+
+    timing = all_reduce_sum(torch.tensor([train_seconds, exchange_seconds], dtype=torch.float64, device=peer.device))
+    train_seconds, exchange_seconds = (timing.cpu() / dist.get_world_size()).tolist()
+    record = epoch_record(epoch, peer_counts, accuracy, train_seconds, exchange_seconds)
+    record.update(train_samples=len(data.train), test_samples=len(data.test))
+    return record
+
+
+def _crash_hook(cfg: Config, rank: int, marker: Path) -> Optional[Callable]:
+    """Test hook: kill this worker process once, mid-epoch, to exercise fault tolerance."""
+    t = cfg.testing
+    if t.crash_epoch is None or rank != t.crash_rank:
+        return None
+
+    def maybe_crash(epoch: int, step: int, *_):
+        if epoch == t.crash_epoch and step == t.crash_step and not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"killed rank {rank} at epoch {epoch} step {step}\n")
+            _console(f"[cmd-ray] testing.crash_epoch: killing worker rank {rank} at epoch {epoch}, step {step}")
+            os._exit(1)
+
+    return maybe_crash
+
+
+def _combine(*hooks: Optional[Callable]) -> Optional[Callable]:
+    hooks = tuple(h for h in hooks if h is not None)
+    if not hooks:
+        return None
+
+    def call_all(*args):
+        for hook in hooks:
+            hook(*args)
+
+    return call_all
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point: this worker trains peer rank // D on shard rank % D of each batch."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(loop_config["config"])
+    _quiet_report_logger(cfg.ray.log_level)
+    topology = Topology(cfg.peers, cfg.replicas, ray.train.get_context().get_world_rank())
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    groups = make_groups(topology)
+    data = load_run_data(cfg)
+    peer = build_peer(cfg, topology.peer, data.info, steps_per_epoch(cfg, data) * cfg.epochs, device)
+    start_epoch, history = _restore(peer, topology)
+    if cfg.replicas > 1:
+        peer.model = torch.nn.parallel.DistributedDataParallel(
+            peer.model, process_group=groups.peer, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    exchange = CollectiveExchange(topology, groups.exchange)
+    on_step = _combine(
+        StepTrace(cfg.testing.trace_dir, topology.replica) if cfg.testing.trace_dir else None,
+        _crash_hook(cfg, topology.rank, Path(loop_config["run_dir"]) / ".crash-injected"),
+    )
+    if topology.rank == 0 and start_epoch:
+        _console(f"[cmd-ray] resumed from the checkpoint after epoch {start_epoch}")
+    for epoch in range(start_epoch, cfg.epochs):
+        (counts,), train_seconds, exchange_seconds = train_epoch(
+            cfg, [peer], data, epoch, exchange, topology.replica, on_step
+        )
+        record = _epoch_record_across_workers(
+            cfg, topology, peer, data, epoch, counts, train_seconds, exchange_seconds, groups.exchange
+        )
+        history.append(record)
+        if topology.rank == 0:
+            _console(progress_line(record, cfg.peers, cfg.epochs))
+        done = epoch + 1
+        if done % cfg.ray.checkpoint_every == 0 or done == cfg.epochs:
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save(peer_state(peer, done), Path(folder) / _checkpoint_file(topology))
+                if topology.rank == 0:
+                    (Path(folder) / HISTORY_FILE).write_text(json.dumps(history))
+                ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        else:
+            ray.train.report(record)
+
+
+# --------------------------------------------------------------------------------------
+# Driver side
+
+
+def init_ray(cfg: Config) -> None:
+    """Join the cluster named by ray.address / $RAY_ADDRESS, or start a local embedded Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+        return
+    # A local embedded Ray has no preemptible nodes: skip Ray Train's preemption watcher,
+    # whose actor logs a restart warning at every start.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    ray.init(num_cpus=cfg.ray.num_cpus, logging_level="WARNING", include_dashboard=True)
+
+
+def _is_cluster(cfg: Config) -> bool:
+    return bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+
+
+def cpus_per_worker(cfg: Config) -> float:
+    """ray.cpus_per_worker, or 1 (an even share of a smaller local Ray's CPUs) when unset."""
+    if cfg.ray.cpus_per_worker is not None:
+        return cfg.ray.cpus_per_worker
+    if _is_cluster(cfg):
+        return 1.0
+    import ray
+
+    return min(1.0, ray.cluster_resources().get("CPU", 1.0) / (cfg.peers * cfg.replicas))
+
+
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """Per-worker reservation: CPUs always; GPUs (fractions share one GPU) when use_gpu."""
+    resources = {"CPU": cpus_per_worker(cfg)}
+    if cfg.use_gpu:
+        resources["GPU"] = cfg.ray.gpus_per_worker
+    return resources
+
+
+def check_cluster_resources(cfg: Config) -> None:
+    """Refuse a run the cluster can never place, before any worker starts."""
+    import ray
+
+    total = ray.cluster_resources()
+    workers = cfg.peers * cfg.replicas
+    if cfg.use_gpu and total.get("GPU", 0) == 0:
+        raise ConfigError("use_gpu: got true, but the Ray cluster has no GPUs; allowed here: false")
+    autoscaling = _is_cluster(cfg)
+    per_worker = cpus_per_worker(cfg)
+    need_cpu = workers * per_worker
+    if not autoscaling and need_cpu > total.get("CPU", 0):
+        raise ConfigError(
+            f"ray.cpus_per_worker: {workers} workers x {per_worker:g} CPUs = {need_cpu:g} CPUs, "
+            f"but the local Ray has {total.get('CPU', 0):g}; allowed: at most "
+            f"{total.get('CPU', 0) / workers:g} per worker (or raise ray.num_cpus)"
+        )
+    need_gpu = workers * cfg.ray.gpus_per_worker
+    if cfg.use_gpu and not autoscaling and need_gpu > total.get("GPU", 0):
+        raise ConfigError(
+            f"ray.gpus_per_worker: {workers} workers x {cfg.ray.gpus_per_worker:g} GPUs = {need_gpu:g} GPUs, "
+            f"but the local Ray has {total.get('GPU', 0):g}; allowed: at most {total.get('GPU', 0) / workers:g}"
+        )
+
+
+def storage_path(cfg: Config) -> Path:
+    return Path(cfg.ray.storage_path or Path(cfg.output_dir) / "ray").expanduser().resolve()
+
+
+def train_on_ray(cfg: Config, log: Callable[[str], None] = print, run_name: Optional[str] = None) -> dict[str, Any]:
+    """Run one CMD training as a Ray Train TorchTrainer; return the run summary.
+
+    Re-running with the same `run_name` (and storage) resumes that run from its latest
+    checkpoint instead of starting over.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    started = time.perf_counter()
+    data = load_run_data(cfg)  # builds the Parquet cache once, here, and checks the data
+    init_ray(cfg)
+    check_cluster_resources(cfg)
+    run_name = run_name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = storage_path(cfg)
+    workers = cfg.peers * cfg.replicas
+    log(
+        f"[cmd-ray] Ray Train: {cfg.method} with {cfg.peers} peers x {cfg.replicas} replicas = {workers} workers "
+        f"({'GPU' if cfg.use_gpu else 'CPU'}), {cfg.data.name} {len(data.train)} train / {len(data.test)} test, "
+        f"noise {cfg.noise.type} {cfg.noise.rate:g} (realised {data.noise['subset_realised_rate']:.3f}), "
+        f"{cfg.epochs} epochs; run {storage / run_name}"
+    )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(storage / run_name)},
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker=worker_resources(cfg),
+            placement_strategy="SPREAD",
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
+            logging_config=LoggingConfig(log_level=cfg.ray.log_level),
+        ),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as folder:
+        history = json.loads((Path(folder) / HISTORY_FILE).read_text())
+    extra = {
+        "path": "ray",
+        "workers": workers,
+        "run_dir": str(storage / run_name),
+        "checkpoint": result.checkpoint.path,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    return summarise(cfg, history, data.noise, extra)
