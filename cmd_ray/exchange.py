@@ -17,7 +17,6 @@ import torch.distributed as dist
 
 from cmd_ray.peer import Batch
 
-
 # torch >= 2.10 names it all_gather_single; older releases all_gather_into_tensor.
 _gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 

