@@ -1,4 +1,4 @@
-"""The `cmd-ray` command line: train, prepare (data cache), show-config.
+"""The `cmd-ray` command line: train, sweep, report, prepare (data cache), show-config.
 
 Bad input exits with status 2 and one line `cmd-ray: error: <field>: ...` before any work.
 """
@@ -46,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="step all peers in this process (the reference path) instead of Ray workers",
     )
 
+    sweep = sub.add_parser("sweep", help="run a Ray Tune grid (sweep.grid) of Ray Train runs, logged to W&B")
+    _add_config_args(sweep)
+    sweep.add_argument("--resume", action="store_true", help="continue the sweep of this sweep.name")
+    sweep.add_argument("--address", help="Ray cluster to join (e.g. auto); default: $RAY_ADDRESS or a local Ray")
+
+    report = sub.add_parser("report", help="print a sweep's method x noise table and write its plots")
+    report.add_argument("folder", help="the sweep folder (holds results.parquet)")
+    report.add_argument("--last-epochs", type=int, default=1, help="final accuracy = mean of the last N epochs")
+
     prepare = sub.add_parser("prepare", help="build the Parquet data cache for a config and report the noise")
     _add_config_args(prepare)
 
@@ -75,7 +84,7 @@ def _compact(summary: dict) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(resolve_config_path(args.config), args.overrides)
     _check_output_dir(cfg)
     if args.output_json:
         out = Path(args.output_json).expanduser()
@@ -102,6 +111,55 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.output_json:
         write_json_atomic(args.output_json, summary)
     print(json.dumps(_compact(summary), indent=2, default=str))
+    return 0
+
+
+def resolve_config_path(path: Optional[str]) -> Optional[str]:
+    """A preset path as given, else relative to the project's launch/configs (for `ray submit`,
+    which runs the script from the home folder on the head node)."""
+    if not path or Path(path).expanduser().exists():
+        return path
+    project = Path(__file__).resolve().parents[1]
+    for candidate in (project / path, project / "launch" / "configs" / Path(path).name):
+        if candidate.is_file():
+            return str(candidate)
+    return path
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from cmd_ray.config import check_grid
+
+    cfg = load_config(resolve_config_path(args.config), args.overrides)
+    check_grid(cfg)
+    if args.address:
+        cfg.ray.address = args.address
+    from cmd_ray.results import report
+    from cmd_ray.sweep import run_sweep, wandb_mode
+
+    folder = run_sweep(cfg, resume=args.resume)
+    table, plots = report(folder)
+    print(table)
+    print(f"results: {folder / 'results.parquet'}")
+    print("plots:   " + ", ".join(str(p) for p in plots))
+    mode = wandb_mode(cfg)
+    if mode == "offline":
+        print(
+            f"W&B:     offline runs in {folder / 'wandb'}; upload with `wandb sync {folder / 'wandb'}/wandb/offline-run-*`"
+        )
+    elif mode == "online":
+        print(f"W&B:     project {cfg.sweep.wandb.project!r}, group {cfg.sweep.name!r}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cmd_ray.results import report
+
+    try:
+        table, plots = report(args.folder, args.last_epochs)
+    except FileNotFoundError as err:
+        raise ConfigError(f"folder: {err}") from None
+    print(table)
+    print("plots: " + ", ".join(str(p) for p in plots))
     return 0
 
 
@@ -136,7 +194,13 @@ def cmd_show_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "show-config": cmd_show_config}
+COMMANDS = {
+    "train": cmd_train,
+    "sweep": cmd_sweep,
+    "report": cmd_report,
+    "prepare": cmd_prepare,
+    "show-config": cmd_show_config,
+}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

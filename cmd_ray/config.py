@@ -140,6 +140,27 @@ class TestingConfig:
 
 
 @dataclass
+class WandbConfig:
+    # auto: online when an API key is configured (WANDB_API_KEY or `wandb login`), else offline.
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "cmd-ray"
+    entity: Optional[str] = None  # team or user; null = the key's default
+
+
+@dataclass
+class SweepConfig:
+    """A Ray Tune grid over this config: every combination of the grid's values is a trial."""
+
+    name: str = "sweep"
+    # Dotted config key -> list of values, e.g. {"noise.rate": [0.2, 0.5], "method": ["ce", "cmd-p"]}.
+    grid: dict[str, list] = field(default_factory=dict)
+    storage_path: str = "runs/sweeps"  # the sweep writes <storage_path>/<name>/
+    # Trials at once; null = as many as the cluster's CPUs (or GPUs) hold.
+    max_concurrent_trials: Optional[int] = None
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class Config:
     # Method by name: ce (zero knowledge) | dml (all knowledge) | cmd-s | cmd-p | coteaching.
     method: Literal["ce", "dml", "cmd-s", "cmd-p", "coteaching"] = "cmd-p"
@@ -161,6 +182,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     coteaching: CoteachingConfig = field(default_factory=CoteachingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     testing: TestingConfig = field(default_factory=TestingConfig)
 
     @property
@@ -189,6 +211,8 @@ def _describe(tp: Any) -> str:
         return " or ".join(parts) + " or null"
     if origin is list:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping of dotted config keys to lists of values"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
@@ -204,6 +228,13 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         if value not in typing.get_args(tp):
             raise bad
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        for key, values in value.items():
+            if not isinstance(key, str) or not isinstance(values, list) or not values:
+                raise ConfigError(f"{name}.{key}: got {values!r}; allowed: a non-empty list of values")
+        return dict(value)
     if origin is list:
         if not isinstance(value, list):
             raise bad
@@ -311,6 +342,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"ray.max_failures: got {r.max_failures}; allowed: an integer >= -1")
     _check_positive("ray.checkpoint_every", r.checkpoint_every)
     _check_positive("ray.checkpoints_to_keep", r.checkpoints_to_keep)
+    if cfg.sweep.max_concurrent_trials is not None:
+        _check_positive("sweep.max_concurrent_trials", cfg.sweep.max_concurrent_trials)
+    if not cfg.sweep.name or "/" in cfg.sweep.name:
+        raise ConfigError(f"sweep.name: got {cfg.sweep.name!r}; allowed: a non-empty name without '/'")
     if cfg.batch_size < cfg.replicas:
         raise ConfigError(f"batch_size: got {cfg.batch_size}; allowed: at least replicas={cfg.replicas}")
     if cfg.batch_size % cfg.replicas:
@@ -386,3 +421,59 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     """Load a YAML preset (or the defaults), apply `a.b=value` overrides, validate."""
     values = read_yaml(path) if path else {}
     return from_dict(apply_overrides(values, overrides or []))
+
+
+# --------------------------------------------------------------------------------------
+# Sweep grids
+
+GRID_FORBIDDEN = ("sweep", "ray", "testing", "output_dir")
+
+
+def set_path(values: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """Copy of nested `values` with `dotted` (e.g. noise.rate) set to `value`."""
+    out = _deep_copy(values)
+    node = out
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+    return out
+
+
+def grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, in order: [{"noise.rate": 0.2, "method": "ce"}, ...]."""
+    import itertools
+
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def trial_config(base: dict[str, Any], point: dict[str, Any]) -> Config:
+    """The validated config of one grid point: `base` (nested dicts) with the point's values set."""
+    values = base
+    for key, value in point.items():
+        values = set_path(values, key, value)
+    return from_dict(values)
+
+
+def check_grid(cfg: Config) -> list[dict[str, Any]]:
+    """Validate every grid point before any cluster work; return the points.
+
+    Refuses keys outside the run config (sweep.*, ray.*, testing.*, output_dir) and any
+    combination that would not validate, naming the grid key and value.
+    """
+    base = cfg.to_dict()
+    for key in cfg.sweep.grid:
+        if key.split(".")[0] in GRID_FORBIDDEN:
+            raise ConfigError(f"sweep.grid.{key}: not sweepable; allowed: keys of the run config (e.g. noise.rate)")
+    points = grid_points(cfg.sweep.grid)
+    for point in points:
+        try:
+            trial_config(base, point)
+        except ConfigError as err:
+            shown = ", ".join(f"{k}={v!r}" for k, v in point.items())
+            raise ConfigError(f"sweep.grid: the point {shown} is refused: {err}") from None
+    return points

@@ -14,10 +14,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import pickle
 import struct
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from cmd_ray.atomic import atomic_path
 from cmd_ray.noise import NoiseSpec, apply_noise
 
 CACHE_FORMAT = 1
@@ -241,15 +240,8 @@ def _write_parquet_atomic(path: Path, images: np.ndarray, clean: np.ndarray, noi
             "noisy_label": pa.array(noisy.astype(np.int64)),
         }
     ).replace_schema_metadata({b"cmd_ray": json.dumps(meta).encode()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @dataclass

@@ -179,7 +179,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         history.append(record)
         if topology.rank == 0:
-            _console(progress_line(record, cfg.peers, cfg.epochs))
+            _console(progress_line(record, cfg.peers, cfg.epochs, loop_config.get("label", "")))
         done = epoch + 1
         if done % cfg.ray.checkpoint_every == 0 or done == cfg.epochs:
             with tempfile.TemporaryDirectory() as folder:
@@ -195,8 +195,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 # Driver side
 
 
-def init_ray(cfg: Config) -> None:
-    """Join the cluster named by ray.address / $RAY_ADDRESS, or start a local embedded Ray."""
+def init_ray(cfg: Config, extra_resources: Optional[dict[str, float]] = None) -> None:
+    """Join the cluster named by ray.address / $RAY_ADDRESS, or start a local embedded Ray
+    (with `extra_resources`, e.g. the sweep's TRAIN_DRIVER slots)."""
     import ray
 
     if ray.is_initialized():
@@ -208,7 +209,7 @@ def init_ray(cfg: Config) -> None:
     # A local embedded Ray has no preemptible nodes: skip Ray Train's preemption watcher,
     # whose actor logs a restart warning at every start.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(num_cpus=cfg.ray.num_cpus, logging_level="WARNING", include_dashboard=True)
+    ray.init(num_cpus=cfg.ray.num_cpus, resources=extra_resources, logging_level="WARNING", include_dashboard=True)
 
 
 def _is_cluster(cfg: Config) -> bool:
@@ -263,15 +264,47 @@ def storage_path(cfg: Config) -> Path:
     return Path(cfg.ray.storage_path or Path(cfg.output_dir) / "ray").expanduser().resolve()
 
 
+def build_trainer(cfg: Config, run_name: str, storage: Path, callbacks: Optional[list] = None, label: str = ""):
+    """The TorchTrainer of one CMD run: P x D workers, gloo/NCCL, checkpoints, fault tolerance.
+
+    Re-running a trainer with the same `run_name` and `storage` resumes that run from its
+    latest checkpoint instead of starting over (how Tune restores a trial).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(storage / run_name), "label": label},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.peers * cfg.replicas,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker=worker_resources(cfg),
+            placement_strategy="SPREAD",
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
+            logging_config=LoggingConfig(log_level=cfg.ray.log_level),
+            callbacks=callbacks or [],
+        ),
+    )
+
+
+def read_history(checkpoint_path: str | Path) -> list[dict[str, Any]]:
+    """Per-epoch records stored with a run's checkpoint."""
+    return json.loads((Path(checkpoint_path) / HISTORY_FILE).read_text())
+
+
 def train_on_ray(cfg: Config, log: Callable[[str], None] = print, run_name: Optional[str] = None) -> dict[str, Any]:
     """Run one CMD training as a Ray Train TorchTrainer; return the run summary.
 
     Re-running with the same `run_name` (and storage) resumes that run from its latest
     checkpoint instead of starting over.
     """
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     started = time.perf_counter()
     data = load_run_data(cfg)  # builds the Parquet cache once, here, and checks the data
     init_ray(cfg)
@@ -285,27 +318,9 @@ def train_on_ray(cfg: Config, log: Callable[[str], None] = print, run_name: Opti
         f"noise {cfg.noise.type} {cfg.noise.rate:g} (realised {data.noise['subset_realised_rate']:.3f}), "
         f"{cfg.epochs} epochs; run {storage / run_name}"
     )
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": str(storage / run_name)},
-        scaling_config=ScalingConfig(
-            num_workers=workers,
-            use_gpu=cfg.use_gpu,
-            resources_per_worker=worker_resources(cfg),
-            placement_strategy="SPREAD",
-        ),
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
-            logging_config=LoggingConfig(log_level=cfg.ray.log_level),
-        ),
-    )
-    result = trainer.fit()
+    result = build_trainer(cfg, run_name, storage).fit()
     with result.checkpoint.as_directory() as folder:
-        history = json.loads((Path(folder) / HISTORY_FILE).read_text())
+        history = read_history(folder)
     extra = {
         "path": "ray",
         "workers": workers,

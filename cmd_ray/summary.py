@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from cmd_ray.atomic import atomic_path
 from cmd_ray.config import Config
 from cmd_ray.peer import epoch_metrics
 
@@ -30,6 +29,8 @@ def epoch_record(
         for key, value in epoch_metrics(counts).items():
             record[f"peer{k}/{key}"] = value
     record.update(test_accuracy)
+    peer_accuracy = [test_accuracy[f"peer{k}/test_accuracy"] for k in range(len(peer_counts))]
+    record["mean/test_accuracy"] = sum(peer_accuracy) / len(peer_accuracy)
     samples = peer_counts[0].get("samples", 0.0) if peer_counts else 0.0
     record["train_seconds"] = train_seconds
     record["samples_per_second"] = samples / train_seconds if train_seconds > 0 else float("nan")
@@ -48,11 +49,12 @@ def _fmt(value: float, pct: bool = True) -> str:
     return f"{100 * value:5.1f}" if pct else f"{value:.3f}"
 
 
-def progress_line(record: dict[str, Any], peers: int, epochs: int) -> str:
-    """One readable line per epoch for the console."""
+def progress_line(record: dict[str, Any], peers: int, epochs: int, label: str = "") -> str:
+    """One readable line per epoch for the console (`label` tells concurrent runs apart)."""
     accs = " ".join(_fmt(record[f"peer{k}/test_accuracy"]) for k in range(peers))
     return (
-        f"epoch {record['epoch'] + 1:>3}/{epochs}  test acc % [{accs}] ens {_fmt(record['ensemble/test_accuracy'])}"
+        (f"[{label}] " if label else "")
+        + f"epoch {record['epoch'] + 1:>3}/{epochs}  test acc % [{accs}] ens {_fmt(record['ensemble/test_accuracy'])}"
         f"  loss {record['peer0/loss']:.3f}  tau {_fmt(record['mean/tau'], pct=False)}"
         f"  sel {_fmt(record['mean/selected_fraction'])}% prec {_fmt(record['mean/selection_precision'])}%"
         f"  mem {_fmt(record['mean/memorisation'])}%  {record['samples_per_second']:.0f} samples/s"
@@ -108,15 +110,6 @@ def _jsonable(value: Any) -> Any:
 
 def write_json_atomic(path: str | Path, data: dict[str, Any]) -> Path:
     """Write JSON (NaN -> null) to a temp file beside `path`, then rename it into place."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(data), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
+    return Path(path).expanduser()

@@ -1,0 +1,275 @@
+"""Sweep results: one Parquet table (a row per trial and epoch), the method x noise report,
+and PNG plots. `cmd-ray report DIR` reads `DIR/results.parquet` and needs no Ray.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cmd_ray.atomic import atomic_path
+from cmd_ray.config import trial_config
+
+# Config columns every results row carries (the grid's own keys are added to these).
+CONFIG_COLUMNS = ("method", "peers", "replicas", "epochs", "seed", "data.name", "noise.type", "noise.rate")
+ACCURACY = "mean/test_accuracy"  # mean of the peers' clean test accuracy
+
+
+def write_parquet_atomic(path: str | Path, table: pa.Table) -> Path:
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _clean(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def trial_rows(
+    trial_id: str, point: dict[str, Any], base: dict[str, Any], history: list[dict[str, Any]], status: str, error: str
+) -> list[dict[str, Any]]:
+    """Rows of one trial: trial id, status, its config columns, then each epoch's metrics.
+
+    A trial that failed before its first epoch still gets one row (metrics empty)."""
+    flat = _flatten(trial_config(base, point).to_dict())
+    head = {"trial_id": trial_id, "status": status, "error": error}
+    head.update({k: flat[k] for k in (*CONFIG_COLUMNS, *point)})
+    if not history:
+        return [head]
+    return [{**head, **{k: _clean(v) for k, v in record.items()}} for record in history]
+
+
+def _trial_history(result) -> list[dict[str, Any]]:
+    """A trial's per-epoch records: from its last Train checkpoint (complete across restores),
+    else from the rows Tune saw."""
+    from cmd_ray.ray_train import HISTORY_FILE, read_history
+
+    path = (result.metrics or {}).get("checkpoint_path")
+    if path and (Path(path) / HISTORY_FILE).is_file():
+        return read_history(path)
+    frame = result.metrics_dataframe
+    if frame is None or "epoch" not in frame:
+        return []
+    rows = frame.drop_duplicates("epoch", keep="last").sort_values("epoch").to_dict("records")
+    return [{k: v for k, v in row.items() if "/" in k or k in ("epoch", "samples_per_second")} for row in rows]
+
+
+def collect_results(grid) -> pa.Table:
+    """One table from a Tune ResultGrid of `cmd_ray.sweep.run_trial` trials."""
+    from cmd_ray.sweep import grid_point
+
+    rows: list[dict[str, Any]] = []
+    for result in grid:
+        params = result.config
+        trial_id = Path(result.path).name
+        error = "" if result.error is None else str(result.error).strip().splitlines()[-1][:500]
+        status = "failed" if result.error is not None else "finished"
+        rows += trial_rows(trial_id, grid_point(params), params["base"], _trial_history(result), status, error)
+    return pa.Table.from_pylist(rows)
+
+
+# --------------------------------------------------------------------------------------
+# Report
+
+
+def read_results(folder: str | Path) -> list[dict[str, Any]]:
+    path = Path(folder).expanduser() / "results.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no results table; run a sweep into this folder first")
+    return pq.read_table(path).to_pylist()
+
+
+def _noise_label(row: dict[str, Any]) -> str:
+    return f"{row['noise.type']} {row['noise.rate']:g}"
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def trial_finals(rows: list[dict[str, Any]], last_epochs: int = 1) -> list[dict[str, Any]]:
+    """Per finished trial: method, noise, seed, final (mean of the last `last_epochs` epochs) and best accuracy."""
+    by_trial: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row.get("status") == "finished" and row.get(ACCURACY) is not None:
+            by_trial[row["trial_id"]].append(row)
+    out = []
+    for trial_rows_ in by_trial.values():
+        trial_rows_.sort(key=lambda r: r["epoch"])
+        tail = [r[ACCURACY] for r in trial_rows_[-last_epochs:]]
+        first = trial_rows_[0]
+        out.append(
+            {
+                "method": first["method"],
+                "noise": _noise_label(first),
+                "noise.type": first["noise.type"],
+                "noise.rate": first["noise.rate"],
+                "seed": first["seed"],
+                "final": sum(tail) / len(tail),
+                "best": max(r[ACCURACY] for r in trial_rows_),
+                "ensemble_final": trial_rows_[-1].get("ensemble/test_accuracy"),
+                "selection_precision": trial_rows_[-1].get("mean/selection_precision"),
+                "memorisation": trial_rows_[-1].get("mean/memorisation"),
+            }
+        )
+    return out
+
+
+def report_table(rows: list[dict[str, Any]], last_epochs: int = 1) -> str:
+    """Method x noise table: final and best clean test accuracy, mean +- std over seeds (%)."""
+    finals = trial_finals(rows, last_epochs)
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for f in finals:
+        cells[(f["method"], f["noise"])].append(f)
+    methods = sorted({f["method"] for f in finals}, key=_method_order)
+    noises = sorted({f["noise"] for f in finals})
+    header = ["method"] + [f"{n} final / best" for n in noises]
+    lines = [header]
+    for method in methods:
+        line = [method]
+        for noise in noises:
+            group = cells.get((method, noise))
+            if not group:
+                line.append("-")
+                continue
+            fm, fs = _mean_std([100 * g["final"] for g in group])
+            bm, bs = _mean_std([100 * g["best"] for g in group])
+            line.append(f"{fm:.2f}±{fs:.2f} / {bm:.2f}±{bs:.2f} (n={len(group)})")
+        lines.append(line)
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    text = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in lines]
+    text.insert(1, "-+-".join("-" * w for w in widths))
+    failed = sorted({r["trial_id"] for r in rows if r.get("status") == "failed"})
+    if failed:
+        text.append(f"failed trials: {', '.join(failed)}")
+    return "\n".join(text)
+
+
+METHOD_ORDER = ("ce", "dml", "coteaching", "cmd-s", "cmd-p")
+
+
+def _method_order(method: str) -> int:
+    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def write_plots(rows: list[dict[str, Any]], folder: str | Path) -> list[Path]:
+    """PNG plots: accuracy vs epoch, final accuracy vs noise rate, selection vs epoch (per method)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    finished = [r for r in rows if r.get("status") == "finished" and r.get(ACCURACY) is not None]
+    noises = sorted({_noise_label(r) for r in finished})
+    methods = sorted({r["method"] for r in finished}, key=_method_order)
+    paths = []
+
+    def curves(metric: str) -> dict[tuple[str, str], tuple[list[int], list[float]]]:
+        """Mean over seeds of `metric` per (noise, method) and epoch."""
+        acc: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+        for r in finished:
+            if r.get(metric) is not None:
+                acc[(_noise_label(r), r["method"], r["epoch"])].append(r[metric])
+        out: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
+        for (noise, method, epoch), values in sorted(acc.items()):
+            xs, ys = out.setdefault((noise, method), ([], []))
+            xs.append(epoch + 1)
+            ys.append(sum(values) / len(values))
+        return out
+
+    def grid_figure(metrics: list[tuple[str, str]], name: str, percent: bool = True) -> Path:
+        fig, axes = plt.subplots(
+            len(metrics), len(noises), figsize=(4 * len(noises), 3.2 * len(metrics)), squeeze=False
+        )
+        for row, (metric, label) in enumerate(metrics):
+            data = curves(metric)
+            for col, noise in enumerate(noises):
+                ax = axes[row][col]
+                for method in methods:
+                    if (noise, method) in data:
+                        xs, ys = data[(noise, method)]
+                        ax.plot(xs, [100 * y if percent else y for y in ys], marker="o", ms=3, label=method)
+                ax.set_title(f"{noise}" if row == 0 else "")
+                ax.set_xlabel("epoch")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.set_ylabel(label)
+                ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        path = folder / name
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+        plt.close(fig)
+        return path
+
+    if not finished:
+        return paths
+    paths.append(grid_figure([(ACCURACY, "clean test accuracy (%)")], "accuracy_vs_epoch.png"))
+    paths.append(
+        grid_figure(
+            [
+                ("mean/selected_fraction", "selected fraction (%)"),
+                ("mean/selection_precision", "selection precision (%)"),
+            ],
+            "selection_vs_epoch.png",
+        )
+    )
+    finals = trial_finals(rows)
+    types = sorted({f["noise.type"] for f in finals})
+    fig, axes = plt.subplots(1, len(types), figsize=(4.5 * len(types), 3.4), squeeze=False)
+    for ax, noise_type in zip(axes[0], types):
+        for method in methods:
+            points: dict[float, list[float]] = defaultdict(list)
+            for f in finals:
+                if f["method"] == method and f["noise.type"] == noise_type:
+                    points[f["noise.rate"]].append(100 * f["final"])
+            if points:
+                xs = sorted(points)
+                ax.errorbar(
+                    xs,
+                    [_mean_std(points[x])[0] for x in xs],
+                    yerr=[_mean_std(points[x])[1] for x in xs],
+                    marker="o",
+                    capsize=3,
+                    label=method,
+                )
+        ax.set_title(f"{noise_type} noise")
+        ax.set_xlabel("noise rate")
+        ax.set_ylabel("final clean test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path = folder / "accuracy_vs_noise.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    paths.append(path)
+    return paths
+
+
+def report(folder: str | Path, last_epochs: int = 1, plots_dir: Optional[str | Path] = None) -> tuple[str, list[Path]]:
+    """The printed table and the plot paths for the sweep in `folder`."""
+    rows = read_results(folder)
+    table = report_table(rows, last_epochs)
+    paths = write_plots(rows, plots_dir or Path(folder).expanduser() / "plots")
+    return table, paths

@@ -1,0 +1,214 @@
+"""Ray Tune sweeps: a grid over the run config, each trial one Ray Train run of P peers.
+
+Layout of a sweep, `<sweep.storage_path>/<sweep.name>/`:
+  tune/      Ray Tune's experiment state (what `--resume` restores)
+  train/     each trial's Ray Train run (checkpoints), named by trial id
+  wandb/     W&B runs (offline runs sync later with `wandb sync`)
+  results.parquet  one row per trial and epoch: config columns and metrics
+  plots/     PNGs written by `cmd-ray report`
+
+Resources: each trial holds one unit of the custom resource TRAIN_DRIVER (not a CPU), so
+a trial's own slot never starves its Train workers of the CPUs/GPUs they reserve; the
+number of concurrent trials is what the cluster's CPUs (or GPUs) hold.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+from cmd_ray.config import Config, ConfigError, check_grid, trial_config
+from cmd_ray.data import materialise
+from cmd_ray.noise import NoiseSpec
+from cmd_ray.results import write_parquet_atomic
+
+DRIVER_RESOURCE = "TRAIN_DRIVER"
+
+
+def sweep_dir(cfg: Config) -> Path:
+    return (Path(cfg.sweep.storage_path).expanduser() / cfg.sweep.name).resolve()
+
+
+# --------------------------------------------------------------------------------------
+# W&B
+
+
+def wandb_mode(cfg: Config) -> str:
+    """online | offline | disabled. auto: online only when a key is configured (env or `wandb login`)."""
+    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return os.environ["WANDB_MODE"]
+    if cfg.sweep.wandb.mode != "auto":
+        return cfg.sweep.wandb.mode
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", "~/.netrc")).expanduser()
+    try:
+        if "api.wandb.ai" in netrc.read_text():
+            return "online"
+    except OSError:
+        pass
+    return "offline"
+
+
+def prepare_wandb(cfg: Config, folder: Path) -> Optional[Any]:
+    """Set the W&B environment (before ray.init, so every Ray process inherits it) and return
+    the Tune callback, or None when disabled. The key itself is never passed as an argument:
+    Ray would store it in plain text in the experiment state (tuner.pkl)."""
+    mode = wandb_mode(cfg)
+    if mode == "disabled":
+        return None
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["WANDB_MODE"] = mode
+    os.environ["WANDB_DIR"] = str(folder)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    # A W&B service that cannot be reached must not hold a trial: give up on init quickly.
+    os.environ.setdefault("WANDB_INIT_TIMEOUT", "60")
+    kwargs = {"entity": cfg.sweep.wandb.entity} if cfg.sweep.wandb.entity else {}
+    return WandbLoggerCallback(
+        project=cfg.sweep.wandb.project, group=cfg.sweep.name, log_config=True, dir=str(folder), **kwargs
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Trials
+
+
+def run_trial(params: dict[str, Any]) -> None:
+    """Tune function trainable: one Ray Train run for one grid point, reporting through Tune.
+
+    params: the grid point's dotted keys, plus "base" (the sweep's config as nested dicts)
+    and "folder" (the sweep folder).
+    """
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from cmd_ray.ray_train import build_trainer
+
+    base, folder = params["base"], Path(params["folder"])
+    cfg = trial_config(base, grid_point(params))
+    trial_id = tune.get_context().get_trial_id()
+    cfg.output_dir = str(folder / "trials" / trial_id)
+    # The Train run is named by the trial id, which survives a sweep restore: a restored
+    # trial resumes its Train run from the latest checkpoint.
+    label = " ".join(f"{k}={v}" for k, v in grid_point(params).items())
+    build_trainer(cfg, trial_id, folder / "train", [TuneReportCallback()], label).fit()
+
+
+def grid_point(params: dict[str, Any]) -> dict[str, Any]:
+    """The grid keys of a trial's Tune config."""
+    return {k: v for k, v in params.items() if k not in ("base", "folder")}
+
+
+def concurrency(cfg: Config, total: dict[str, float]) -> int:
+    """Trials that fit at once: limited by the workers' CPUs (or GPUs) and sweep.max_concurrent_trials."""
+    from cmd_ray.ray_train import cpus_per_worker
+
+    workers = cfg.peers * cfg.replicas
+    if cfg.use_gpu:
+        fit = total.get("GPU", 0) // (workers * cfg.ray.gpus_per_worker)
+    else:
+        fit = total.get("CPU", 0) // max(workers * cpus_per_worker(cfg), 1e-9)
+    fit = max(1, int(fit))
+    return min(fit, cfg.sweep.max_concurrent_trials) if cfg.sweep.max_concurrent_trials else fit
+
+
+def prepare_data(cfg: Config, points: list[dict[str, Any]]) -> None:
+    """Build every Parquet cache the grid needs on the driver, so bad data fails before Tune starts."""
+    base = cfg.to_dict()
+    seen = set()
+    for point in points:
+        c = trial_config(base, point)
+        key = (c.data.name, c.noise.type, c.noise.rate, c.noise.matrix, c.seed)
+        if key not in seen:
+            seen.add(key)
+            materialise(c.data.name, c.data.root, NoiseSpec(c.noise.type, c.noise.rate, c.noise.matrix), c.seed)
+
+
+def init_ray_for_sweep(cfg: Config, slots: int) -> None:
+    """Local: start Ray with `slots` TRAIN_DRIVER units. Cluster: join it (its head advertises them)."""
+    import ray
+
+    from cmd_ray.ray_train import init_ray
+
+    if ray.is_initialized():
+        return
+    init_ray(cfg, extra_resources={DRIVER_RESOURCE: slots})
+
+
+def _trial_resources(total: dict[str, float]) -> dict[str, float]:
+    if total.get(DRIVER_RESOURCE, 0) > 0:
+        return {DRIVER_RESOURCE: 1}
+    # A cluster without the custom resource: a sliver of CPU keeps the trial schedulable.
+    return {"CPU": 0.01}
+
+
+def build_tuner(cfg: Config, folder: Path, resume: bool):
+    """A new Tuner over the grid, or (resume) the one saved in `<folder>/tune`."""
+    import ray
+    from ray import tune
+
+    total = ray.cluster_resources()
+    trainable = tune.with_resources(run_trial, _trial_resources(total))
+    experiment = folder / "tune"
+    callback = prepare_wandb(cfg, folder / "wandb")
+    exists = tune.Tuner.can_restore(str(experiment))
+    if resume:
+        if not exists:
+            raise ConfigError(f"--resume: no sweep to resume at {experiment}; run without --resume to start it")
+        return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=False)
+    if exists:
+        raise ConfigError(
+            f"sweep.name: a sweep named {cfg.sweep.name!r} already exists at {folder}; "
+            "pass --resume to continue it, or choose another sweep.name"
+        )
+    param_space = {key: tune.grid_search(values) for key, values in cfg.sweep.grid.items()}
+    param_space.update(base=cfg.to_dict(), folder=str(folder))
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency(cfg, total)),
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=str(folder),
+            callbacks=[callback] if callback else [],
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=0,
+        ),
+    )
+
+
+def run_sweep(cfg: Config, resume: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Run (or resume) the sweep's grid; write results.parquet; return the sweep folder."""
+    from cmd_ray.results import collect_results
+
+    # Each trial's first result waits ~1 s for its W&B queue actor to start; Tune flags any
+    # callback over 0.5 s as a bottleneck. Warn only for what is slow at this scale.
+    os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "3")
+    points = check_grid(cfg)
+    folder = sweep_dir(cfg)
+    prepare_data(cfg, points)
+    init_ray_for_sweep(cfg, slots=len(points))
+    import ray
+
+    log(
+        f"[cmd-ray] sweep {cfg.sweep.name!r}: {len(points)} trials, up to "
+        f"{concurrency(cfg, ray.cluster_resources())} at once; W&B {wandb_mode(cfg)}; folder {folder}"
+    )
+    started = time.perf_counter()
+    tuner = build_tuner(cfg, folder, resume)
+    grid = tuner.fit()
+    table = collect_results(grid)
+    path = write_parquet_atomic(folder / "results.parquet", table)
+    failed = [r for r in grid if r.error is not None]
+    log(
+        f"[cmd-ray] sweep done in {time.perf_counter() - started:.0f} s: {len(grid) - len(failed)} trials finished, "
+        f"{len(failed)} failed; results {path}"
+    )
+    for result in failed:
+        log(f"[cmd-ray] trial {result.path.rsplit('/', 1)[-1]} failed: {str(result.error).splitlines()[0]}")
+    return folder
