@@ -142,10 +142,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"results: {folder / 'results.parquet'}")
     print("plots:   " + ", ".join(str(p) for p in plots))
     mode = wandb_mode(cfg)
+    runs = folder / "wandb"
     if mode == "offline":
-        print(
-            f"W&B:     offline runs in {folder / 'wandb'}; upload with `wandb sync {folder / 'wandb'}/wandb/offline-run-*`"
-        )
+        print(f"W&B:     offline runs in {runs}; upload with `wandb sync {runs}/wandb/offline-run-*`")
     elif mode == "online":
         print(f"W&B:     project {cfg.sweep.wandb.project!r}, group {cfg.sweep.name!r}")
     return 0
