@@ -147,7 +147,7 @@ def _trial_resources(total: dict[str, float]) -> dict[str, float]:
     return {"CPU": 0.01}
 
 
-def build_tuner(cfg: Config, folder: Path, resume: bool):
+def build_tuner(cfg: Config, folder: Path, resume: bool, callback: Optional[Any]):
     """A new Tuner over the grid, or (resume) the one saved in `<folder>/tune`."""
     import ray
     from ray import tune
@@ -155,7 +155,6 @@ def build_tuner(cfg: Config, folder: Path, resume: bool):
     total = ray.cluster_resources()
     trainable = tune.with_resources(run_trial, _trial_resources(total))
     experiment = folder / "tune"
-    callback = prepare_wandb(cfg, folder / "wandb")
     exists = tune.Tuner.can_restore(str(experiment))
     if resume:
         if not exists:
@@ -192,6 +191,7 @@ def run_sweep(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
     points = check_grid(cfg)
     folder = sweep_dir(cfg)
     prepare_data(cfg, points)
+    callback = prepare_wandb(cfg, folder / "wandb")  # sets W&B's environment before Ray starts
     init_ray_for_sweep(cfg, slots=len(points))
     import ray
 
@@ -200,7 +200,7 @@ def run_sweep(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
         f"{concurrency(cfg, ray.cluster_resources())} at once; W&B {wandb_mode(cfg)}; folder {folder}"
     )
     started = time.perf_counter()
-    tuner = build_tuner(cfg, folder, resume)
+    tuner = build_tuner(cfg, folder, resume, callback)
     grid = tuner.fit()
     table = collect_results(grid)
     path = write_parquet_atomic(folder / "results.parquet", table)

@@ -1,0 +1,163 @@
+"""Ray Tune sweeps: grids, the results table and report, W&B offline runs and key hygiene,
+resuming a sweep whose driver was killed. Sweeps run as `cmd-ray sweep` subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from cmd_ray.config import ConfigError, check_grid, from_dict
+from cmd_ray.data import materialise
+from cmd_ray.noise import NoiseSpec
+from cmd_ray.results import report_table, trial_rows
+
+FAKE_KEY = "fa4e0000000000000000000000000000deadbeef"  # 40 hex chars, the shape of a W&B key
+
+
+def test_grid_is_the_cartesian_product_in_order():
+    cfg = from_dict({"sweep": {"grid": {"noise.rate": [0.2, 0.5], "method": ["ce", "cmd-p"], "seed": [0, 1]}}})
+    points = check_grid(cfg)
+    assert len(points) == 8
+    assert points[0] == {"noise.rate": 0.2, "method": "ce", "seed": 0}
+    assert points[-1] == {"noise.rate": 0.5, "method": "cmd-p", "seed": 1}
+
+
+@pytest.mark.parametrize(
+    "grid,match",
+    [
+        ({"noise.rate": [0.2, 1.5]}, r"^sweep\.grid: the point noise\.rate=1\.5 is refused: noise\.rate: got 1\.5"),
+        ({"knowledge.tau": ["high"]}, r"^sweep\.grid: the point knowledge\.tau='high' is refused"),
+        ({"noise.colour": [1]}, r"noise\.colour: unknown key"),
+        ({"ray.max_failures": [1]}, r"^sweep\.grid\.ray\.max_failures: not sweepable"),
+        ({"seed": 3}, r"^sweep\.grid\.seed: got 3; allowed: a non-empty list of values$"),
+    ],
+)
+def test_bad_grid_is_refused_before_any_work(grid, match):
+    with pytest.raises(ConfigError, match=match):
+        check_grid(from_dict({"sweep": {"grid": grid}}))
+
+
+def test_report_table_gives_mean_and_std_over_seeds():
+    base = from_dict({}).to_dict()
+    rows = []
+    for seed, accs in ((0, [0.5, 0.7]), (1, [0.6, 0.9])):
+        history = [{"epoch": e, "mean/test_accuracy": a} for e, a in enumerate(accs)]
+        rows += trial_rows(f"t{seed}", {"seed": seed, "method": "cmd-p"}, base, history, "finished", "")
+    rows += trial_rows("t9", {"seed": 2, "method": "cmd-p"}, base, [], "failed", "boom")
+    table = report_table(rows)
+    assert "cmd-p" in table and "symmetric 0.4" in table
+    assert "80.00±14.14 / 80.00±14.14 (n=2)" in table  # finals 0.7 and 0.9
+    assert "failed trials: t9" in table
+
+
+def _sweep_cmd(root: Path, folder: Path, name: str, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "cmd_ray.cli", "sweep",
+        "--set", f"data.root={root}",
+        "--set", "data.train_subset=null",
+        "--set", "epochs=2",
+        "--set", "batch_size=100",
+        "--set", f"sweep.storage_path={folder}",
+        "--set", f"sweep.name={name}",
+        "--set", "sweep.grid={noise.rate: [0.2, 0.5], method: [ce, cmd-p]}",
+        "--set", "ray.num_cpus=2",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def sweep_env(fake_fmnist_root, tmp_path):
+    """Subprocess environment: fake data pre-cached (Debian's copy hidden), fake W&B key."""
+    for rate in (0.2, 0.5):  # the subprocess only reads this cache, never raw files
+        materialise("fashion-mnist", fake_fmnist_root, NoiseSpec("symmetric", rate), 0)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WANDB_"))}
+    env.update(WANDB_API_KEY=FAKE_KEY, WANDB_MODE="offline", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
+    env["HOME"] = str(tmp_path / "home")  # no ~/.netrc, nothing shared with the user's W&B
+    return env
+
+
+def _files_containing(folder: Path, needle: bytes) -> list[Path]:
+    hits = []
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                if needle in path.read_bytes():
+                    hits.append(path)
+            except OSError:
+                pass
+    return hits
+
+
+@pytest.mark.slow
+def test_smoke_sweep_writes_table_plots_offline_wandb_and_never_the_key(fake_fmnist_root, tmp_path, sweep_env):
+    folder = tmp_path / "sweeps"
+    proc = subprocess.run(
+        _sweep_cmd(fake_fmnist_root, folder, "smoke"), env=sweep_env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = folder / "smoke"
+    table = pq.read_table(sweep / "results.parquet").to_pylist()
+    assert len({r["trial_id"] for r in table}) == 4 and len(table) == 8  # 4 trials x 2 epochs
+    assert {(r["method"], r["noise.rate"]) for r in table} == {("ce", 0.2), ("ce", 0.5), ("cmd-p", 0.2), ("cmd-p", 0.5)}
+    assert all(r["status"] == "finished" and r["mean/test_accuracy"] > 0.3 for r in table)
+    assert {r["train_samples"] for r in table} == {600}  # the fake data set, not a real one
+    assert "symmetric 0.2 final / best" in proc.stdout and "cmd-p" in proc.stdout
+    for png in ("accuracy_vs_epoch.png", "accuracy_vs_noise.png", "selection_vs_epoch.png"):
+        assert (sweep / "plots" / png).stat().st_size > 5000
+    runs = list((sweep / "wandb").rglob("offline-run-*"))
+    assert len(runs) == 4, runs
+    assert "wandb sync" in proc.stdout
+    # The key is in the environment only: no file the sweep wrote may hold it.
+    assert _files_containing(sweep, FAKE_KEY.encode()) == []
+    assert FAKE_KEY not in proc.stdout + proc.stderr
+
+
+def _trial_histories(sweep: Path) -> dict[str, list[dict]]:
+    out = {}
+    for run in (sweep / "train").iterdir():
+        checkpoints = sorted(run.glob("checkpoint_*/history.json"))
+        if checkpoints:
+            out[run.name] = json.loads(checkpoints[-1].read_text())
+    return out
+
+
+@pytest.mark.slow
+def test_sweep_resumes_after_its_driver_is_killed(fake_fmnist_root, tmp_path, sweep_env):
+    folder = tmp_path / "sweeps"
+    sweep = folder / "resume"
+    cmd = _sweep_cmd(fake_fmnist_root, folder, "resume", "--set", "epochs=3")
+    driver = subprocess.Popen(cmd, env=sweep_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)  # fmt: skip
+    deadline = time.time() + 600
+    while time.time() < deadline:  # wait until one trial is complete and a second has a checkpoint
+        time.sleep(2)
+        if (sweep / "train").is_dir():
+            histories = _trial_histories(sweep)
+            if sum(len(h) == 3 for h in histories.values()) >= 1 and len(histories) >= 2:
+                break
+    else:
+        pytest.fail("the sweep never got going")
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, at once
+    driver.wait(timeout=60)
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, env=sweep_env, timeout=120)
+    before = _trial_histories(sweep)
+    finished_before = {t: h for t, h in before.items() if len(h) == 3}
+
+    proc = subprocess.run(cmd + ["--resume"], env=sweep_env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = _trial_histories(sweep)
+    assert len(after) == 4 and all(len(h) == 3 for h in after.values())
+    for trial, history in finished_before.items():
+        assert [r["finished_at"] for r in after[trial]] == [r["finished_at"] for r in history], "re-ran a trial"
+    for trial, history in before.items():  # epochs done before the kill were not trained again
+        assert [r["finished_at"] for r in after[trial][: len(history)]] == [r["finished_at"] for r in history]
+    table = pq.read_table(sweep / "results.parquet").to_pylist()
+    assert len(table) == 12 and all(r["status"] == "finished" for r in table)
