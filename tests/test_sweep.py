@@ -121,11 +121,15 @@ def test_smoke_sweep_writes_table_plots_offline_wandb_and_never_the_key(fake_fmn
 
 
 def _trial_histories(sweep: Path) -> dict[str, list[dict]]:
+    """History in each trial's latest checkpoint that Ray Train registered (what a resume uses)."""
     out = {}
     for run in (sweep / "train").iterdir():
-        checkpoints = sorted(run.glob("checkpoint_*/history.json"))
-        if checkpoints:
-            out[run.name] = json.loads(checkpoints[-1].read_text())
+        try:
+            snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+            latest = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+            out[run.name] = json.loads((run / latest / "history.json").read_text())
+        except (OSError, TypeError, KeyError, ValueError):
+            continue  # nothing registered yet, or caught mid-write
     return out
 
 
@@ -147,7 +151,8 @@ def test_sweep_resumes_after_its_driver_is_killed(fake_fmnist_root, tmp_path, sw
         pytest.fail("the sweep never got going")
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, at once
     driver.wait(timeout=60)
-    subprocess.run(["ray", "stop", "--force"], capture_output=True, env=sweep_env, timeout=120)
+    ray_cli = str(Path(sys.executable).parent / "ray")  # stragglers of the killed local Ray, if any
+    subprocess.run([ray_cli, "stop", "--force"], capture_output=True, env=sweep_env, timeout=120)
     before = _trial_histories(sweep)
     finished_before = {t: h for t, h in before.items() if len(h) == 3}
 
