@@ -21,8 +21,9 @@ setup: $(VENV)/.installed
 data:
 	bash launch/get_data.sh
 
+# The smoke sweep on a local embedded Ray; each `make run` is a new sweep folder under runs/sweeps/.
 run: setup data
-	$(VENV)/bin/cmd-ray train --config launch/configs/fmnist.yaml --output-json runs/fmnist/summary-main.json
+	$(PY) launch/tune.py --config launch/configs/fmnist-smoke.yaml --set sweep.name=fmnist-smoke-$$(date +%Y%m%d-%H%M%S)
 
 test: setup data
 	$(PY) -m pytest -q tests

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from filelock import FileLock
 
 from cmd_ray.atomic import atomic_path
 from cmd_ray.noise import NoiseSpec, apply_noise
@@ -307,6 +308,15 @@ def materialise(name: str, root: str | Path, spec: NoiseSpec, seed: int) -> tupl
     train_path, test_path = cache_paths(name, root, spec, seed)
     if train_path.is_file() and test_path.is_file():
         return train_path, test_path
+    root.mkdir(parents=True, exist_ok=True)
+    # Workers of one node may all arrive here at once: one downloads and writes, the rest wait.
+    with FileLock(str(root / ".cmd-ray.lock")):
+        if not (train_path.is_file() and test_path.is_file()):
+            _materialise(name, root, spec, seed, train_path, test_path)
+    return train_path, test_path
+
+
+def _materialise(name: str, root: Path, spec: NoiseSpec, seed: int, train_path: Path, test_path: Path) -> None:
     info = DATASETS[name]
     raw = load_raw(name, root)
     if raw["train_images"].shape[1:] != info.shape:
@@ -319,7 +329,6 @@ def materialise(name: str, root: str | Path, spec: NoiseSpec, seed: int) -> tupl
     if not test_path.is_file():
         labels = raw["test_labels"]
         _write_parquet_atomic(test_path, raw["test_images"], labels, labels, {**base, "split": "test"})
-    return train_path, test_path
 
 
 @dataclass

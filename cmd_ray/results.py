@@ -48,7 +48,9 @@ def trial_rows(
     A trial that failed before its first epoch still gets one row (metrics empty)."""
     flat = _flatten(trial_config(base, point).to_dict())
     head = {"trial_id": trial_id, "status": status, "error": error}
-    head.update({k: flat[k] for k in (*CONFIG_COLUMNS, *point)})
+    # Grid keys may name a whole section (e.g. noise: {type, rate}): keep its flattened keys.
+    keys = [k for k in flat if k in CONFIG_COLUMNS or any(k == p or k.startswith(p + ".") for p in point)]
+    head.update({k: flat[k] for k in keys})
     if not history:
         return [head]
     return [{**head, **{k: _clean(v) for k, v in record.items()}} for record in history]
