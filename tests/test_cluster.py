@@ -1,0 +1,41 @@
+"""cluster.yaml: valid under Ray's own cluster schema, no credentials, only SSH opened."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster.yaml"
+
+
+def test_cluster_yaml_passes_rays_schema_validator():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(yaml.safe_load(CLUSTER.read_text()))
+    validate_config(config)
+    assert config["provider"]["type"] in ("aws", "gcp")
+    assert config["available_node_types"]["gpu_worker"]["max_workers"] >= 1
+    assert "pip install" in " ".join(config["setup_commands"]) and "~/cmd-ray" in config["file_mounts"]
+
+
+def test_schema_validator_catches_a_broken_cluster_file():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    broken = yaml.safe_load(CLUSTER.read_text())
+    broken["head_start_ray_commands"] = [{"ray start": "--head"}]
+    with pytest.raises(Exception, match="is not of type 'string'"):
+        validate_config(prepare_config(broken))
+
+
+def test_cluster_yaml_holds_no_credentials_and_opens_only_ssh():
+    text = CLUSTER.read_text()
+    assert not re.search(r"(?i)(aws_secret|aws_access_key|secret_access|api_key|password|AKIA[0-9A-Z]{16})", text)
+    config = yaml.safe_load(text)
+    ports = [(p["FromPort"], p["ToPort"]) for p in config["provider"]["security_group"]["IpPermissions"]]
+    assert ports == [(22, 22)]
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head
