@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -14,6 +15,7 @@ from typing import Optional
 from cmd_ray.config import Config, ConfigError, load_config
 from cmd_ray.data import DataError
 from cmd_ray.noise import NoiseError
+from cmd_ray.peer import NonFiniteLossError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("folder", help="the sweep folder (holds results.parquet)")
     report.add_argument("--last-epochs", type=int, default=1, help="final accuracy = mean of the last N epochs")
 
+    bench = sub.add_parser("bench", help="benchmarks that print figures: throughput, accuracy")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    tp = bench_sub.add_parser("throughput", help="Ray workers vs in-process peers, side by side")
+    _add_config_args(tp)
+    tp.add_argument("--peers", type=int, nargs="+", default=[2], help="peer counts to measure, e.g. 2 3 4")
+    tp.add_argument("--output-json", help="also write the figures here")
+    acc = bench_sub.add_parser("accuracy", help="methods x noise x seeds table (resumable)")
+    _add_config_args(acc)
+    acc.add_argument("--folder", default="docs/bench/accuracy", help="results.parquet, trials.jsonl, plots go here")
+
     prepare = sub.add_parser("prepare", help="build the Parquet data cache for a config and report the noise")
     _add_config_args(prepare)
 
@@ -85,16 +97,12 @@ def _compact(summary: dict) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(resolve_config_path(args.config), args.overrides)
-    _check_output_dir(cfg)
-    if args.output_json:
-        out = Path(args.output_json).expanduser()
-        if out.parent and not out.parent.exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-    if cfg.use_gpu:
+    if cfg.use_gpu and (args.in_process or not (args.address or cfg.ray.address or os.environ.get("RAY_ADDRESS"))):
         import torch
 
         if not torch.cuda.is_available():
             raise ConfigError("use_gpu: got true, but this machine has no CUDA GPU; allowed here: false")
+    _check_output_dir(cfg)
     from cmd_ray.summary import write_json_atomic
 
     if args.in_process:
@@ -162,6 +170,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from cmd_ray import bench
+
+    cfg = load_config(resolve_config_path(args.config), args.overrides)
+    if args.bench == "throughput":
+        for peers in args.peers:
+            if peers < 2:
+                raise ConfigError(f"--peers: got {peers}; allowed: integers >= 2")
+        rows = bench.throughput(cfg, args.peers)
+        if args.output_json:
+            from cmd_ray.summary import write_json_atomic
+
+            write_json_atomic(args.output_json, {"rows": rows, "config": cfg.to_dict()})
+        return 0
+    from cmd_ray.config import check_grid
+    from cmd_ray.results import report
+
+    check_grid(cfg)
+    folder = Path(args.folder)
+    bench.accuracy(cfg, folder)
+    table, plots = report(folder, last_epochs=5)
+    print(table)
+    print("plots: " + ", ".join(str(p) for p in plots))
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from cmd_ray.trainer import load_run_data
@@ -197,6 +231,7 @@ COMMANDS = {
     "train": cmd_train,
     "sweep": cmd_sweep,
     "report": cmd_report,
+    "bench": cmd_bench,
     "prepare": cmd_prepare,
     "show-config": cmd_show_config,
 }
@@ -210,9 +245,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, NoiseError, DataError) as err:
         print(f"cmd-ray: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:
+        print(f"cmd-ray: training stopped: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("cmd-ray: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        if type(err).__name__ in ("WorkerGroupError", "ControllerError", "TrainingFailedError", "TuneError"):
+            # Ray already printed each worker's traceback above; end with the cause in one line.
+            cause = [line for line in str(err).strip().splitlines() if line.strip()]
+            print(f"cmd-ray: training failed: {cause[-1] if cause else type(err).__name__}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

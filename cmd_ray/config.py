@@ -27,6 +27,10 @@ METHOD_SCHEDULE = {
     "coteaching": "coteaching",
 }
 MODELS = ("small_cnn", "mlp", "preact_resnet18")
+# Image side each architecture takes (None = any) and each data set has.
+MODEL_INPUT_SIZE = {"small_cnn": 28, "mlp": None, "preact_resnet18": 32}
+DATASET_IMAGE_SIZE = {"fashion-mnist": 28, "cifar10": 32, "cifar100": 32}
+DATASET_CLASSES = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
 
 
 class ConfigError(ValueError):
@@ -137,6 +141,7 @@ class TestingConfig:
     crash_epoch: Optional[int] = None  # kill one worker process once, in this epoch (0-based) ...
     crash_step: int = 0  # ... at this step ...
     crash_rank: int = 1  # ... the worker of this world rank
+    measure_wait: bool = False  # time waiting on the slower peer apart from the exchange (one more collective)
 
 
 @dataclass
@@ -321,6 +326,22 @@ def validate(cfg: Config) -> Config:
     if cfg.optim.weight_decay < 0:
         raise ConfigError(f"optim.weight_decay: got {cfg.optim.weight_decay}; allowed: a number >= 0")
     _check_range("optim.momentum", cfg.optim.momentum, 0.0, 1.0)
+    size = DATASET_IMAGE_SIZE[cfg.data.name]
+    for i, name in enumerate(cfg.model.per_peer or [cfg.model.name]):
+        if name in MODEL_INPUT_SIZE and MODEL_INPUT_SIZE[name] not in (None, size):
+            field_name = f"model.per_peer[{i}]" if cfg.model.per_peer else "model.name"
+            fits = ", ".join(m for m, s in MODEL_INPUT_SIZE.items() if s in (None, size))
+            raise ConfigError(
+                f"{field_name}: {name!r} takes {MODEL_INPUT_SIZE[name]}x{MODEL_INPUT_SIZE[name]} images, "
+                f"{cfg.data.name} has {size}x{size}; allowed here: {fits}"
+            )
+    if cfg.noise.type == "matrix" and cfg.noise.matrix:
+        from cmd_ray.noise import NoiseError, read_matrix_file
+
+        try:
+            read_matrix_file(cfg.noise.matrix, DATASET_CLASSES[cfg.data.name])
+        except NoiseError as err:
+            raise ConfigError(str(err)) from None
     if cfg.model.per_peer is not None:
         if len(cfg.model.per_peer) != cfg.peers:
             raise ConfigError(

@@ -9,6 +9,7 @@ No Ray here: the same code runs under any launcher that sets up torch.distribute
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -75,12 +76,20 @@ def make_groups(topology: Topology) -> Groups:
 class CollectiveExchange:
     """Exchange for a worker holding one peer: all-gather (logits | sample ids) in one collective."""
 
-    def __init__(self, topology: Topology, group: Optional[dist.ProcessGroup]):
+    def __init__(self, topology: Topology, group: Optional[dist.ProcessGroup], measure_wait: bool = False):
         self.topology = topology
         self.group = group
+        # With measure_wait, a barrier before the gather separates waiting on the slower peer
+        # (accumulated in wait_seconds) from the transfer itself; it costs one more collective.
+        self.measure_wait = measure_wait
+        self.wait_seconds = 0.0
 
     def __call__(self, logits: list[torch.Tensor], batch: Batch) -> torch.Tensor:
         (own,) = logits
+        if self.measure_wait:
+            t0 = time.perf_counter()
+            dist.barrier(group=self.group)
+            self.wait_seconds += time.perf_counter() - t0
         # Sample ids ride in the last column: one collective instead of two. Ids < 2**24 are
         # exact in float32; larger data sets use float64 for the packed tensor.
         dtype = torch.float32 if len(batch.index) == 0 or int(batch.index.max()) < 2**24 else torch.float64

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cmd_ray.config import MODELS
+from cmd_ray.config import MODEL_INPUT_SIZE, MODELS
 
 
 class SmallCNN(nn.Module):
@@ -104,8 +104,7 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-# Input side each architecture takes; None = any.
-INPUT_SIZE = {"small_cnn": 28, "mlp": None, "preact_resnet18": 32}
+INPUT_SIZE = MODEL_INPUT_SIZE
 
 
 def build_model(name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:

@@ -36,7 +36,7 @@ from cmd_ray.peer import (
     test_probabilities,
 )
 from cmd_ray.summary import epoch_record, progress_line, summarise
-from cmd_ray.trainer import StepTrace, load_run_data, train_epoch
+from cmd_ray.trainer import EpochStats, StepTrace, load_run_data, train_epoch
 
 EPOCH_COUNT_KEYS = (*COUNT_KEYS, "tau_sum")
 HISTORY_FILE = "history.json"
@@ -87,13 +87,13 @@ def _epoch_record_across_workers(
     peer: Peer,
     data: DataBundle,
     epoch: int,
-    counts: dict[str, float],
-    train_seconds: float,
-    exchange_seconds: float,
+    stats: EpochStats,
+    wait_seconds: float,
     exchange_group,
 ) -> dict[str, Any]:
     """Sum every peer's counts over its replicas and evaluate on the clean test set (collectives)."""
     table = torch.zeros(cfg.peers, len(EPOCH_COUNT_KEYS), dtype=torch.float64, device=peer.device)
+    (counts,) = stats.counts
     table[topology.peer] = torch.tensor([counts.get(k, 0.0) for k in EPOCH_COUNT_KEYS], dtype=torch.float64)
     all_reduce_sum(table)
     peer_counts = [dict(zip(EPOCH_COUNT_KEYS, row.tolist())) for row in table.cpu()]
@@ -110,10 +110,17 @@ def _epoch_record_across_workers(
     correct = all_reduce_sum(correct.to(peer.device, torch.float64)).cpu()
     accuracy = dict(zip(accuracy_names(cfg.peers), (correct / len(data.test)).tolist()))
 
-    timing = all_reduce_sum(torch.tensor([train_seconds, exchange_seconds], dtype=torch.float64, device=peer.device))
-    train_seconds, exchange_seconds = (timing.cpu() / dist.get_world_size()).tolist()
+    # Exchange time without the waiting on the slower peer (measured apart when
+    # testing.measure_wait is on); waiting reported on its own.
+    timing = torch.tensor(
+        [stats.train_seconds, stats.exchange_seconds - wait_seconds, wait_seconds], dtype=torch.float64
+    )
+    train_seconds, exchange_seconds, wait_seconds = (
+        all_reduce_sum(timing.to(peer.device)).cpu() / dist.get_world_size()
+    ).tolist()
     record = epoch_record(epoch, peer_counts, accuracy, train_seconds, exchange_seconds)
     record.update(train_samples=len(data.train), test_samples=len(data.test))
+    record.update(wait_seconds=wait_seconds, wait_fraction=wait_seconds / train_seconds if train_seconds else 0.0)
     return record
 
 
@@ -163,7 +170,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         peer.model = torch.nn.parallel.DistributedDataParallel(
             peer.model, process_group=groups.peer, device_ids=[device.index] if device.type == "cuda" else None
         )
-    exchange = CollectiveExchange(topology, groups.exchange)
+    exchange = CollectiveExchange(topology, groups.exchange, measure_wait=cfg.testing.measure_wait)
     on_step = _combine(
         StepTrace(cfg.testing.trace_dir, topology.replica) if cfg.testing.trace_dir else None,
         _crash_hook(cfg, topology.rank, Path(loop_config["run_dir"]) / ".crash-injected"),
@@ -171,12 +178,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if topology.rank == 0 and start_epoch:
         _console(f"[cmd-ray] resumed from the checkpoint after epoch {start_epoch}")
     for epoch in range(start_epoch, cfg.epochs):
-        (counts,), train_seconds, exchange_seconds = train_epoch(
-            cfg, [peer], data, epoch, exchange, topology.replica, on_step
-        )
+        exchange.wait_seconds = 0.0
+        stats = train_epoch(cfg, [peer], data, epoch, exchange, topology.replica, on_step)
         record = _epoch_record_across_workers(
-            cfg, topology, peer, data, epoch, counts, train_seconds, exchange_seconds, groups.exchange
+            cfg, topology, peer, data, epoch, stats, exchange.wait_seconds, groups.exchange
         )
+        if epoch == start_epoch and not start_epoch:
+            record["startup_seconds"] = stats.first_step_at - loop_config.get("started_at", stats.first_step_at)
         history.append(record)
         if topology.rank == 0:
             _console(progress_line(record, cfg.peers, cfg.epochs, loop_config.get("label", "")))
@@ -275,7 +283,12 @@ def build_trainer(cfg: Config, run_name: str, storage: Path, callbacks: Optional
 
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": str(storage / run_name), "label": label},
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "run_dir": str(storage / run_name),
+            "label": label,
+            "started_at": time.time(),
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.peers * cfg.replicas,
             use_gpu=cfg.use_gpu,

@@ -155,16 +155,8 @@ def build_tuner(cfg: Config, folder: Path, resume: bool, callback: Optional[Any]
     total = ray.cluster_resources()
     trainable = tune.with_resources(run_trial, _trial_resources(total))
     experiment = folder / "tune"
-    exists = tune.Tuner.can_restore(str(experiment))
     if resume:
-        if not exists:
-            raise ConfigError(f"--resume: no sweep to resume at {experiment}; run without --resume to start it")
         return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=False)
-    if exists:
-        raise ConfigError(
-            f"sweep.name: a sweep named {cfg.sweep.name!r} already exists at {folder}; "
-            "pass --resume to continue it, or choose another sweep.name"
-        )
     param_space = {key: tune.grid_search(values) for key, values in cfg.sweep.grid.items()}
     param_space.update(base=cfg.to_dict(), folder=str(folder))
     return tune.Tuner(
@@ -181,6 +173,20 @@ def build_tuner(cfg: Config, folder: Path, resume: bool, callback: Optional[Any]
     )
 
 
+def check_resume(cfg: Config, folder: Path, resume: bool) -> None:
+    """--resume needs a saved sweep; a new sweep must not overwrite one."""
+    from ray.tune import Tuner
+
+    exists = Tuner.can_restore(str(folder / "tune"))
+    if resume and not exists:
+        raise ConfigError(f"--resume: no sweep to resume at {folder / 'tune'}; run without --resume to start it")
+    if not resume and exists:
+        raise ConfigError(
+            f"sweep.name: a sweep named {cfg.sweep.name!r} already exists at {folder}; "
+            "pass --resume to continue it, or choose another sweep.name"
+        )
+
+
 def run_sweep(cfg: Config, resume: bool = False, log: Callable[[str], None] = print) -> Path:
     """Run (or resume) the sweep's grid; write results.parquet; return the sweep folder."""
     from cmd_ray.results import collect_results
@@ -190,6 +196,7 @@ def run_sweep(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
     os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "3")
     points = check_grid(cfg)
     folder = sweep_dir(cfg)
+    check_resume(cfg, folder, resume)
     prepare_data(cfg, points)
     callback = prepare_wandb(cfg, folder / "wandb")  # sets W&B's environment before Ray starts
     init_ray_for_sweep(cfg, slots=len(points))

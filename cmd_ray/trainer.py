@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -52,6 +53,16 @@ def in_process_exchange(logits: list[torch.Tensor], batch: Batch) -> torch.Tenso
     return torch.stack([z.detach() for z in logits])
 
 
+@dataclass
+class EpochStats:
+    """What one epoch of the local peers did."""
+
+    counts: list[dict[str, float]]  # summed step counts per local peer
+    train_seconds: float
+    exchange_seconds: float  # inside the exchange call (transfer and any waiting)
+    first_step_at: float  # wall-clock time the first step started
+
+
 def train_epoch(
     cfg: Config,
     peers: list[Peer],
@@ -60,16 +71,16 @@ def train_epoch(
     exchange: Exchange = in_process_exchange,
     replica: int = 0,
     on_step: Optional[StepHook] = None,
-) -> tuple[list[dict[str, float]], float, float]:
+) -> EpochStats:
     """One epoch of the local `peers` on replica `replica`'s shard of every global batch.
 
-    Returns (summed counts per local peer, train seconds, exchange seconds).
     `on_step(epoch, step, peers, results)` sees every step (used for step traces).
     """
     per_epoch = steps_per_epoch(cfg, data)
     total_steps = per_epoch * cfg.epochs
     counts: list[dict[str, float]] = [{} for _ in peers]
     exchange_seconds = 0.0
+    first_step_at = time.time()
     start = time.perf_counter()
     device = peers[0].device
     for step, global_positions in enumerate(epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch)):
@@ -86,7 +97,7 @@ def train_epoch(
             add_counts(total, result.counts)
         if on_step is not None:
             on_step(epoch, step, peers, results)
-    return counts, time.perf_counter() - start, exchange_seconds
+    return EpochStats(counts, time.perf_counter() - start, exchange_seconds, first_step_at)
 
 
 class StepTrace:
@@ -113,7 +124,7 @@ def train_in_process(
     on_step: Optional[StepHook] = None,
 ) -> dict[str, Any]:
     """Train P peers in this process; return the run summary (see `cmd_ray.summary.summarise`)."""
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     data = data if data is not None else load_run_data(cfg)
     device = torch.device("cuda") if cfg.use_gpu else torch.device("cpu")
     total_steps = steps_per_epoch(cfg, data) * cfg.epochs
@@ -127,10 +138,12 @@ def train_in_process(
     )
     history = []
     for epoch in range(cfg.epochs):
-        counts, train_seconds, exchange_seconds = train_epoch(cfg, peers, data, epoch, on_step=on_step)
+        stats = train_epoch(cfg, peers, data, epoch, on_step=on_step)
         accuracy = evaluate([test_probabilities(p, data.test, data.info) for p in peers], data.test.clean_labels)
-        record = epoch_record(epoch, counts, accuracy, train_seconds, exchange_seconds)
+        record = epoch_record(epoch, stats.counts, accuracy, stats.train_seconds, stats.exchange_seconds)
         record.update(train_samples=len(data.train), test_samples=len(data.test))
+        if epoch == 0:
+            record["startup_seconds"] = stats.first_step_at - started_at
         history.append(record)
         log(progress_line(record, cfg.peers, cfg.epochs))
     extra = {"path": "in-process", "wall_seconds": time.perf_counter() - started}

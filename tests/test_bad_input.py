@@ -1,0 +1,99 @@
+"""Every kind of bad input is refused by the command line before any work: exit status 2,
+one line naming the field, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cmd_ray.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = str(ROOT / "launch/configs/fmnist.yaml")
+
+
+def _files(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _bad_matrix(tmp_path: Path) -> str:
+    path = tmp_path / "m.npy"
+    np.save(path, np.full((10, 10), 0.2))
+    return str(path)
+
+
+def _wrong_shape_matrix(tmp_path: Path) -> str:
+    path = tmp_path / "m3.csv"
+    np.savetxt(path, np.eye(3), delimiter=",")
+    return str(path)
+
+
+def _truncated_fmnist(tmp_path: Path) -> str:
+    folder = tmp_path / "bad-data" / "fashion-mnist"
+    folder.mkdir(parents=True)
+    for stem in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
+        (folder / f"{stem}.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03" + b"\x00\x00\x00\x05" * 3 + b"xx"))
+    return str(tmp_path / "bad-data")
+
+
+CASES = [
+    # (id, argv builder, expected start of the message after "cmd-ray: error: ")
+    ("unknown key", lambda t: ["train", "--set", "colour=red"], "colour: unknown key"),
+    ("unknown nested key", lambda t: ["train", "--set", "noise.level=0.2"], "noise.level: unknown key"),
+    ("wrong type", lambda t: ["train", "--set", "epochs=many"], "epochs: got 'many'; allowed: an integer"),
+    ("bool type", lambda t: ["train", "--set", "use_gpu=maybe"], "use_gpu: got 'maybe'; allowed: true or false"),
+    ("malformed yaml", lambda t: ["train", "--config", str(_files(t, "b.yaml", "peers: [2\n"))], "--config: "),
+    ("yaml not a mapping", lambda t: ["train", "--config", str(_files(t, "l.yaml", "- 1\n- 2\n"))], "--config: "),
+    ("missing config", lambda t: ["train", "--config", str(t / "nope.yaml")], "--config: cannot read"),
+    ("override without =", lambda t: ["train", "--set", "noise.rate"], "--set: got 'noise.rate'"),
+    ("noise rate high", lambda t: ["train", "--set", "noise.rate=1.5"], "noise.rate: got 1.5"),
+    ("noise rate negative", lambda t: ["train", "--set", "noise.rate=-0.1"], "noise.rate: got -0.1"),
+    ("unknown noise", lambda t: ["train", "--set", "noise.type=gauss"], "noise.type: got 'gauss'"),
+    ("matrix rows", lambda t: ["prepare", "--set", "noise.type=matrix", "--set", f"noise.matrix={_bad_matrix(t)}"],
+     "noise.matrix: row 0 sums to 2"),
+    ("matrix shape", lambda t: ["prepare", "--set", "noise.type=matrix", "--set",
+                                f"noise.matrix={_wrong_shape_matrix(t)}"], "noise.matrix: got shape (3, 3)"),
+    ("matrix missing", lambda t: ["train", "--set", "noise.type=matrix"], "noise.matrix: got null"),
+    ("tau high", lambda t: ["train", "--set", "knowledge.tau=1.2"], "knowledge.tau: got 1.2"),
+    ("tau_start negative", lambda t: ["train", "--set", "knowledge.tau_start=-1"], "knowledge.tau_start: got -1"),
+    ("one peer", lambda t: ["train", "--set", "peers=1"], "peers: got 1; allowed: an integer >= 2"),
+    ("unknown dataset", lambda t: ["train", "--set", "data.name=svhn"], "data.name: got 'svhn'"),
+    ("unknown model", lambda t: ["train", "--set", "model.name=vgg16"], "model.name: got 'vgg16'"),
+    ("unknown method", lambda t: ["train", "--set", "method=mixup"], "method: got 'mixup'"),
+    ("model for wrong images", lambda t: ["train", "--set", "model.name=preact_resnet18", "--in-process"],
+     "model.name: 'preact_resnet18' takes 32x32 images"),
+    ("truncated data", lambda t: ["prepare", "--set", f"data.root={_truncated_fmnist(t)}"], ""),
+    ("unwritable output", lambda t: ["train", "--set", f"output_dir={_files(t, 'f', 'x')}/sub"],
+     "output_dir: cannot write to"),
+    ("gpu without one", lambda t: ["train", "--set", "use_gpu=true"], "use_gpu: got true, but"),
+    ("bad grid", lambda t: ["sweep", "--set", "sweep.grid={noise.rate: [0.2, 2]}"], "sweep.grid: the point"),
+    ("resume nothing", lambda t: ["sweep", "--set", f"sweep.storage_path={t}", "--resume"], "--resume: no sweep"),
+    ("report nothing", lambda t: ["report", str(t)], "folder: "),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("argv,expected", [(c[1], c[2]) for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_line_and_no_traceback(argv, expected, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("cmd_ray.data.DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+    monkeypatch.chdir(tmp_path)  # nothing may be written here
+    args = argv(tmp_path)
+    before = {p for p in tmp_path.rglob("*")}
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("cmd-ray: error: " + expected), lines[0]
+    assert "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+    assert {p for p in tmp_path.rglob("*")} - before <= {tmp_path / "bad-data" / ".cmd-ray.lock"}
