@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # This machine's pip.conf names local wheel folders that may be absent: drop those warnings.
 PIP_FILTER := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup data run test lint clean
+.PHONY: setup data run test lint clean loopback
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,3 +33,8 @@ lint: setup
 
 clean:
 	rm -rf runs .pytest_cache
+
+# `ray up` / `ray submit launch/tune.py` / `ray down` against Ray's on-premise provider on
+# 127.0.0.1 (needs root: installs openssh-server + rsync, adds a user, starts sshd).
+loopback: setup data
+	bash launch/loopback.sh

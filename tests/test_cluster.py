@@ -39,3 +39,15 @@ def test_cluster_yaml_holds_no_credentials_and_opens_only_ssh():
     assert ports == [(22, 22)]
     head = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head
+
+
+def test_loopback_cluster_template_passes_rays_schema_validator():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    text = (ROOT / "launch" / "cluster-local.yaml.in").read_text()
+    for placeholder, value in (("@SSH_USER@", "cmdray"), ("@SSH_KEY@", "/tmp/key"), ("@WORK@", "/tmp/w")):
+        text = text.replace(placeholder, value)
+    config = prepare_config(yaml.safe_load(text))
+    validate_config(config)
+    assert config["provider"] == {"type": "local", "head_ip": "127.0.0.1", "worker_ips": []}
+    assert not any("ray stop" in c for c in config["head_start_ray_commands"])
