@@ -141,6 +141,8 @@ class TestingConfig:
     crash_epoch: Optional[int] = None  # kill one worker process once, in this epoch (0-based) ...
     crash_step: int = 0  # ... at this step ...
     crash_rank: int = 1  # ... the worker of this world rank
+    nan_step: Optional[int] = None  # make peer `nan_peer`'s logits NaN at this global step (0-based)
+    nan_peer: int = 1
     measure_wait: bool = False  # time waiting on the slower peer apart from the exchange (one more collective)
 
 
@@ -447,7 +449,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 # --------------------------------------------------------------------------------------
 # Sweep grids
 
-GRID_FORBIDDEN = ("sweep", "ray", "testing", "output_dir")
+GRID_FORBIDDEN = ("sweep", "ray", "output_dir")
 
 
 def set_path(values: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
@@ -483,7 +485,7 @@ def trial_config(base: dict[str, Any], point: dict[str, Any]) -> Config:
 def check_grid(cfg: Config) -> list[dict[str, Any]]:
     """Validate every grid point before any cluster work; return the points.
 
-    Refuses keys outside the run config (sweep.*, ray.*, testing.*, output_dir) and any
+    Refuses keys outside the run config (sweep.*, ray.*, output_dir) and any
     combination that would not validate, naming the grid key and value.
     """
     base = cfg.to_dict()

@@ -88,6 +88,8 @@ def train_epoch(
         seed = augment_seed(cfg, epoch, step)
         batch = make_batch(data.train, positions, data.info, device, None if seed is None else seed + replica)
         logits = [forward(peer, batch.images) for peer in peers]
+        if cfg.testing.nan_step == epoch * per_epoch + step:  # test hook: a numerical fault
+            logits = [z * float("nan") if p.index == cfg.testing.nan_peer else z for p, z in zip(peers, logits)]
         t0 = time.perf_counter()
         peer_logits = exchange(logits, batch)
         exchange_seconds += time.perf_counter() - t0

@@ -163,3 +163,46 @@ def test_cli_cmd_p_on_real_fashion_mnist_beats_80pct_per_peer(real_data_root, tm
     for peer in ("peer0", "peer1"):
         assert summary["test_accuracy"][peer]["final"] > 0.80
     assert '"test_accuracy"' in capsys.readouterr().out
+
+
+def test_nan_loss_stops_the_run_naming_peer_and_step_and_keeps_the_last_good_checkpoint(
+    fake_fmnist_root, tmp_path, local_ray
+):
+    from ray.train import TrainingFailedError
+
+    from cmd_ray.ray_train import train_on_ray
+
+    cfg = tiny_config(
+        fake_fmnist_root,
+        method="ce",
+        epochs=3,
+        output_dir=str(tmp_path),
+        data__train_subset=None,
+        ray__max_failures=0,
+        testing__nan_step=12,  # epoch 2 (10 steps an epoch), step 3
+        testing__nan_peer=1,
+    )
+    with pytest.raises(TrainingFailedError, match=r"peer 1: loss is nan at epoch 2, global step 12"):
+        train_on_ray(cfg, log=lambda _: None, run_name="nan")
+    run = tmp_path / "ray" / "nan"
+    snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    kept = run / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    history = json.loads((kept / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [0]  # the last good epoch, before the fault
+    state = torch.load(kept / "peer1_replica0.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_no_secret_from_the_environment_lands_in_a_runs_files(fake_fmnist_root, tmp_path, local_ray, monkeypatch):
+
+    secrets = {"WANDB_API_KEY": "fa4e000000000000000000000000000000c0ffee", "AWS_SECRET_ACCESS_KEY": "Zq9secretZq9"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    code = main(["train", "--set", f"data.root={fake_fmnist_root}", "--set", "epochs=1", "--set", f"output_dir={out}",
+                 "--output-json", str(out / "s.json")])  # fmt: skip
+    assert code == 0
+    for path in out.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert not any(v.encode() in data for v in secrets.values()), path

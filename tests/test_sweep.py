@@ -166,3 +166,21 @@ def test_sweep_resumes_after_its_driver_is_killed(fake_fmnist_root, tmp_path, sw
         assert [r["finished_at"] for r in after[trial][: len(history)]] == [r["finished_at"] for r in history]
     table = pq.read_table(sweep / "results.parquet").to_pylist()
     assert len(table) == 12 and all(r["status"] == "finished" for r in table)
+
+
+@pytest.mark.slow
+def test_a_failing_trial_does_not_stop_the_sweep_and_is_reported(fake_fmnist_root, tmp_path, sweep_env):
+    folder = tmp_path / "sweeps"
+    cmd = _sweep_cmd(fake_fmnist_root, folder, "faulty") + [
+        "--set", "ray.max_failures=0",
+        "--set", "sweep.grid={noise.rate: [0.2], method: [ce], testing.nan_step: [null, 8]}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=sweep_env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = pq.read_table(folder / "faulty" / "results.parquet").to_pylist()
+    status = {r["testing.nan_step"]: r["status"] for r in rows}
+    assert status == {None: "finished", 8: "failed"}
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert "loss is nan" in failed[0]["error"]
+    assert "1 trials finished, 1 failed" in proc.stdout + proc.stderr
+    assert "failed trials:" in proc.stdout
