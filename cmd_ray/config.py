@@ -400,13 +400,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     out = _deep_copy(values)
     for text in overrides:
         path, value = parse_override(text)
-        node = out
-        for i, part in enumerate(path[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"{'.'.join(path[: i + 1])}: is a value, not a section; cannot set {'.'.join(path)}")
-            node = child
-        node[path[-1]] = value
+        out = set_path(out, ".".join(path), value)
     return out
 
 
@@ -460,7 +454,7 @@ def set_path(values: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: {part} is a value, not a section")
+            raise ConfigError(f"{dotted}: {part} is a value, not a section; cannot set a key inside it")
         node = child
     node[parts[-1]] = value
     return out
