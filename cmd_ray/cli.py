@@ -139,6 +139,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     cfg = load_config(resolve_config_path(args.config), args.overrides)
     check_grid(cfg)
+    if not args.resume:
+        _check_writable("sweep.storage_path", cfg.sweep.storage_path)
     if args.address:
         cfg.ray.address = args.address
     from cmd_ray.results import report

@@ -77,6 +77,8 @@ CASES = [
      "output_dir: cannot write to"),
     ("gpu without one", lambda t: ["train", "--set", "use_gpu=true"], "use_gpu: got true, but"),
     ("bad grid", lambda t: ["sweep", "--set", "sweep.grid={noise.rate: [0.2, 2]}"], "sweep.grid: the point"),
+    ("unwritable sweep storage", lambda t: ["sweep", "--set", f"sweep.storage_path={_files(t, 'g', 'x')}/s"],
+     "sweep.storage_path: cannot write to"),
     ("resume nothing", lambda t: ["sweep", "--set", f"sweep.storage_path={t}", "--resume"], "--resume: no sweep"),
     ("report nothing", lambda t: ["report", str(t)], "folder: "),
 ]  # fmt: skip
