@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_output_dir(cfg: Config) -> None:
-    path = Path(cfg.output_dir).expanduser()
+def _check_writable(field_name: str, folder: str) -> None:
+    """Refuse a folder that cannot be created or written, before any work."""
+    path = Path(folder).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".cmd-ray-write-test"
@@ -84,8 +85,12 @@ def _check_output_dir(cfg: Config) -> None:
         probe.unlink()
     except OSError as err:
         raise ConfigError(
-            f"output_dir: cannot write to {path} ({err.strerror or err}); allowed: a writable folder"
+            f"{field_name}: cannot write to {path} ({err.strerror or err}); allowed: a writable folder"
         ) from None
+
+
+def _check_output_dir(cfg: Config) -> None:
+    _check_writable("output_dir", cfg.output_dir)
 
 
 def _compact(summary: dict) -> dict:
