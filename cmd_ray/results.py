@@ -184,6 +184,7 @@ def write_plots(rows: list[dict[str, Any]], folder: str | Path) -> list[Path]:
     finished = [r for r in rows if r.get("status") == "finished" and r.get(ACCURACY) is not None]
     noises = sorted({_noise_label(r) for r in finished})
     methods = sorted({r["method"] for r in finished}, key=_method_order)
+    colour = {m: f"C{i}" for i, m in enumerate(methods)}  # one colour per method in every panel
     paths = []
 
     def curves(metric: str) -> dict[tuple[str, str], tuple[list[int], list[float]]]:
@@ -210,7 +211,8 @@ def write_plots(rows: list[dict[str, Any]], folder: str | Path) -> list[Path]:
                 for method in methods:
                     if (noise, method) in data:
                         xs, ys = data[(noise, method)]
-                        ax.plot(xs, [100 * y if percent else y for y in ys], marker="o", ms=3, label=method)
+                        ys = [100 * y if percent else y for y in ys]
+                        ax.plot(xs, ys, marker="o", ms=3, label=method, color=colour[method])
                 ax.set_title(f"{noise}" if row == 0 else "")
                 ax.set_xlabel("epoch")
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -254,6 +256,7 @@ def write_plots(rows: list[dict[str, Any]], folder: str | Path) -> list[Path]:
                     marker="o",
                     capsize=3,
                     label=method,
+                    color=colour[method],
                 )
         ax.set_title(f"{noise_type} noise")
         ax.set_xlabel("noise rate")
@@ -275,3 +278,23 @@ def report(folder: str | Path, last_epochs: int = 1, plots_dir: Optional[str | P
     table = report_table(rows, last_epochs)
     paths = write_plots(rows, plots_dir or Path(folder).expanduser() / "plots")
     return table, paths
+
+
+def selection_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: last-epoch selection precision and memorisation per method and noise (mean over seeds, %)."""
+    finals = trial_finals(rows)
+    methods = sorted({f["method"] for f in finals}, key=_method_order)
+    noises = sorted({f["noise"] for f in finals})
+    lines = ["| method | " + " | ".join(f"{n}: precision / memorisation" for n in noises) + " |"]
+    lines.append("|---" * (len(noises) + 1) + "|")
+    for method in methods:
+        cells = []
+        for noise in noises:
+            group = [f for f in finals if f["method"] == method and f["noise"] == noise]
+            prec = [100 * f["selection_precision"] for f in group if f["selection_precision"] is not None]
+            mem = [100 * f["memorisation"] for f in group if f["memorisation"] is not None]
+            p = f"{_mean_std(prec)[0]:.1f}" if prec else "-"
+            m = f"{_mean_std(mem)[0]:.1f}" if mem else "-"
+            cells.append(f"{p} / {m}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
