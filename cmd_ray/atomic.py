@@ -4,22 +4,52 @@ half-written result, summary or cache file in place of a good one."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Optional
+
+# Write failures that mean "the storage is full or refuses this much", not a bug.
+STORAGE_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class StorageError(OSError):
+    """A result could not be written (storage full, over quota, read-only); the message is one
+    line naming the file, and the previous version of that file is untouched."""
+
+
+def _errno(err: OSError) -> Optional[int]:
+    """The errno of an OSError; pyarrow's IO errors carry it only in the message ('[Errno 28] ...')."""
+    if err.errno is not None:
+        return err.errno
+    found = re.search(r"\[Errno (\d+)\]", str(err))
+    return int(found.group(1)) if found else None
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; on success rename it onto `path`."""
+    """Yield a temporary path in the target's folder; on success rename it onto `path`.
+
+    If writing fails because the storage is full (or over quota, or the file too large), the
+    temporary file is removed, `path` keeps its previous content and StorageError is raised.
+    """
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        code = _errno(err)
+        if isinstance(err, StorageError) or code not in (*STORAGE_FULL_ERRNOS, errno.EROFS, errno.EACCES):
+            raise
+        kept = "its previous version is kept" if path.exists() else "nothing was written there"
+        raise StorageError(code, f"{path}: cannot write ({os.strerror(code)}); {kept}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)

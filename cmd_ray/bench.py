@@ -79,8 +79,12 @@ def accuracy(cfg: Config, folder: Path, log: Callable[[str], None] = print) -> P
     done_path = folder / "trials.jsonl"
     done = {}
     if done_path.is_file():
-        for line in done_path.read_text().splitlines():
-            entry = json.loads(line)
+        for number, line in enumerate(done_path.read_text().splitlines(), 1):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # cut short by a crash or a full disk: that run reruns
+                log(f"{done_path}:{number}: skipping an unfinished line; that run will be repeated")
+                continue
             done[json.dumps(entry["point"], sort_keys=True)] = entry
     base = cfg.to_dict()
     for i, point in enumerate(points):
@@ -90,18 +94,26 @@ def accuracy(cfg: Config, folder: Path, log: Callable[[str], None] = print) -> P
         started = time.perf_counter()
         summary = train_in_process(trial_config(base, point), log=lambda _: None)
         entry = {"trial_id": f"bench_{i:05d}", "point": point, "history": summary["history"]}
-        with open(done_path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        _append_line(done_path, json.dumps(entry))
         done[key] = entry
-        acc = summary["test_accuracy"]
+        last = summary["history"][-1]
+        # A hyper-parameter sweep (validation split) shows only the validation figure.
+        shown = ("noisy-validation", "val") if "mean/val_accuracy" in last else ("clean test", "test")
         log(
-            f"[{len(done)}/{len(points)}] {key}: final peer acc "
-            f"{100 * (acc['peer0']['final'] + acc['peer1']['final']) / 2:.2f}%, "
-            f"best {100 * max(acc['peer0']['best'], acc['peer1']['best']):.2f}% "
+            f"[{len(done)}/{len(points)}] {key}: last-epoch {shown[0]} accuracy "
+            f"{100 * last[f'mean/{shown[1]}_accuracy']:.2f}% (mean of peers) "
             f"({time.perf_counter() - started:.0f} s)"
         )
         _write_table(base, done.values(), folder)
     return _write_table(base, done.values(), folder)
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one line; a line cut short by a crash is skipped on resume (and can be followed)."""
+    text = path.read_text() if path.is_file() else ""
+    prefix = "\n" if text and not text.endswith("\n") else ""
+    with open(path, "a") as f:
+        f.write(prefix + line + "\n")
 
 
 def _write_table(base: dict[str, Any], entries, folder: Path) -> Path:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from cmd_ray.atomic import StorageError
 from cmd_ray.config import Config, ConfigError, load_config
 from cmd_ray.data import DataError
 from cmd_ray.noise import NoiseError
@@ -56,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="print a sweep's method x noise table and write its plots")
     report.add_argument("folder", help="the sweep folder (holds results.parquet)")
     report.add_argument("--last-epochs", type=int, default=1, help="final accuracy = mean of the last N epochs")
+    report.add_argument(
+        "--validation",
+        action="store_true",
+        help="rank each method's swept knowledge/distill settings by noisy-validation accuracy (no test figures)",
+    )
 
     bench = sub.add_parser("bench", help="benchmarks that print figures: throughput, accuracy")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -120,10 +126,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.address:
             cfg.ray.address = args.address
         summary = train_on_ray(cfg)
+    # Printed before writing, so a full disk cannot take the figures with it.
+    print(json.dumps(_compact(summary), indent=2, default=str))
     write_json_atomic(Path(cfg.output_dir).expanduser() / "summary.json", summary)
     if args.output_json:
         write_json_atomic(args.output_json, summary)
-    print(json.dumps(_compact(summary), indent=2, default=str))
     return 0
 
 
@@ -166,12 +173,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cmd_ray.results import report
+    from cmd_ray.results import read_results, report, validation_choice
 
+    if args.last_epochs < 1:
+        raise ConfigError(f"--last-epochs: got {args.last_epochs}; allowed: an integer >= 1")
     try:
+        if args.validation:
+            table, best = validation_choice(read_results(args.folder), args.last_epochs)
+            print(table)
+            for method, candidate in best.items():
+                print(f"chosen for {method} on validation: {candidate}")
+            return 0
         table, plots = report(args.folder, args.last_epochs)
     except FileNotFoundError as err:
         raise ConfigError(f"folder: {err}") from None
+    except ValueError as err:
+        raise ConfigError(f"--validation: {err}") from None
     print(table)
     print("plots: " + ", ".join(str(p) for p in plots))
     return 0
@@ -192,11 +209,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
             write_json_atomic(args.output_json, {"rows": rows, "config": cfg.to_dict()})
         return 0
     from cmd_ray.config import check_grid
-    from cmd_ray.results import report
+    from cmd_ray.results import read_results, report, validation_choice
 
     check_grid(cfg)
     folder = Path(args.folder)
     bench.accuracy(cfg, folder)
+    if cfg.data.validation_fraction > 0:  # a hyper-parameter sweep: rank on validation only
+        table, best = validation_choice(read_results(folder), last_epochs=3)
+        print(table)
+        for method, candidate in best.items():
+            print(f"chosen for {method} on validation: {candidate}")
+        return 0
     table, plots = report(folder, last_epochs=5)
     print(table)
     print("plots: " + ", ".join(str(p) for p in plots))
@@ -254,6 +277,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except NonFiniteLossError as err:
         print(f"cmd-ray: training stopped: {err}", file=sys.stderr)
+        return 1
+    except StorageError as err:
+        print(f"cmd-ray: error: {err.strerror}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("cmd-ray: interrupted", file=sys.stderr)

@@ -46,6 +46,10 @@ class DataConfig:
     train_subset: Optional[int] = None
     # Evaluate on the first N test images (None = the full clean test set; use for smoke tests only).
     test_subset: Optional[int] = None
+    # Hold out this fraction of the (noisy) training set for choosing hyper-parameters: the peers
+    # never train on it, and accuracy against its *noisy* labels is reported each epoch as
+    # val_accuracy. 0 = no validation split. Choose settings on this, never on the test set.
+    validation_fraction: float = 0.0
     # Random crop (padding 4) + horizontal flip; "auto" = on for CIFAR, off for Fashion-MNIST.
     augment: Literal["auto", "on", "off"] = "auto"
 
@@ -307,6 +311,7 @@ def validate(cfg: Config) -> Config:
     if cfg.seed < 0:
         raise ConfigError(f"seed: got {cfg.seed}; allowed: an integer >= 0")
     _check_range("noise.rate", cfg.noise.rate, 0.0, 1.0)
+    _check_range("data.validation_fraction", cfg.data.validation_fraction, 0.0, 0.5)
     if cfg.noise.type == "matrix" and not cfg.noise.matrix:
         raise ConfigError("noise.matrix: got null; allowed: a path to a C x C matrix file when noise.type is 'matrix'")
     for name in ("tau", "tau_start", "tau_end"):

@@ -339,6 +339,7 @@ class DataBundle:
     test: Split
     info: DatasetInfo
     noise: dict  # realised rate, asked and realised matrices, spec
+    validation: Optional[Split] = None  # held out from the noisy training set (noisy labels)
 
 
 def load_data(
@@ -348,11 +349,14 @@ def load_data(
     seed: int,
     train_subset: Optional[int] = None,
     test_subset: Optional[int] = None,
+    validation_fraction: float = 0.0,
 ) -> DataBundle:
     """Materialise (once) and read the noisy train split and clean test split.
 
     `train_subset` keeps a seeded random subset of the training set; `test_subset` the first
     N test images (smoke tests only: reported accuracy is then not on the full test set).
+    `validation_fraction` moves a seeded share of the (subset) training set, noisy labels
+    and all, into `validation`; the peers do not train on it.
     """
     train_path, test_path = materialise(name, root, spec, seed)
     train, test = read_parquet_split(train_path), read_parquet_split(test_path)
@@ -361,9 +365,23 @@ def load_data(
         train = train.subset(torch.sort(keep).values)
     if test_subset is not None and test_subset < len(test):
         test = test.subset(torch.arange(test_subset))
+    train, validation = split_validation(train, validation_fraction, seed)
     noise = {k: train.meta[k] for k in ("noise", "realised_rate", "asked_matrix", "realised_matrix")}
     noise["subset_realised_rate"] = float((train.noisy_labels != train.clean_labels).float().mean())
-    return DataBundle(train=train, test=test, info=DATASETS[name], noise=noise)
+    return DataBundle(train=train, test=test, info=DATASETS[name], noise=noise, validation=validation)
+
+
+def split_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Optional[Split]]:
+    """(train without the held-out rows, held-out rows) — a seeded `fraction` of `train`, or None."""
+    count = int(round(fraction * len(train)))
+    if count == 0:
+        return train, None
+    if count >= len(train):
+        raise DataError(f"data.validation_fraction: {fraction} leaves no training images out of {len(train)}")
+    # A generator of its own so the split does not shift the subset or the batch order.
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 104_729))
+    held_out, kept = torch.sort(order[:count]).values, torch.sort(order[count:]).values
+    return train.subset(kept), train.subset(held_out)
 
 
 # --------------------------------------------------------------------------------------

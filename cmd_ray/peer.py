@@ -304,14 +304,16 @@ def correct_counts(peer_probs: list[torch.Tensor], labels: torch.Tensor) -> torc
     return torch.tensor([float((p.argmax(-1) == labels).sum()) for p in [*peer_probs, ensemble]])
 
 
-def accuracy_names(peers: int) -> list[str]:
-    return [f"peer{k}/test_accuracy" for k in range(peers)] + ["ensemble/test_accuracy"]
+def accuracy_names(peers: int, split: str = "test") -> list[str]:
+    """Metric names of `correct_counts`' entries: peerK/<split>_accuracy, then the ensemble's."""
+    return [f"peer{k}/{split}_accuracy" for k in range(peers)] + [f"ensemble/{split}_accuracy"]
 
 
-def evaluate(peer_probs: list[torch.Tensor], labels: torch.Tensor) -> dict[str, float]:
-    """Clean test accuracy of each peer and of their ensemble (mean of softmax outputs)."""
+def evaluate(peer_probs: list[torch.Tensor], labels: torch.Tensor, split: str = "test") -> dict[str, float]:
+    """Accuracy of each peer and of their ensemble (mean of softmax outputs) against `labels`:
+    the clean labels of the test set, or the noisy labels of the validation split."""
     correct = correct_counts(peer_probs, labels) / max(len(labels), 1)
-    return dict(zip(accuracy_names(len(peer_probs)), correct.tolist()))
+    return dict(zip(accuracy_names(len(peer_probs), split), correct.tolist()))
 
 
 def steps_per_epoch(cfg: Config, data: DataBundle) -> int:

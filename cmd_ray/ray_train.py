@@ -22,10 +22,11 @@ import torch
 import torch.distributed as dist
 
 from cmd_ray.config import Config, ConfigError, from_dict
-from cmd_ray.data import DataBundle, Split
+from cmd_ray.data import DataBundle, DatasetInfo, Split
 from cmd_ray.exchange import CollectiveExchange, Topology, all_gather_stack, all_reduce_sum, make_groups
 from cmd_ray.peer import (
     COUNT_KEYS,
+    NonFiniteLossError,
     Peer,
     accuracy_names,
     build_peer,
@@ -81,6 +82,30 @@ def _restore(peer: Peer, topology: Topology) -> tuple[int, list[dict[str, Any]]]
     return load_peer_state(peer, state), history
 
 
+def _accuracy_across_workers(
+    cfg: Config,
+    topology: Topology,
+    peer: Peer,
+    split: Split,
+    info: DatasetInfo,
+    labels: torch.Tensor,
+    exchange_group,
+    name: str = "test",
+) -> dict[str, float]:
+    """Accuracy of every peer and the ensemble on `split` against `labels` (collectives).
+
+    Each replica evaluates its shard; the exchange group stacks the peers' softmax outputs
+    so the ensemble can be scored; peer 0's workers hold the totals."""
+    positions = torch.arange(len(split)).tensor_split(cfg.replicas)[topology.replica]
+    probs = test_probabilities(peer, split.subset(positions), info).to(peer.device)
+    stacked = all_gather_stack(probs, cfg.peers, exchange_group).cpu()
+    correct = correct_counts(list(stacked), labels[positions])
+    if topology.peer != 0:
+        correct.zero_()
+    correct = all_reduce_sum(correct.to(peer.device, torch.float64)).cpu()
+    return dict(zip(accuracy_names(cfg.peers, name), (correct / len(split)).tolist()))
+
+
 def _epoch_record_across_workers(
     cfg: Config,
     topology: Topology,
@@ -98,17 +123,13 @@ def _epoch_record_across_workers(
     all_reduce_sum(table)
     peer_counts = [dict(zip(EPOCH_COUNT_KEYS, row.tolist())) for row in table.cpu()]
 
-    # Each replica evaluates its shard of the test set; the exchange group stacks the peers'
-    # softmax outputs so the ensemble can be scored; peer 0's workers hold the totals.
-    positions = torch.arange(len(data.test)).tensor_split(cfg.replicas)[topology.replica]
-    test_shard: Split = data.test.subset(positions)
-    probs = test_probabilities(peer, test_shard, data.info).to(peer.device)
-    stacked = all_gather_stack(probs, cfg.peers, exchange_group).cpu()
-    correct = correct_counts(list(stacked), test_shard.clean_labels)
-    if topology.peer != 0:
-        correct.zero_()
-    correct = all_reduce_sum(correct.to(peer.device, torch.float64)).cpu()
-    accuracy = dict(zip(accuracy_names(cfg.peers), (correct / len(data.test)).tolist()))
+    accuracy = _accuracy_across_workers(
+        cfg, topology, peer, data.test, data.info, data.test.clean_labels, exchange_group
+    )
+    if data.validation is not None:
+        labels = data.validation.noisy_labels  # model selection sees noisy labels only
+        val = _accuracy_across_workers(cfg, topology, peer, data.validation, data.info, labels, exchange_group, "val")
+        accuracy.update(val)
 
     # Exchange time without the waiting on the slower peer (measured apart when
     # testing.measure_wait is on); waiting reported on its own.
@@ -140,6 +161,47 @@ def _crash_hook(cfg: Config, rank: int, marker: Path) -> Optional[Callable]:
     return maybe_crash
 
 
+# Written into the run folder when a loss goes NaN/inf. Ray Train V2 restarts the worker group
+# on any worker error and offers no non-retryable one; a numerical fault would replay
+# identically from the last checkpoint, so the restarted loop sees this file and returns
+# at once, and the driver turns it back into a NonFiniteLossError.
+NONFINITE_MARKER = "stopped-nonfinite.txt"
+
+
+def _record_nonfinite(run_dir: Path, err: NonFiniteLossError) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(run_dir / NONFINITE_MARKER, "x") as f:  # the first rank to fail writes it
+            f.write(str(err) + "\n")
+    except FileExistsError:
+        pass
+
+
+def nonfinite_stop(run_dir: str | Path) -> Optional[str]:
+    """The message of the numerical fault that stopped this run, if one did."""
+    marker = Path(run_dir) / NONFINITE_MARKER
+    return marker.read_text().strip() if marker.is_file() else None
+
+
+def fit(trainer, run_dir: str | Path):
+    """`trainer.fit()`, but a run stopped by a NaN/inf loss raises NonFiniteLossError naming
+    the peer, epoch and step (its last good checkpoint stays in `run_dir`)."""
+    try:
+        result = trainer.fit()
+    except Exception:
+        stopped = nonfinite_stop(run_dir)
+        if stopped is None:
+            raise
+        result = None
+    stopped = nonfinite_stop(run_dir)
+    if stopped is not None:
+        raise NonFiniteLossError(
+            f"{stopped} (last good checkpoint kept in {run_dir}; delete {Path(run_dir) / NONFINITE_MARKER} "
+            "to resume this run with other settings)"
+        )
+    return result
+
+
 def _combine(*hooks: Optional[Callable]) -> Optional[Callable]:
     hooks = tuple(h for h in hooks if h is not None)
     if not hooks:
@@ -160,6 +222,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = from_dict(loop_config["config"])
     _quiet_report_logger(cfg.ray.log_level)
     topology = Topology(cfg.peers, cfg.replicas, ray.train.get_context().get_world_rank())
+    run_dir = Path(loop_config["run_dir"])
+    stopped = nonfinite_stop(run_dir)
+    if stopped is not None:  # a numerical fault replays identically: do not retry it
+        if topology.rank == 0:
+            _console(f"[cmd-ray] not retrying after a non-finite loss: {stopped}")
+        return
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     torch.manual_seed(cfg.seed)
     groups = make_groups(topology)
@@ -173,13 +241,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     exchange = CollectiveExchange(topology, groups.exchange, measure_wait=cfg.testing.measure_wait)
     on_step = _combine(
         StepTrace(cfg.testing.trace_dir, topology.replica) if cfg.testing.trace_dir else None,
-        _crash_hook(cfg, topology.rank, Path(loop_config["run_dir"]) / ".crash-injected"),
+        _crash_hook(cfg, topology.rank, run_dir / ".crash-injected"),
     )
     if topology.rank == 0 and start_epoch:
         _console(f"[cmd-ray] resumed from the checkpoint after epoch {start_epoch}")
     for epoch in range(start_epoch, cfg.epochs):
         exchange.wait_seconds = 0.0
-        stats = train_epoch(cfg, [peer], data, epoch, exchange, topology.replica, on_step)
+        try:
+            stats = train_epoch(cfg, [peer], data, epoch, exchange, topology.replica, on_step)
+        except NonFiniteLossError as err:
+            _record_nonfinite(run_dir, err)
+            raise
         record = _epoch_record_across_workers(
             cfg, topology, peer, data, epoch, stats, exchange.wait_seconds, groups.exchange
         )
@@ -331,7 +403,7 @@ def train_on_ray(cfg: Config, log: Callable[[str], None] = print, run_name: Opti
         f"noise {cfg.noise.type} {cfg.noise.rate:g} (realised {data.noise['subset_realised_rate']:.3f}), "
         f"{cfg.epochs} epochs; run {storage / run_name}"
     )
-    result = build_trainer(cfg, run_name, storage).fit()
+    result = fit(build_trainer(cfg, run_name, storage), storage / run_name)
     with result.checkpoint.as_directory() as folder:
         history = read_history(folder)
     extra = {

@@ -298,3 +298,73 @@ def selection_table(rows: list[dict[str, Any]]) -> str:
             cells.append(f"{p} / {m}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# Choosing hyper-parameters on the validation split (never on the test set)
+
+VALIDATION = "mean/val_accuracy"  # mean of the peers' accuracy on the held-out *noisy* labels
+CANDIDATE_SECTIONS = ("knowledge.", "distill.")
+# Knowledge keys a method ignores, left out of its candidate's name (one grid can serve both).
+IGNORED_BY = {
+    "cmd-s": {
+        "knowledge.tau_start",
+        "knowledge.tau_end",
+        "knowledge.shape",
+        "knowledge.steepness",
+        "knowledge.midpoint",
+    },
+    "cmd-p": {"knowledge.tau"},
+}
+
+
+def _candidate(row: dict[str, Any]) -> str:
+    """The swept knowledge/distill settings a row's method uses, e.g. 'tau=0.3, threshold_on=quantile'."""
+    ignored = IGNORED_BY.get(row.get("method"), set())
+    keys = sorted(k for k in row if k.startswith(CANDIDATE_SECTIONS) and row[k] is not None and k not in ignored)
+    return ", ".join(f"{k.split('.', 1)[1]}={row[k]}" for k in keys) or "defaults"
+
+
+def validation_choice(rows: list[dict[str, Any]], last_epochs: int = 3) -> tuple[str, dict[str, str]]:
+    """Rank each method's candidates by noisy-validation accuracy; return (markdown table, best per method).
+
+    A candidate's score per noise setting is the mean over seeds of its final validation
+    accuracy (mean of the last `last_epochs` epochs); its overall score is the mean over
+    noise settings. Test accuracy is not read here.
+    """
+    scores: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    by_trial: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row.get("status") == "finished" and row.get(VALIDATION) is not None:
+            by_trial[row["trial_id"]].append(row)
+    if not by_trial:
+        raise ValueError("no finished trial has validation accuracy; set data.validation_fraction > 0")
+    for trial in by_trial.values():
+        trial.sort(key=lambda r: r["epoch"])
+        tail = [r[VALIDATION] for r in trial[-last_epochs:]]
+        first = trial[0]
+        scores[(first["method"], _candidate(first), _noise_label(first))].append(sum(tail) / len(tail))
+    noises = sorted({n for _, _, n in scores})
+    candidates = sorted({(m, c) for m, c, _ in scores}, key=lambda mc: (_method_order(mc[0]), mc[1]))
+    overall = {}
+    for method, cand in candidates:
+        cells = [scores.get((method, cand, n)) for n in noises]
+        done = [sum(c) / len(c) for c in cells if c]
+        overall[(method, cand)] = sum(done) / len(done) if len(done) == len(noises) else float("nan")
+    best: dict[str, str] = {}
+    for method in sorted({m for m, _ in candidates}, key=_method_order):
+        ranked = [(s, c) for (m, c), s in overall.items() if m == method and not math.isnan(s)]
+        if ranked:
+            best[method] = max(ranked)[1]
+    lines = ["| method | candidate | " + " | ".join(noises) + " | mean |", "|---" * (len(noises) + 3) + "|"]
+    for method, cand in candidates:
+        cells = [scores.get((method, cand, n)) for n in noises]
+        shown = [f"{100 * sum(c) / len(c):.2f}" if c else "-" for c in cells]
+        mark = " **(chosen)**" if best.get(method) == cand else ""
+        mean = overall[(method, cand)]
+        lines.append(
+            f"| {method} | {cand}{mark} | "
+            + " | ".join(shown)
+            + f" | {'-' if math.isnan(mean) else f'{100 * mean:.2f}'} |"
+        )
+    return "\n".join(lines), best

@@ -19,7 +19,7 @@ from cmd_ray.peer import epoch_metrics
 def epoch_record(
     epoch: int,
     peer_counts: list[dict[str, float]],
-    test_accuracy: dict[str, float],
+    test_accuracy: dict[str, float],  # peerK/test_accuracy, ensemble/...; also val_accuracy with a validation split
     train_seconds: float,
     exchange_seconds: float,
 ) -> dict[str, Any]:
@@ -29,8 +29,10 @@ def epoch_record(
         for key, value in epoch_metrics(counts).items():
             record[f"peer{k}/{key}"] = value
     record.update(test_accuracy)
-    peer_accuracy = [test_accuracy[f"peer{k}/test_accuracy"] for k in range(len(peer_counts))]
-    record["mean/test_accuracy"] = sum(peer_accuracy) / len(peer_accuracy)
+    for split in ("test", "val"):
+        if f"peer0/{split}_accuracy" in test_accuracy:
+            peer_accuracy = [test_accuracy[f"peer{k}/{split}_accuracy"] for k in range(len(peer_counts))]
+            record[f"mean/{split}_accuracy"] = sum(peer_accuracy) / len(peer_accuracy)
     samples = peer_counts[0].get("samples", 0.0) if peer_counts else 0.0
     record["train_seconds"] = train_seconds
     record["samples_per_second"] = samples / train_seconds if train_seconds > 0 else float("nan")
@@ -52,10 +54,12 @@ def _fmt(value: float, pct: bool = True) -> str:
 def progress_line(record: dict[str, Any], peers: int, epochs: int, label: str = "") -> str:
     """One readable line per epoch for the console (`label` tells concurrent runs apart)."""
     accs = " ".join(_fmt(record[f"peer{k}/test_accuracy"]) for k in range(peers))
+    val = f"  val (noisy) {_fmt(record['mean/val_accuracy'])}" if "mean/val_accuracy" in record else ""
     return (
         (f"[{label}] " if label else "")
         + f"epoch {record['epoch'] + 1:>3}/{epochs}  test acc % [{accs}] ens {_fmt(record['ensemble/test_accuracy'])}"
-        f"  loss {record['peer0/loss']:.3f}  tau {_fmt(record['mean/tau'], pct=False)}"
+        + val
+        + f"  loss {record['peer0/loss']:.3f}  tau {_fmt(record['mean/tau'], pct=False)}"
         f"  sel {_fmt(record['mean/selected_fraction'])}% prec {_fmt(record['mean/selection_precision'])}%"
         f"  mem {_fmt(record['mean/memorisation'])}%  {record['samples_per_second']:.0f} samples/s"
         f"  exch {100 * record['exchange_fraction']:.1f}%"

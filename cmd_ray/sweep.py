@@ -87,7 +87,7 @@ def run_trial(params: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cmd_ray.ray_train import build_trainer
+    from cmd_ray.ray_train import build_trainer, fit
 
     base, folder = params["base"], Path(params["folder"])
     cfg = trial_config(base, grid_point(params))
@@ -96,7 +96,7 @@ def run_trial(params: dict[str, Any]) -> None:
     # The Train run is named by the trial id, which survives a sweep restore: a restored
     # trial resumes its Train run from the latest checkpoint.
     label = " ".join(f"{k}={v}" for k, v in grid_point(params).items())
-    build_trainer(cfg, trial_id, folder / "train", [TuneReportCallback()], label).fit()
+    fit(build_trainer(cfg, trial_id, folder / "train", [TuneReportCallback()], label), folder / "train" / trial_id)
 
 
 def grid_point(params: dict[str, Any]) -> dict[str, Any]:

@@ -45,7 +45,8 @@ StepHook = Callable[[int, int, list[Peer], list[StepResult]], None]
 def load_run_data(cfg: Config) -> DataBundle:
     """The noisy train split and clean test split a config asks for (cached as Parquet)."""
     spec = NoiseSpec(cfg.noise.type, cfg.noise.rate, cfg.noise.matrix)
-    return load_data(cfg.data.name, cfg.data.root, spec, cfg.seed, cfg.data.train_subset, cfg.data.test_subset)
+    d = cfg.data
+    return load_data(d.name, d.root, spec, cfg.seed, d.train_subset, d.test_subset, d.validation_fraction)
 
 
 def in_process_exchange(logits: list[torch.Tensor], batch: Batch) -> torch.Tensor:
@@ -142,6 +143,9 @@ def train_in_process(
     for epoch in range(cfg.epochs):
         stats = train_epoch(cfg, peers, data, epoch, on_step=on_step)
         accuracy = evaluate([test_probabilities(p, data.test, data.info) for p in peers], data.test.clean_labels)
+        if data.validation is not None:
+            val_probs = [test_probabilities(p, data.validation, data.info) for p in peers]
+            accuracy.update(evaluate(val_probs, data.validation.noisy_labels, "val"))
         record = epoch_record(epoch, stats.counts, accuracy, stats.train_seconds, stats.exchange_seconds)
         record.update(train_samples=len(data.train), test_samples=len(data.test))
         if epoch == 0:

@@ -58,6 +58,11 @@ CASES = [
     ("override without =", lambda t: ["train", "--set", "noise.rate"], "--set: got 'noise.rate'"),
     ("noise rate high", lambda t: ["train", "--set", "noise.rate=1.5"], "noise.rate: got 1.5"),
     ("noise rate negative", lambda t: ["train", "--set", "noise.rate=-0.1"], "noise.rate: got -0.1"),
+    (
+        "validation share too large",
+        lambda t: ["train", "--set", "data.validation_fraction=0.7"],
+        "data.validation_fraction: got 0.7; allowed: a number in [0.0, 0.5]",
+    ),
     ("unknown noise", lambda t: ["train", "--set", "noise.type=gauss"], "noise.type: got 'gauss'"),
     ("matrix rows", lambda t: ["prepare", "--set", "noise.type=matrix", "--set", f"noise.matrix={_bad_matrix(t)}"],
      "noise.matrix: row 0 sums to 2"),

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 
 from cmd_ray import bench
 from cmd_ray.config import from_dict
-from cmd_ray.results import report
+from cmd_ray.results import report, validation_choice
 
 
 def test_accuracy_bench_writes_a_reportable_table_and_resumes(fake_fmnist_root, tmp_path, monkeypatch):
@@ -36,3 +36,41 @@ def test_accuracy_bench_writes_a_reportable_table_and_resumes(fake_fmnist_root, 
     monkeypatch.setattr("cmd_ray.trainer.train_in_process", must_not_train)
     bench.accuracy(cfg, folder, log=lines.append)
     assert len(lines) == 2
+    # A line cut short by a crash or a full disk is skipped on resume, not fatal.
+    with open(folder / "trials.jsonl", "a") as f:
+        f.write('{"trial_id": "bench_00009", "point": {"meth')
+    bench.accuracy(cfg, folder, log=lines.append)
+    assert len(lines) == 3 and "skipping an unfinished line" in lines[2]
+
+
+def test_validation_sweep_ranks_candidates_on_noisy_validation_accuracy_without_test_figures(
+    fake_fmnist_root, tmp_path, capsys
+):
+    from cmd_ray.cli import main
+
+    cfg = from_dict(
+        {
+            "epochs": 2,
+            "batch_size": 100,
+            "data": {"root": str(fake_fmnist_root), "test_subset": 100, "validation_fraction": 0.2},
+            "sweep": {
+                "grid": {
+                    "method": ["cmd-s", "cmd-p"],
+                    "knowledge": [
+                        {"threshold_on": "certainty", "tau": 0.5, "tau_start": 0.3, "tau_end": 0.7},
+                        {"threshold_on": "quantile", "tau": 0.2, "tau_start": 0.0, "tau_end": 0.5},
+                    ],
+                }
+            },
+        }
+    )
+    folder = tmp_path / "validation"
+    lines = []
+    bench.accuracy(cfg, folder, log=lines.append)
+    assert len(lines) == 4 and all("noisy-validation" in line and "test" not in line for line in lines)
+    table, best = validation_choice(pq.read_table(folder / "results.parquet").to_pylist(), last_epochs=2)
+    assert set(best) == {"cmd-s", "cmd-p"}
+    assert "tau=0.5" in table and "tau_start" not in best["cmd-s"] and "tau=" not in best["cmd-p"].replace("tau_", "")
+    assert table.count("(chosen)") == 2 and "test" not in table
+    assert main(["report", str(folder), "--validation", "--last-epochs", "2"]) == 0
+    assert "chosen for cmd-p on validation:" in capsys.readouterr().out

@@ -143,6 +143,19 @@ def test_train_subset_is_seeded_and_test_is_never_subset_by_default(fake_fmnist_
     assert len(a.test) == 200
 
 
+def test_validation_split_is_held_out_of_training_seeded_and_keeps_the_noisy_labels(fake_fmnist_root):
+    spec = NoiseSpec("symmetric", 0.4)
+    a = load_data("fashion-mnist", fake_fmnist_root, spec, 0, train_subset=500, validation_fraction=0.2)
+    b = load_data("fashion-mnist", fake_fmnist_root, spec, 0, train_subset=500, validation_fraction=0.2)
+    whole = load_data("fashion-mnist", fake_fmnist_root, spec, 0, train_subset=500)
+    assert len(a.train) == 400 and len(a.validation) == 100 and whole.validation is None
+    assert not set(a.train.index.tolist()) & set(a.validation.index.tolist())
+    assert set(a.train.index.tolist()) | set(a.validation.index.tolist()) == set(whole.train.index.tolist())
+    assert torch.equal(a.validation.index, b.validation.index)
+    # Held-out rows keep their noisy labels: some differ from the clean ones, as in training.
+    assert (a.validation.noisy_labels != a.validation.clean_labels).any()
+
+
 def test_epoch_batches_cover_every_sample_once_in_a_seeded_order():
     batches = list(epoch_batches(103, 10, seed=5, epoch=2))
     assert len(batches) == 11 and len(batches[-1]) == 3

@@ -43,6 +43,29 @@ def test_every_method_trains_and_reports_per_epoch_metrics(fake_fmnist_root, met
     assert summary["test_accuracy"]["ensemble"]["best"] > 0.5
 
 
+def test_validation_accuracy_is_scored_on_held_out_noisy_labels_never_clean_ones(fake_fmnist_root, monkeypatch):
+    from cmd_ray import trainer
+
+    scored = []
+    real_evaluate = trainer.evaluate
+
+    def spy(probs, labels, split="test"):
+        scored.append((split, labels.clone()))
+        return real_evaluate(probs, labels, split)
+
+    monkeypatch.setattr(trainer, "evaluate", spy)
+    cfg = tiny_config(fake_fmnist_root, method="cmd-s", data__train_subset=None, data__validation_fraction=0.25)
+    data = trainer.load_run_data(cfg)
+    summary = train_in_process(cfg, data, log=lambda _: None)
+    assert len(data.train) == 450 and summary["history"][0]["train_samples"] == 450
+    val_labels = [labels for split, labels in scored if split == "val"]
+    assert len(val_labels) == 2  # once per epoch
+    assert all(torch.equal(labels, data.validation.noisy_labels) for labels in val_labels)
+    assert not torch.equal(data.validation.noisy_labels, data.validation.clean_labels)
+    for record in summary["history"]:
+        assert 0.0 <= record["mean/val_accuracy"] <= 1.0 and "ensemble/val_accuracy" in record
+
+
 def test_same_seed_gives_the_same_run_and_peers_see_the_same_batches(fake_fmnist_root):
     cfg = tiny_config(fake_fmnist_root, epochs=1, data__train_subset=None, data__test_subset=None)
     a = train_in_process(cfg, log=lambda _: None)
