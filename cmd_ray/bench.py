@@ -4,6 +4,9 @@
   and in one process, side by side in one run: steady-state training samples/s of each,
   their ratio, the exchange's share of step time (transfer timed apart from waiting on
   the slower peer), and the time from start to the first step. Optionally P = 2, 3, 4.
+- `load`: a sweep of 16+ Tune-over-Train trials on this machine, with the resident memory of
+  the driver and its Ray processes, the machine's memory in use and the live Train workers
+  sampled from /proc (Linux) every half second.
 - `accuracy`: methods x noise settings x seeds with the in-process trainer (the Ray path
   computes the same numbers, as the equivalence test shows), resumable, written as a
   sweep-style `results.parquet` so `cmd-ray report` makes the table and plots.
@@ -12,6 +15,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -121,3 +126,160 @@ def _write_table(base: dict[str, Any], entries, folder: Path) -> Path:
     for e in entries:
         rows += trial_rows(e["trial_id"], e["point"], base, e["history"], "finished", "")
     return write_parquet_atomic(folder / "results.parquet", pa.Table.from_pylist(rows))
+
+
+# --------------------------------------------------------------------------------------
+# Load: a large sweep on this machine, memory and concurrency sampled from /proc (Linux)
+
+
+def _process_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, resident bytes, command line) for every readable process."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    table = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+            statm = Path(entry.path, "statm").read_text().split()
+            cmdline = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # the process ended while we looked
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        table[int(entry.name)] = (ppid, int(statm[1]) * page, cmdline)
+    return table
+
+
+def _descendants(table: dict[int, tuple[int, int, str]], root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def _used_memory() -> int:
+    """Machine-wide memory in use (MemTotal - MemAvailable), bytes."""
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return (int(info["MemTotal"].split()[0]) - int(info["MemAvailable"].split()[0])) * 1024
+
+
+class LoadSampler(threading.Thread):
+    """Every `interval` s: resident memory of this process and all its descendants (the
+    embedded Ray: GCS, raylet, Tune and Train actors), the machine's used memory, and how many
+    Ray Train workers and trial drivers are alive."""
+
+    def __init__(self, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.samples: list[dict[str, float]] = []
+        self._stop_event = threading.Event()
+        self._t0 = time.perf_counter()
+
+    def run(self) -> None:
+        me = os.getpid()
+        while not self._stop_event.wait(self.interval):
+            table = _process_table()
+            tree = [table[p] for p in _descendants(table, me) if p in table]
+            self.samples.append(
+                {
+                    "t": time.perf_counter() - self._t0,
+                    "tree_rss": float(sum(rss for _, rss, _ in tree)),
+                    "used": float(_used_memory()),
+                    "train_workers": float(sum("RayTrainWorker" in cmd for _, _, cmd in tree)),
+                    "trial_drivers": float(sum("ImplicitFunc" in cmd or "run_trial" in cmd for _, _, cmd in tree)),
+                }
+            )
+
+    def stop(self) -> list[dict[str, float]]:
+        self._stop_event.set()
+        self.join()
+        return self.samples
+
+
+def load(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the sweep `cfg` describes (16+ trials) while sampling memory and concurrency; return figures."""
+    import pyarrow.parquet as pq
+
+    from cmd_ray.sweep import concurrency, run_sweep
+
+    points = check_grid(cfg)
+    before = _used_memory()
+    sampler = LoadSampler()
+    sampler.start()
+    started = time.perf_counter()
+    try:
+        folder = run_sweep(cfg, log=log)
+    finally:
+        samples = sampler.stop()
+    import ray
+
+    bound = concurrency(cfg, ray.cluster_resources())
+    rows = pq.read_table(folder / "results.parquet").to_pylist()
+    status = {r["trial_id"]: r["status"] for r in rows}
+    gib = 1024**3
+    figures = {
+        "trials": len(points),
+        "finished": sum(s == "finished" for s in status.values()),
+        "failed": sum(s == "failed" for s in status.values()),
+        "wall_seconds": time.perf_counter() - started,
+        "concurrency_bound_trials": bound,
+        "workers_per_trial": cfg.peers * cfg.replicas,
+        "peak_train_workers": max((s["train_workers"] for s in samples), default=0),
+        "peak_trial_drivers": max((s["trial_drivers"] for s in samples), default=0),
+        "peak_tree_rss_gib": max((s["tree_rss"] for s in samples), default=0) / gib,
+        "used_before_gib": before / gib,
+        "peak_used_gib": max((s["used"] for s in samples), default=before) / gib,
+        "samples": samples,
+        "folder": str(folder),
+    }
+    # Memory bounded: the second half of the sweep should not sit higher than the first.
+    half = len(samples) // 2
+    if half:
+        figures["peak_tree_rss_first_half_gib"] = max(s["tree_rss"] for s in samples[:half]) / gib
+        figures["peak_tree_rss_second_half_gib"] = max(s["tree_rss"] for s in samples[half:]) / gib
+    log(
+        f"[cmd-ray] load: {figures['finished']}/{figures['trials']} trials finished ({figures['failed']} failed) "
+        f"in {figures['wall_seconds']:.0f} s; at most {bound} trials x {figures['workers_per_trial']} workers at once "
+        f"(peak seen: {figures['peak_train_workers']:.0f} Train workers, {figures['peak_trial_drivers']:.0f} trial "
+        f"drivers); peak resident memory of the driver and its Ray processes {figures['peak_tree_rss_gib']:.2f} GiB "
+        f"(first half {figures.get('peak_tree_rss_first_half_gib', 0):.2f}, second half "
+        f"{figures.get('peak_tree_rss_second_half_gib', 0):.2f}); machine memory in use "
+        f"{figures['used_before_gib']:.2f} GiB before, {figures['peak_used_gib']:.2f} GiB at peak"
+    )
+    return figures
+
+
+def plot_load(figures: dict[str, Any], path: Path) -> Path:
+    """Memory and live Train workers over the sweep's time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cmd_ray.atomic import atomic_path
+
+    samples = figures["samples"]
+    t = [s["t"] for s in samples]
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    ax.plot(t, [s["tree_rss"] / 1024**3 for s in samples], label="driver + Ray processes RSS (GiB)")
+    ax.plot(t, [s["used"] / 1024**3 for s in samples], label="machine memory in use (GiB)")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("GiB")
+    ax.grid(alpha=0.3)
+    right = ax.twinx()
+    right.step(t, [s["train_workers"] for s in samples], color="C2", where="post", label="live Train workers")
+    right.set_ylabel("Train workers")
+    lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    labels = ax.get_legend_handles_labels()[1] + right.get_legend_handles_labels()[1]
+    ax.legend(lines, labels, fontsize=8, loc="upper left")
+    ax.set_title(f"{figures['trials']}-trial sweep on this machine")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path

@@ -63,12 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="rank each method's swept knowledge/distill settings by noisy-validation accuracy (no test figures)",
     )
 
-    bench = sub.add_parser("bench", help="benchmarks that print figures: throughput, accuracy")
+    bench = sub.add_parser("bench", help="benchmarks that print figures: throughput, load, accuracy")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     tp = bench_sub.add_parser("throughput", help="Ray workers vs in-process peers, side by side")
     _add_config_args(tp)
     tp.add_argument("--peers", type=int, nargs="+", default=[2], help="peer counts to measure, e.g. 2 3 4")
     tp.add_argument("--output-json", help="also write the figures here")
+    ld = bench_sub.add_parser("load", help="a 16+ trial sweep on this machine: peak memory and concurrency")
+    _add_config_args(ld)
+    ld.add_argument("--output-json", help="also write the figures (and the memory samples) here")
+    ld.add_argument("--plot", help="also plot memory and live Train workers over time to this PNG")
     acc = bench_sub.add_parser("accuracy", help="methods x noise x seeds table (resumable)")
     _add_config_args(acc)
     acc.add_argument("--folder", default="docs/bench/accuracy", help="results.parquet, trials.jsonl, plots go here")
@@ -172,18 +176,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_validation_choice(folder: str | Path, last_epochs: int) -> int:
+    from cmd_ray.results import read_results, validation_choice
+
+    table, best = validation_choice(read_results(folder), last_epochs)
+    print(table)
+    for method, candidate in best.items():
+        print(f"chosen for {method} on validation: {candidate}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    from cmd_ray.results import read_results, report, validation_choice
+    from cmd_ray.results import report
 
     if args.last_epochs < 1:
         raise ConfigError(f"--last-epochs: got {args.last_epochs}; allowed: an integer >= 1")
     try:
         if args.validation:
-            table, best = validation_choice(read_results(args.folder), args.last_epochs)
-            print(table)
-            for method, candidate in best.items():
-                print(f"chosen for {method} on validation: {candidate}")
-            return 0
+            return _print_validation_choice(args.folder, args.last_epochs)
         table, plots = report(args.folder, args.last_epochs)
     except FileNotFoundError as err:
         raise ConfigError(f"folder: {err}") from None
@@ -209,17 +219,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
             write_json_atomic(args.output_json, {"rows": rows, "config": cfg.to_dict()})
         return 0
     from cmd_ray.config import check_grid
-    from cmd_ray.results import read_results, report, validation_choice
+    from cmd_ray.results import report
 
     check_grid(cfg)
+    if args.bench == "load":
+        from cmd_ray.summary import write_json_atomic
+
+        _check_writable("sweep.storage_path", cfg.sweep.storage_path)
+        figures = bench.load(cfg)
+        if args.output_json:
+            write_json_atomic(args.output_json, {**figures, "config": cfg.to_dict()})
+        if args.plot:
+            print(f"plot: {bench.plot_load(figures, Path(args.plot))}")
+        return 0 if figures["finished"] == figures["trials"] else 1
     folder = Path(args.folder)
     bench.accuracy(cfg, folder)
     if cfg.data.validation_fraction > 0:  # a hyper-parameter sweep: rank on validation only
-        table, best = validation_choice(read_results(folder), last_epochs=3)
-        print(table)
-        for method, candidate in best.items():
-            print(f"chosen for {method} on validation: {candidate}")
-        return 0
+        return _print_validation_choice(folder, last_epochs=3)
     table, plots = report(folder, last_epochs=5)
     print(table)
     print("plots: " + ", ".join(str(p) for p in plots))

@@ -318,11 +318,11 @@ IGNORED_BY = {
 }
 
 
-def _candidate(row: dict[str, Any]) -> str:
+def _candidate(row: dict[str, Any], varying: set[str]) -> str:
     """The swept knowledge/distill settings a row's method uses, e.g. 'tau=0.3, threshold_on=quantile'."""
     ignored = IGNORED_BY.get(row.get("method"), set())
-    keys = sorted(k for k in row if k.startswith(CANDIDATE_SECTIONS) and row[k] is not None and k not in ignored)
-    return ", ".join(f"{k.split('.', 1)[1]}={row[k]}" for k in keys) or "defaults"
+    keys = sorted(k for k in varying if k not in ignored)
+    return ", ".join(f"{k.split('.', 1)[1]}={row.get(k)}" for k in keys) or "defaults"
 
 
 def validation_choice(rows: list[dict[str, Any]], last_epochs: int = 3) -> tuple[str, dict[str, str]]:
@@ -339,11 +339,14 @@ def validation_choice(rows: list[dict[str, Any]], last_epochs: int = 3) -> tuple
             by_trial[row["trial_id"]].append(row)
     if not by_trial:
         raise ValueError("no finished trial has validation accuracy; set data.validation_fraction > 0")
+    firsts = [trial[0] for trial in by_trial.values()]
+    columns = {k for row in firsts for k in row if k.startswith(CANDIDATE_SECTIONS)}
+    varying = {k for k in columns if len({repr(row.get(k)) for row in firsts}) > 1}
     for trial in by_trial.values():
         trial.sort(key=lambda r: r["epoch"])
         tail = [r[VALIDATION] for r in trial[-last_epochs:]]
         first = trial[0]
-        scores[(first["method"], _candidate(first), _noise_label(first))].append(sum(tail) / len(tail))
+        scores[(first["method"], _candidate(first, varying), _noise_label(first))].append(sum(tail) / len(tail))
     noises = sorted({n for _, _, n in scores})
     candidates = sorted({(m, c) for m, c, _ in scores}, key=lambda mc: (_method_order(mc[0]), mc[1]))
     overall = {}

@@ -60,8 +60,6 @@ def prepare_wandb(cfg: Config, folder: Path) -> Optional[Any]:
     mode = wandb_mode(cfg)
     if mode == "disabled":
         return None
-    from ray.air.integrations.wandb import WandbLoggerCallback
-
     folder.mkdir(parents=True, exist_ok=True)
     os.environ["WANDB_MODE"] = mode
     os.environ["WANDB_DIR"] = str(folder)
@@ -69,9 +67,31 @@ def prepare_wandb(cfg: Config, folder: Path) -> Optional[Any]:
     # A W&B service that cannot be reached must not hold a trial: give up on init quickly.
     os.environ.setdefault("WANDB_INIT_TIMEOUT", "60")
     kwargs = {"entity": cfg.sweep.wandb.entity} if cfg.sweep.wandb.entity else {}
-    return WandbLoggerCallback(
+    return _wandb_callback_class()(
         project=cfg.sweep.wandb.project, group=cfg.sweep.name, log_config=True, dir=str(folder), **kwargs
     )
+
+
+def _wandb_callback_class() -> type:
+    """Ray's WandbLoggerCallback whose logging actor tears W&B down before Ray kills it.
+
+    Ray kills each trial's logging actor once its `wandb.finish()` returns; W&B's atexit hook
+    then tries to close a service connection that is already gone and prints a
+    ConnectionResetError traceback per trial. Tearing down explicitly unregisters that hook.
+    """
+    from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
+
+    class TidyWandbLoggingActor(_WandbLoggingActor):
+        def run(self):
+            try:
+                super().run()
+            finally:
+                self._wandb.teardown()
+
+    class TidyWandbLoggerCallback(WandbLoggerCallback):
+        _logger_actor_cls = TidyWandbLoggingActor
+
+    return TidyWandbLoggerCallback
 
 
 # --------------------------------------------------------------------------------------

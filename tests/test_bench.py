@@ -74,3 +74,19 @@ def test_validation_sweep_ranks_candidates_on_noisy_validation_accuracy_without_
     assert table.count("(chosen)") == 2 and "test" not in table
     assert main(["report", str(folder), "--validation", "--last-epochs", "2"]) == 0
     assert "chosen for cmd-p on validation:" in capsys.readouterr().out
+
+
+def test_load_sampler_counts_the_memory_of_child_processes():
+    import subprocess
+    import sys
+    import time
+
+    sampler = bench.LoadSampler(interval=0.1)
+    sampler.start()
+    hold = "import time; x = bytearray(300 * 1024 * 1024); x[::4096] = b'1' * len(x[::4096]); time.sleep(3)"
+    child = subprocess.Popen([sys.executable, "-c", hold])
+    time.sleep(2.0)
+    samples = sampler.stop()
+    child.wait()
+    assert samples and max(s["tree_rss"] for s in samples) > 300 * 1024 * 1024
+    assert all(s["train_workers"] == 0 for s in samples)
