@@ -132,21 +132,29 @@ def _write_table(base: dict[str, Any], entries, folder: Path) -> Path:
 # Load: a large sweep on this machine, memory and concurrency sampled from /proc (Linux)
 
 
+def _proportional_rss(pid_dir: str) -> int:
+    """PSS in bytes: resident memory with each shared page split among the processes sharing
+    it, so summing over processes does not count torch's libraries or Ray's object store twice."""
+    for line in Path(pid_dir, "smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def _process_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (parent pid, resident bytes, command line) for every readable process."""
-    page = os.sysconf("SC_PAGE_SIZE")
+    """pid -> (parent pid, proportional resident bytes, command line) for every readable process."""
     table = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             stat = Path(entry.path, "stat").read_text()
-            statm = Path(entry.path, "statm").read_text().split()
             cmdline = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            memory = _proportional_rss(entry.path)
         except OSError:  # the process ended while we looked
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        table[int(entry.name)] = (ppid, int(statm[1]) * page, cmdline)
+        table[int(entry.name)] = (ppid, memory, cmdline)
     return table
 
 
@@ -169,7 +177,7 @@ def _used_memory() -> int:
 
 
 class LoadSampler(threading.Thread):
-    """Every `interval` s: resident memory of this process and all its descendants (the
+    """Every `interval` s: proportional resident memory (PSS) of this process and all its descendants (the
     embedded Ray: GCS, raylet, Tune and Train actors), the machine's used memory, and how many
     Ray Train workers and trial drivers are alive."""
 
@@ -246,7 +254,7 @@ def load(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         f"[cmd-ray] load: {figures['finished']}/{figures['trials']} trials finished ({figures['failed']} failed) "
         f"in {figures['wall_seconds']:.0f} s; at most {bound} trials x {figures['workers_per_trial']} workers at once "
         f"(peak seen: {figures['peak_train_workers']:.0f} Train workers, {figures['peak_trial_drivers']:.0f} trial "
-        f"drivers); peak resident memory of the driver and its Ray processes {figures['peak_tree_rss_gib']:.2f} GiB "
+        f"drivers); peak memory (PSS) of the driver and its Ray processes {figures['peak_tree_rss_gib']:.2f} GiB "
         f"(first half {figures.get('peak_tree_rss_first_half_gib', 0):.2f}, second half "
         f"{figures.get('peak_tree_rss_second_half_gib', 0):.2f}); machine memory in use "
         f"{figures['used_before_gib']:.2f} GiB before, {figures['peak_used_gib']:.2f} GiB at peak"
@@ -266,7 +274,7 @@ def plot_load(figures: dict[str, Any], path: Path) -> Path:
     samples = figures["samples"]
     t = [s["t"] for s in samples]
     fig, ax = plt.subplots(figsize=(8, 3.4))
-    ax.plot(t, [s["tree_rss"] / 1024**3 for s in samples], label="driver + Ray processes RSS (GiB)")
+    ax.plot(t, [s["tree_rss"] / 1024**3 for s in samples], label="driver + Ray processes, PSS (GiB)")
     ax.plot(t, [s["used"] / 1024**3 for s in samples], label="machine memory in use (GiB)")
     ax.set_xlabel("seconds")
     ax.set_ylabel("GiB")
