@@ -21,6 +21,12 @@ class StorageError(OSError):
     line naming the file, and the previous version of that file is untouched."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _errno(err: OSError) -> Optional[int]:
     """The errno of an OSError; pyarrow's IO errors carry it only in the message ('[Errno 28] ...')."""
     if err.errno is not None:
@@ -42,6 +48,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results get the usual permissions
         yield Path(tmp)
         os.replace(tmp, path)
     except OSError as err:

@@ -196,7 +196,7 @@ class LoadSampler(threading.Thread):
             self.samples.append(
                 {
                     "t": time.perf_counter() - self._t0,
-                    "tree_rss": float(sum(rss for _, rss, _ in tree)),
+                    "tree_pss": float(sum(rss for _, rss, _ in tree)),
                     "used": float(_used_memory()),
                     "train_workers": float(sum("RayTrainWorker" in cmd for _, _, cmd in tree)),
                     "trial_drivers": float(sum("ImplicitFunc" in cmd or "run_trial" in cmd for _, _, cmd in tree)),
@@ -239,7 +239,7 @@ def load(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         "workers_per_trial": cfg.peers * cfg.replicas,
         "peak_train_workers": max((s["train_workers"] for s in samples), default=0),
         "peak_trial_drivers": max((s["trial_drivers"] for s in samples), default=0),
-        "peak_tree_rss_gib": max((s["tree_rss"] for s in samples), default=0) / gib,
+        "peak_tree_pss_gib": max((s["tree_pss"] for s in samples), default=0) / gib,
         "used_before_gib": before / gib,
         "peak_used_gib": max((s["used"] for s in samples), default=before) / gib,
         "samples": samples,
@@ -248,15 +248,15 @@ def load(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     # Memory bounded: the second half of the sweep should not sit higher than the first.
     half = len(samples) // 2
     if half:
-        figures["peak_tree_rss_first_half_gib"] = max(s["tree_rss"] for s in samples[:half]) / gib
-        figures["peak_tree_rss_second_half_gib"] = max(s["tree_rss"] for s in samples[half:]) / gib
+        figures["peak_tree_pss_first_half_gib"] = max(s["tree_pss"] for s in samples[:half]) / gib
+        figures["peak_tree_pss_second_half_gib"] = max(s["tree_pss"] for s in samples[half:]) / gib
     log(
         f"[cmd-ray] load: {figures['finished']}/{figures['trials']} trials finished ({figures['failed']} failed) "
         f"in {figures['wall_seconds']:.0f} s; at most {bound} trials x {figures['workers_per_trial']} workers at once "
         f"(peak seen: {figures['peak_train_workers']:.0f} Train workers, {figures['peak_trial_drivers']:.0f} trial "
-        f"drivers); peak memory (PSS) of the driver and its Ray processes {figures['peak_tree_rss_gib']:.2f} GiB "
-        f"(first half {figures.get('peak_tree_rss_first_half_gib', 0):.2f}, second half "
-        f"{figures.get('peak_tree_rss_second_half_gib', 0):.2f}); machine memory in use "
+        f"drivers); peak memory (PSS) of the driver and its Ray processes {figures['peak_tree_pss_gib']:.2f} GiB "
+        f"(first half {figures.get('peak_tree_pss_first_half_gib', 0):.2f}, second half "
+        f"{figures.get('peak_tree_pss_second_half_gib', 0):.2f}); machine memory in use "
         f"{figures['used_before_gib']:.2f} GiB before, {figures['peak_used_gib']:.2f} GiB at peak"
     )
     return figures
@@ -274,7 +274,7 @@ def plot_load(figures: dict[str, Any], path: Path) -> Path:
     samples = figures["samples"]
     t = [s["t"] for s in samples]
     fig, ax = plt.subplots(figsize=(8, 3.4))
-    ax.plot(t, [s["tree_rss"] / 1024**3 for s in samples], label="driver + Ray processes, PSS (GiB)")
+    ax.plot(t, [s["tree_pss"] / 1024**3 for s in samples], label="driver + Ray processes, PSS (GiB)")
     ax.plot(t, [s["used"] / 1024**3 for s in samples], label="machine memory in use (GiB)")
     ax.set_xlabel("seconds")
     ax.set_ylabel("GiB")

@@ -88,5 +88,5 @@ def test_load_sampler_counts_the_memory_of_child_processes():
     time.sleep(2.0)
     samples = sampler.stop()
     child.wait()
-    assert samples and max(s["tree_rss"] for s in samples) > 300 * 1024 * 1024
+    assert samples and max(s["tree_pss"] for s in samples) > 300 * 1024 * 1024
     assert all(s["train_workers"] == 0 for s in samples)

@@ -35,6 +35,15 @@ def test_a_full_disk_keeps_the_previous_file_and_leaves_no_temporary_file(tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
 
 
+def test_result_files_get_the_usual_permissions_not_a_temporary_files(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        path = write_json_atomic(tmp_path / "summary.json", {"a": 1})
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 def test_an_error_that_is_not_about_storage_is_not_disguised(tmp_path):
     with pytest.raises(ValueError):
         with atomic_path(tmp_path / "x.json"):
