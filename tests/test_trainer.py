@@ -123,3 +123,16 @@ def test_cli_prepare_reports_the_realised_noise(fake_fmnist_root, capsys):
     assert main(["prepare", "--set", f"data.root={fake_fmnist_root}", "--set", "noise.rate=0.3"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["train_samples"] == 600 and 0.2 < report["realised_rate"] < 0.4
+
+
+def test_bf16_precision_runs_the_forward_in_bfloat16_and_still_learns_on_cpu(fake_fmnist_root):
+    from cmd_ray.peer import _autocast
+
+    cfg = tiny_config(fake_fmnist_root, method="cmd-p", precision="bf16", data__train_subset=None)
+    peer = build_peer(cfg, 0, DATASETS["fashion-mnist"], total_steps=10, device=torch.device("cpu"))
+    with _autocast(peer):
+        raw = peer.model(torch.zeros(4, 1, 28, 28))
+    assert raw.dtype == torch.bfloat16
+    summary = train_in_process(cfg, log=lambda _: None)
+    assert all(torch.isfinite(torch.tensor(r["peer0/loss"])) for r in summary["history"])
+    assert summary["test_accuracy"]["ensemble"]["best"] > 0.5
