@@ -174,7 +174,6 @@ def test_sweep_resumes_after_its_driver_is_killed(fake_fmnist_root, tmp_path, sw
 def test_a_failing_trial_does_not_stop_the_sweep_and_is_reported(fake_fmnist_root, tmp_path, sweep_env):
     folder = tmp_path / "sweeps"
     cmd = _sweep_cmd(fake_fmnist_root, folder, "faulty") + [
-        "--set", "ray.max_failures=0",
         "--set", "sweep.grid={noise.rate: [0.2], method: [ce], testing.nan_step: [null, 8]}",
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=sweep_env, capture_output=True, text=True, timeout=900)
@@ -186,3 +185,20 @@ def test_a_failing_trial_does_not_stop_the_sweep_and_is_reported(fake_fmnist_roo
     assert "loss is nan" in failed[0]["error"]
     assert "1 trials finished, 1 failed" in proc.stdout + proc.stderr
     assert "failed trials:" in proc.stdout
+
+
+@pytest.mark.slow
+def test_load_bench_bounds_concurrency_by_resources_and_reports_peak_memory(fake_fmnist_root, tmp_path, sweep_env):
+    folder = tmp_path / "sweeps"
+    out = tmp_path / "load.json"
+    cmd = _sweep_cmd(fake_fmnist_root, folder, "load", "--set", "epochs=1", "--set", "ray.cpus_per_worker=0.5")
+    cmd[cmd.index("sweep")] = "bench"
+    cmd.insert(cmd.index("bench") + 1, "load")
+    proc = subprocess.run(cmd + ["--output-json", str(out)], env=sweep_env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["trials"] == figures["finished"] == 4 and figures["failed"] == 0
+    assert figures["concurrency_bound_trials"] == 2  # 2 CPUs / (2 workers x 0.5 CPU)
+    assert 2 <= figures["peak_train_workers"] <= 4 and figures["peak_trial_drivers"] <= 2
+    assert 0.1 < figures["peak_tree_pss_gib"] < 64
+    assert "[cmd-ray] load: 4/4 trials finished" in proc.stdout
