@@ -176,6 +176,26 @@ def _used_memory() -> int:
     return (int(info["MemTotal"].split()[0]) - int(info["MemAvailable"].split()[0])) * 1024
 
 
+# What each Ray / W&B process is, from its command line (Ray names actor processes ray::<Class>).
+PROCESS_KINDS = (
+    ("Train worker", "RayTrainWorker"),
+    ("Train controller", "TrainController"),
+    ("trial driver", "ImplicitFunc"),
+    ("W&B logging actor", "WandbLoggingActor"),
+    ("W&B service", "wandb-core"),
+    ("idle Ray worker", "ray::IDLE"),
+    ("other Ray actor", "ray::"),
+    ("Ray GCS", "gcs_server"),
+    ("raylet", "raylet"),
+    ("Ray dashboard and agents", "dashboard"),
+)
+
+
+def process_kind(cmdline: str) -> str:
+    """The kind of a process of the sweep, by the first PROCESS_KINDS pattern its command line holds."""
+    return next((kind for kind, pattern in PROCESS_KINDS if pattern in cmdline), "other")
+
+
 class LoadSampler(threading.Thread):
     """Every `interval` s: proportional resident memory (PSS) of this process and all its descendants (the
     embedded Ray: GCS, raylet, Tune and Train actors), the machine's used memory, and how many
@@ -193,6 +213,12 @@ class LoadSampler(threading.Thread):
         while not self._stop_event.wait(self.interval):
             table = _process_table()
             tree = [table[p] for p in _descendants(table, me) if p in table]
+            by_kind: dict[str, list[float]] = {}
+            for pid in _descendants(table, me):
+                if pid in table:
+                    kind = "driver" if pid == me else process_kind(table[pid][2])
+                    total, count = by_kind.get(kind, [0.0, 0.0])
+                    by_kind[kind] = [total + table[pid][1], count + 1]
             self.samples.append(
                 {
                     "t": time.perf_counter() - self._t0,
@@ -200,6 +226,7 @@ class LoadSampler(threading.Thread):
                     "used": float(_used_memory()),
                     "train_workers": float(sum("RayTrainWorker" in cmd for _, _, cmd in tree)),
                     "trial_drivers": float(sum("ImplicitFunc" in cmd or "run_trial" in cmd for _, _, cmd in tree)),
+                    "by_kind": by_kind,  # kind -> [PSS bytes, processes]
                 }
             )
 
@@ -245,6 +272,14 @@ def load(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         "samples": samples,
         "folder": str(folder),
     }
+    if samples:  # who holds the memory at the peak
+        peak = max(samples, key=lambda s: s["tree_pss"])
+        figures["at_peak_by_kind"] = {
+            kind: {"gib": total / gib, "processes": int(count)}
+            for kind, (total, count) in sorted(peak["by_kind"].items(), key=lambda kv: -kv[1][0])
+        }
+    for sample in samples:  # the breakdown at the peak is kept; per sample it would bloat the JSON
+        sample.pop("by_kind", None)
     # Memory bounded: the second half of the sweep should not sit higher than the first.
     half = len(samples) // 2
     if half:
@@ -259,6 +294,14 @@ def load(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         f"{figures.get('peak_tree_pss_second_half_gib', 0):.2f}); machine memory in use "
         f"{figures['used_before_gib']:.2f} GiB before, {figures['peak_used_gib']:.2f} GiB at peak"
     )
+    if "at_peak_by_kind" in figures:
+        log(
+            "[cmd-ray] load: at the peak, "
+            + "; ".join(
+                f"{kind} {v['gib']:.2f} GiB ({v['processes']} process{'es' if v['processes'] != 1 else ''})"
+                for kind, v in figures["at_peak_by_kind"].items()
+            )
+        )
     return figures
 
 

@@ -90,3 +90,15 @@ def test_load_sampler_counts_the_memory_of_child_processes():
     child.wait()
     assert samples and max(s["tree_pss"] for s in samples) > 300 * 1024 * 1024
     assert all(s["train_workers"] == 0 for s in samples)
+    peak = max(samples, key=lambda s: s["tree_pss"])
+    assert peak["by_kind"]["other"][1] >= 1 and peak["by_kind"]["driver"][1] == 1
+    assert peak["by_kind"]["other"][0] > 300 * 1024 * 1024  # the child is "other": no Ray in its command line
+
+
+def test_process_kinds_name_ray_and_wandb_processes_by_their_command_lines():
+    assert bench.process_kind("ray::RayTrainWorker.run_train_fn") == "Train worker"
+    assert bench.process_kind("ray::_WandbLoggingActor.run") == "W&B logging actor"
+    assert bench.process_kind("ray::ImplicitFunc.train") == "trial driver"
+    assert bench.process_kind("/x/ray/core/src/ray/raylet/raylet --node") == "raylet"
+    assert bench.process_kind("/x/wandb/bin/wandb-core --port-filename f") == "W&B service"
+    assert bench.process_kind("python -c pass") == "other"
