@@ -73,11 +73,15 @@ def prepare_wandb(cfg: Config, folder: Path) -> Optional[Any]:
 
 
 def _wandb_callback_class() -> type:
-    """Ray's WandbLoggerCallback whose logging actor tears W&B down before Ray kills it.
+    """Ray's WandbLoggerCallback whose logging actor and queue actor end without a traceback.
 
     Ray kills each trial's logging actor once its `wandb.finish()` returns; W&B's atexit hook
     then tries to close a service connection that is already gone and prints a
     ConnectionResetError traceback per trial. Tearing down explicitly unregisters that hook.
+
+    Ray only drops its handle to the trial's queue actor, which then exits gracefully; a
+    SIGTERM arriving while that actor's interpreter waits for its threads prints a SystemExit
+    traceback ("Exception ignored in threading"). Killing the queue outright has no such window.
     """
     from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
 
@@ -90,6 +94,11 @@ def _wandb_callback_class() -> type:
 
     class TidyWandbLoggerCallback(WandbLoggerCallback):
         _logger_actor_cls = TidyWandbLoggingActor
+
+        def _cleanup_logging_actor(self, trial) -> None:
+            queue = self._trial_queues[trial]
+            super()._cleanup_logging_actor(trial)
+            queue.shutdown(force=True)
 
     return TidyWandbLoggerCallback
 
