@@ -71,17 +71,21 @@ def throughput(cfg: Config, peer_counts: list[int], log: Callable[[str], None] =
     return rows
 
 
-def accuracy(cfg: Config, folder: Path, log: Callable[[str], None] = print) -> Path:
-    """Run every grid point of `cfg.sweep.grid` in-process; skip points already done (resume).
+def _train_point(base: dict[str, Any], point: dict[str, Any], threads: int = 0) -> tuple[list[dict[str, Any]], float]:
+    """Train one grid point in-process (with `threads` torch threads when > 0); (history, seconds)."""
+    from cmd_ray import trainer  # looked up at call time, so tests can replace it
 
-    Finished trials are appended to `<folder>/trials.jsonl` as they end, so an interrupted
-    benchmark loses at most the trial in flight; results.parquet is rewritten after each.
-    """
-    from cmd_ray.trainer import train_in_process
+    if threads > 0:
+        import torch
 
-    points = check_grid(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    done_path = folder / "trials.jsonl"
+        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    history = trainer.train_in_process(trial_config(base, point), log=lambda _: None)["history"]
+    return history, time.perf_counter() - started
+
+
+def _read_done(done_path: Path, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Finished runs of an earlier invocation, by grid point; a line cut short is skipped."""
     done = {}
     if done_path.is_file():
         for number, line in enumerate(done_path.read_text().splitlines(), 1):
@@ -91,25 +95,50 @@ def accuracy(cfg: Config, folder: Path, log: Callable[[str], None] = print) -> P
                 log(f"{done_path}:{number}: skipping an unfinished line; that run will be repeated")
                 continue
             done[json.dumps(entry["point"], sort_keys=True)] = entry
+    return done
+
+
+def accuracy(cfg: Config, folder: Path, log: Callable[[str], None] = print, jobs: int = 1) -> Path:
+    """Run every grid point of `cfg.sweep.grid` in-process; skip points already done (resume).
+
+    Finished trials are appended to `<folder>/trials.jsonl` as they end, so an interrupted
+    benchmark loses at most the trials in flight; results.parquet is rewritten after each.
+    `jobs` > 1 trains that many points at once, each in its own process with an even share
+    of this machine's cores as torch threads (small models use cores better this way).
+    """
+    points = check_grid(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    done_path = folder / "trials.jsonl"
+    done = _read_done(done_path, log)
     base = cfg.to_dict()
-    for i, point in enumerate(points):
+    todo = [(i, p) for i, p in enumerate(points) if json.dumps(p, sort_keys=True) not in done]
+
+    def finish(i: int, point: dict[str, Any], history: list[dict[str, Any]], seconds: float) -> None:
         key = json.dumps(point, sort_keys=True)
-        if key in done:
-            continue
-        started = time.perf_counter()
-        summary = train_in_process(trial_config(base, point), log=lambda _: None)
-        entry = {"trial_id": f"bench_{i:05d}", "point": point, "history": summary["history"]}
+        entry = {"trial_id": f"bench_{i:05d}", "point": point, "history": history}
         _append_line(done_path, json.dumps(entry))
         done[key] = entry
-        last = summary["history"][-1]
+        last = history[-1]
         # A hyper-parameter sweep (validation split) shows only the validation figure.
         shown = ("noisy-validation", "val") if "mean/val_accuracy" in last else ("clean test", "test")
         log(
             f"[{len(done)}/{len(points)}] {key}: last-epoch {shown[0]} accuracy "
-            f"{100 * last[f'mean/{shown[1]}_accuracy']:.2f}% (mean of peers) "
-            f"({time.perf_counter() - started:.0f} s)"
+            f"{100 * last[f'mean/{shown[1]}_accuracy']:.2f}% (mean of peers) ({seconds:.0f} s)"
         )
         _write_table(base, done.values(), folder)
+
+    if jobs <= 1:
+        for i, point in todo:
+            finish(i, point, *_train_point(base, point))
+        return _write_table(base, done.values(), folder)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_point, base, point, threads): (i, point) for i, point in todo}
+        for future in as_completed(futures):
+            finish(*futures[future], *future.result())
     return _write_table(base, done.values(), folder)
 
 

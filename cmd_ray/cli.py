@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     acc = bench_sub.add_parser("accuracy", help="methods x noise x seeds table (resumable)")
     _add_config_args(acc)
     acc.add_argument("--folder", default="docs/bench/accuracy", help="results.parquet, trials.jsonl, plots go here")
+    acc.add_argument(
+        "--jobs", type=int, default=1, help="runs at once, each in its own process (an even share of the cores)"
+    )
 
     prepare = sub.add_parser("prepare", help="build the Parquet data cache for a config and report the noise")
     _add_config_args(prepare)
@@ -232,8 +235,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.plot:
             print(f"plot: {bench.plot_load(figures, Path(args.plot))}")
         return 0 if figures["finished"] == figures["trials"] else 1
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs: got {args.jobs}; allowed: an integer >= 1")
     folder = Path(args.folder)
-    bench.accuracy(cfg, folder)
+    bench.accuracy(cfg, folder, jobs=args.jobs)
     if cfg.data.validation_fraction > 0:  # a hyper-parameter sweep: rank on validation only
         return _print_validation_choice(folder, last_epochs=3)
     table, plots = report(folder, last_epochs=5)

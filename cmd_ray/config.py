@@ -101,16 +101,38 @@ class KnowledgeConfig:
 
 @dataclass
 class DistillConfig:
-    # kl: CE(z, y~) + lambda * T^2 * KL(q_T || softmax(z/T)) on selected rows (batch mean)
-    # target_mix: CE(z, (1 - e) onehot(y~) + e q), e = mix_weight * c(q), on selected rows.
-    loss: Literal["kl", "target_mix"] = "kl"
-    weight: float = 1.0  # lambda
-    temperature: float = 1.0  # T
+    """How selected knowledge q enters a cmd-s / cmd-p peer's loss (dml always uses kl)."""
+
+    # kl: CE(z, y~) + lambda * T^2 * KL(q_T || softmax(z/T)) on selected rows (batch mean).
+    # label_correction: CE(z, (1 - eps) onehot(y~) + eps q) with eps = g(s) * c(q) (or g(s), see
+    #   epsilon) on selected rows, g(s) a logistic trust rising over training (ProSelfLC with a
+    #   peer's knowledge in place of the model's own).
+    # target_mix: the same target with a constant trust g = mix_weight.
+    loss: Literal["kl", "label_correction", "target_mix"] = "kl"
+    weight: float = 1.0  # lambda, kl only
+    temperature: float = 1.0  # T, kl only
     mix_weight: float = 1.0  # w, target_mix only
+    # label_correction's eps: certainty = g(s) * c(q) (ProSelfLC) | trust = g(s) (selected knowledge
+    # replaces the label entirely once g reaches 1).
+    epsilon: Literal["certainty", "trust"] = "certainty"
+    trust_steepness: float = 10.0  # B in g(s) = 1 / (1 + exp(-B (s - s0)))
+    trust_midpoint: float = 0.5  # s0, in training progress s = step / total steps
+
+
+@dataclass
+class LabelsConfig:
+    """Which noisy labels the label term of a cmd-s / cmd-p peer's loss keeps."""
+
+    # all: every label | small_loss: the (1 - r(t)) share of each batch with the smallest loss
+    # under the other peers (Co-teaching's rule, r(t) from coteaching.*) | agreement: every label
+    # except where the selected knowledge names another class.
+    trust: Literal["all", "small_loss", "agreement"] = "all"
 
 
 @dataclass
 class CoteachingConfig:
+    """Co-teaching's small-loss rule; also what `labels.trust: small_loss` uses."""
+
     # r_max: fraction of large-loss samples dropped at full ramp; None = noise.rate.
     forget_rate: Optional[float] = None
     # T_k: epochs over which the drop rate ramps linearly from 0 to r_max.
@@ -191,6 +213,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
     coteaching: CoteachingConfig = field(default_factory=CoteachingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -324,6 +347,9 @@ def validate(cfg: Config) -> Config:
     if cfg.distill.temperature <= 0:
         raise ConfigError(f"distill.temperature: got {cfg.distill.temperature}; allowed: a number > 0")
     _check_range("distill.mix_weight", cfg.distill.mix_weight, 0.0, 1.0)
+    if cfg.distill.trust_steepness <= 0:
+        raise ConfigError(f"distill.trust_steepness: got {cfg.distill.trust_steepness}; allowed: a number > 0")
+    _check_range("distill.trust_midpoint", cfg.distill.trust_midpoint, 0.0, 1.0)
     if cfg.coteaching.forget_rate is not None:
         _check_range("coteaching.forget_rate", cfg.coteaching.forget_rate, 0.0, 1.0)
     if cfg.coteaching.ramp_epochs < 0:
@@ -473,24 +499,65 @@ def grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
+# A grid axis whose values each set several keys together, e.g. a method with its own settings:
+# variant: [{method: ce}, {method: cmd-p, label: "cmd-p, all knowledge", knowledge.tau_end: 0.0}].
+# `label` (optional) names the variant in reports; the other keys are dotted config keys.
+VARIANT = "variant"
+
+
+def point_overrides(point: dict[str, Any]) -> dict[str, Any]:
+    """A grid point as dotted key -> value, with a `variant` axis spread into its keys."""
+    out = {}
+    for key, value in point.items():
+        if key == VARIANT:
+            out.update({k: v for k, v in value.items() if k != "label"})
+        else:
+            out[key] = value
+    return out
+
+
+def variant_label(point: dict[str, Any]) -> Optional[str]:
+    """How reports name a point's variant: its `label`, else its keys and values; None without one."""
+    variant = point.get(VARIANT)
+    if variant is None:
+        return None
+    return variant.get("label") or ", ".join(f"{k}={v}" for k, v in variant.items())
+
+
 def trial_config(base: dict[str, Any], point: dict[str, Any]) -> Config:
     """The validated config of one grid point: `base` (nested dicts) with the point's values set."""
     values = base
-    for key, value in point.items():
+    for key, value in point_overrides(point).items():
         values = set_path(values, key, value)
     return from_dict(values)
+
+
+def _check_grid_key(key: str, where: str) -> None:
+    if key.split(".")[0] in GRID_FORBIDDEN:
+        raise ConfigError(f"{where}: not sweepable; allowed: keys of the run config (e.g. noise.rate)")
 
 
 def check_grid(cfg: Config) -> list[dict[str, Any]]:
     """Validate every grid point before any cluster work; return the points.
 
-    Refuses keys outside the run config (sweep.*, ray.*, output_dir) and any
-    combination that would not validate, naming the grid key and value.
+    Refuses keys outside the run config (sweep.*, ray.*, output_dir), a `variant` value that
+    is not a mapping of keys, and any combination that would not validate, naming the grid
+    key and value.
     """
     base = cfg.to_dict()
-    for key in cfg.sweep.grid:
-        if key.split(".")[0] in GRID_FORBIDDEN:
-            raise ConfigError(f"sweep.grid.{key}: not sweepable; allowed: keys of the run config (e.g. noise.rate)")
+    for key, values in cfg.sweep.grid.items():
+        _check_grid_key(key, f"sweep.grid.{key}")
+        if key != VARIANT:
+            continue
+        for i, variant in enumerate(values):
+            where = f"sweep.grid.{VARIANT}[{i}]"
+            if not isinstance(variant, dict) or not variant:
+                raise ConfigError(f"{where}: got {variant!r}; allowed: a mapping of dotted config keys to values")
+            for inner in variant:
+                if inner != "label":
+                    _check_grid_key(str(inner), f"{where}.{inner}")
+            if not isinstance(variant.get("label", ""), str):
+                raise ConfigError(f"{where}.label: got {variant['label']!r}; allowed: a string")
     points = grid_points(cfg.sweep.grid)
     for point in points:
         try:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from cmd_ray.config import KnowledgeConfig
 
 SCHEDULES = ("zero", "all", "static", "progressive", "coteaching")
 
@@ -51,7 +54,7 @@ def progressive_tau(
     return tau_start + (tau_end - tau_start) * g
 
 
-def threshold(schedule: str, progress: float, knowledge_cfg) -> float:
+def threshold(schedule: str, progress: float, knowledge_cfg: KnowledgeConfig) -> float:
     """tau(s) for a schedule: -inf selects everything (all), +inf nothing (zero, coteaching)."""
     if schedule == "all":
         return -math.inf
@@ -99,55 +102,76 @@ def selected_target(
     return target, has_target
 
 
+@dataclass(frozen=True)
+class Formulation:
+    """How a method turns the peers' logits into a peer's loss (fixed for a run).
+
+    schedule: zero | all | static | progressive | coteaching (which knowledge is selected);
+    certainty, threshold_on: see `certainty` and `select`; loss: kl | label_correction |
+    target_mix (how selected knowledge enters the loss); weight, temperature: lambda, T of
+    `kl`; epsilon: certainty (eps = g(s) c(q)) | trust (eps = g(s)) for label correction;
+    label_trust: all | small_loss | agreement (which noisy labels the label term keeps).
+    """
+
+    schedule: str
+    certainty: str = "entropy"
+    threshold_on: str = "certainty"
+    loss: str = "kl"
+    weight: float = 1.0
+    temperature: float = 1.0
+    epsilon: str = "certainty"
+    label_trust: str = "all"
+
+
+@dataclass(frozen=True)
+class StepValues:
+    """The scheduled quantities at one step: tau(s), the small-loss forget rate r(t), trust g(s)."""
+
+    tau: float
+    forget_rate: float = 0.0
+    trust: float = 0.0
+
+
 @dataclass
 class LossParts:
     """A peer's loss for one batch, split for logging; `total` carries the gradient."""
 
     total: torch.Tensor
-    ce: torch.Tensor
-    distill: torch.Tensor
-    selected: torch.Tensor  # (B,) bool: sample got distillation / was kept
+    ce: torch.Tensor  # the noisy-label term as it enters the loss (weighted, batch mean)
+    distill: torch.Tensor  # the knowledge term as it enters the loss (weighted, batch mean)
+    selected: torch.Tensor  # (B,) bool: sample got knowledge (co-teaching: sample was kept)
     target: Optional[torch.Tensor]  # (B, C) selected knowledge at T = 1, or None
     tau: float
+    trusted: Optional[torch.Tensor] = None  # (B,) bool: noisy label kept by the label term; None = all
 
 
-def kl_distillation(
-    logits: torch.Tensor,
-    noisy_labels: torch.Tensor,
-    target_t: torch.Tensor,
-    selected: torch.Tensor,
-    temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(CE(z, y~), distillation term); the peer's loss is CE + lambda * distillation.
-
-    distill = mean over the whole batch of m(x) * T^2 * KL(q_T(x) || softmax(z(x) / T)).
-    """
-    ce = F.cross_entropy(logits, noisy_labels)
+def kl_term(logits: torch.Tensor, target_t: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-sample T^2 * KL(q_T(x) || softmax(z(x) / T)), shape (B,)."""
     log_student = F.log_softmax(logits / temperature, dim=-1)
     kl = (target_t * (torch.log(target_t.clamp_min(1e-12)) - log_student)).sum(-1)
-    distill = (selected.float() * kl).mean() * temperature**2
-    return ce, distill
+    return kl * temperature**2
 
 
-def target_mix_loss(
-    logits: torch.Tensor,
-    noisy_labels: torch.Tensor,
-    target: torch.Tensor,
-    selected: torch.Tensor,
-    mix_weight: float,
-    certainty_kind: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CE against q = (1 - e) onehot(y~) + e * target on selected rows, e = w * c(target).
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample CE(z, q) = -sum_c q_c log softmax(z)_c against soft targets q (B, C) -> (B,)."""
+    return -(target * F.log_softmax(logits, dim=-1)).sum(-1)
 
-    Returns (loss, plain CE on the noisy labels for logging).
-    """
-    onehot = F.one_hot(noisy_labels, logits.shape[-1]).float()
-    e = (mix_weight * certainty(target, certainty_kind) * selected.float())[:, None]
-    mixed = (1.0 - e) * onehot + e * target
-    log_probs = F.log_softmax(logits, dim=-1)
-    loss = -(mixed * log_probs).sum(-1).mean()
-    ce = F.nll_loss(log_probs, noisy_labels)
-    return loss, ce
+
+def global_trust(progress: float, steepness: float, midpoint: float) -> float:
+    """g(s) = 1 / (1 + exp(-B (s - s0))): ProSelfLC's progressive trust in knowledge, about 0 -> 1."""
+    return progressive_tau(progress, 0.0, 1.0, "logistic", steepness, midpoint)
+
+
+def correction_epsilon(target: torch.Tensor, selected: torch.Tensor, trust: float, rule: str, kind: str):
+    """eps(x) in [0, 1], (B,): g(s) * c(q(x)) (rule certainty) or g(s) (trust) where knowledge
+    was selected, 0 elsewhere. The label-correction target is (1 - eps) onehot(y~) + eps q."""
+    if rule == "certainty":
+        per_sample = trust * certainty(target, kind)
+    elif rule == "trust":
+        per_sample = torch.full_like(target[:, 0], trust)
+    else:
+        raise ValueError(f"distill.epsilon: got {rule!r}; allowed: certainty, trust")
+    return per_sample * selected.float()
 
 
 def coteaching_forget_rate(epoch_progress: float, forget_rate: float, ramp_epochs: float) -> float:
@@ -170,44 +194,82 @@ def coteaching_keep(source_losses: torch.Tensor, forget_rate: float) -> torch.Te
     return keep
 
 
+LABEL_TRUST = ("all", "small_loss", "agreement")
+
+
+def trusted_labels(
+    sources: torch.Tensor,
+    noisy_labels: torch.Tensor,
+    rule: str,
+    forget_rate: float,
+    target: torch.Tensor,
+    selected: torch.Tensor,
+) -> torch.Tensor:
+    """Which noisy labels the label term keeps, (B,) bool.
+
+    all: every label. small_loss: the (1 - r) share of the batch with the smallest mean loss
+    under the other peers (Co-teaching's rule; sources (J, B, C) their logits). agreement:
+    every label except where selected knowledge names another class (argmax q != y~).
+    """
+    if rule == "all":
+        return torch.ones_like(noisy_labels, dtype=torch.bool)
+    if rule == "small_loss":
+        losses = torch.stack([F.cross_entropy(s, noisy_labels, reduction="none") for s in sources])
+        return coteaching_keep(losses, forget_rate)
+    if rule == "agreement":
+        return ~(selected & (target.argmax(-1) != noisy_labels))
+    raise ValueError(f"labels.trust: got {rule!r}; allowed: {', '.join(LABEL_TRUST)}")
+
+
+def _batch_mean(weights: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
+    return (weights * per_sample).mean()
+
+
 def peer_loss(
     logits: torch.Tensor,
     peer_logits: torch.Tensor,
     peer_index: int,
     noisy_labels: torch.Tensor,
-    schedule: str,
-    tau: float,
-    cfg,
-    forget_rate: float = 0.0,
+    form: Formulation,
+    at: StepValues,
 ) -> LossParts:
     """Loss of peer `peer_index` on one batch: select the other peers' knowledge, distil.
 
     logits (B, C) with gradient; peer_logits (P, B, C) every peer's logits on the same batch
     (row `peer_index` is this peer's own and is ignored as knowledge); noisy_labels (B,).
-    `cfg` is the run Config (uses knowledge.*, distill.*). For coteaching, `forget_rate` is
-    r(t). Every term is a mean over the whole batch.
+    With t(x) = 1 where the label is trusted (`trusted_labels`), m(x) = 1 where knowledge q(x)
+    was selected, and every term a mean over the whole batch:
+
+    - kl: mean[t CE(z, y~)] + lambda mean[m T^2 KL(q_T || softmax(z / T))]
+    - label_correction / target_mix: mean[t (1 - eps) CE(z, y~)] + mean[eps CE(z, q)], i.e. CE
+      against (1 - eps) onehot(y~) + eps q where the label is trusted and eps q alone where not;
+      eps from `correction_epsilon` with g(s) = `at.trust`.
+    - coteaching: mean CE(z, y~) over the small-loss share judged by the other peers.
     """
     logits = logits.float()
     others = [j for j in range(peer_logits.shape[0]) if j != peer_index]
     sources = peer_logits[others].detach().float()
-    if schedule == "coteaching":
-        losses = torch.stack([F.cross_entropy(s, noisy_labels, reduction="none") for s in sources])
-        keep = coteaching_keep(losses, forget_rate)
-        ce = F.cross_entropy(logits[keep], noisy_labels[keep])
-        return LossParts(ce, ce.detach(), torch.zeros(()), keep, None, math.inf)
+    label_ce = F.cross_entropy(logits, noisy_labels, reduction="none")
+    if form.schedule == "coteaching":
+        keep = trusted_labels(sources, noisy_labels, "small_loss", at.forget_rate, None, None)
+        ce = label_ce[keep].mean()
+        return LossParts(ce, ce.detach(), torch.zeros(()), keep, None, math.inf, keep)
 
-    k = cfg.knowledge
     probs = F.softmax(sources, dim=-1)
-    mask = select(certainty(probs, k.certainty), tau, k.threshold_on)
+    mask = select(certainty(probs, form.certainty), at.tau, form.threshold_on)
     target, selected = selected_target(sources, mask, 1.0)
-    d = cfg.distill
-    if d.loss == "kl":
-        target_t = target if d.temperature == 1.0 else selected_target(sources, mask, d.temperature)[0]
-        ce, distill = kl_distillation(logits, noisy_labels, target_t, selected, d.temperature)
-        total = ce + d.weight * distill
-    elif d.loss == "target_mix":
-        total, ce = target_mix_loss(logits, noisy_labels, target, selected, d.mix_weight, k.certainty)
-        distill = total - ce
+    trusted = trusted_labels(sources, noisy_labels, form.label_trust, at.forget_rate, target, selected)
+    label_weight = trusted.float()
+    if form.loss == "kl":
+        t = form.temperature
+        target_t = target if t == 1.0 else selected_target(sources, mask, t)[0]
+        ce = _batch_mean(label_weight, label_ce)
+        distill = form.weight * _batch_mean(selected.float(), kl_term(logits, target_t, t))
+    elif form.loss in ("label_correction", "target_mix"):
+        eps = correction_epsilon(target, selected, at.trust, form.epsilon, form.certainty)
+        ce = _batch_mean(label_weight * (1.0 - eps), label_ce)
+        distill = _batch_mean(eps, soft_cross_entropy(logits, target))
     else:
-        raise ValueError(f"distill.loss: got {d.loss!r}; allowed: kl, target_mix")
-    return LossParts(total, ce.detach(), distill.detach(), selected, target, tau)
+        raise ValueError(f"distill.loss: got {form.loss!r}; allowed: kl, label_correction, target_mix")
+    total = ce + distill
+    return LossParts(total, ce.detach(), distill.detach(), selected, target, at.tau, trusted)

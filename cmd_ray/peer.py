@@ -18,7 +18,15 @@ from torch import nn
 
 from cmd_ray.config import Config
 from cmd_ray.data import DataBundle, DatasetInfo, Split, augment, normalise
-from cmd_ray.knowledge import LossParts, coteaching_forget_rate, peer_loss, threshold
+from cmd_ray.knowledge import (
+    Formulation,
+    LossParts,
+    StepValues,
+    coteaching_forget_rate,
+    global_trust,
+    peer_loss,
+    threshold,
+)
 from cmd_ray.models import build_model
 
 
@@ -172,16 +180,36 @@ class StepSchedule:
         return self.step / max(self.steps_per_epoch, 1)
 
 
+def formulation(cfg: Config) -> Formulation:
+    """The loss a run's method stands for. ce and dml are the published baselines (labels only;
+    labels + every peer's knowledge by KL); `distill.loss` and `labels.trust` shape cmd-s/cmd-p."""
+    k, d = cfg.knowledge, cfg.distill
+    if cfg.method in ("cmd-s", "cmd-p"):
+        return Formulation(
+            cfg.schedule, k.certainty, k.threshold_on, d.loss, d.weight, d.temperature, d.epsilon, cfg.labels.trust
+        )
+    return Formulation(cfg.schedule, k.certainty, k.threshold_on, "kl", d.weight, d.temperature)
+
+
+def step_values(cfg: Config, form: Formulation, when: StepSchedule) -> StepValues:
+    """tau(s), the small-loss forget rate r(t) and the label-correction trust g(s) at a step."""
+    forget_rate = 0.0
+    if form.schedule == "coteaching" or form.label_trust == "small_loss":
+        r_max = cfg.coteaching.forget_rate if cfg.coteaching.forget_rate is not None else cfg.noise.rate
+        forget_rate = coteaching_forget_rate(when.epoch_progress, r_max, cfg.coteaching.ramp_epochs)
+    if form.loss == "target_mix":
+        trust = cfg.distill.mix_weight
+    else:
+        trust = global_trust(when.progress, cfg.distill.trust_steepness, cfg.distill.trust_midpoint)
+    return StepValues(threshold(form.schedule, when.progress, cfg.knowledge), forget_rate, trust)
+
+
 def loss_for_step(
     cfg: Config, peer_index: int, logits: torch.Tensor, peer_logits: torch.Tensor, batch: Batch, when: StepSchedule
 ) -> LossParts:
     """The selection and distillation loss of one peer at one step (pure, no optimiser)."""
-    tau = threshold(cfg.schedule, when.progress, cfg.knowledge)
-    forget_rate = 0.0
-    if cfg.schedule == "coteaching":
-        r_max = cfg.coteaching.forget_rate if cfg.coteaching.forget_rate is not None else cfg.noise.rate
-        forget_rate = coteaching_forget_rate(when.epoch_progress, r_max, cfg.coteaching.ramp_epochs)
-    return peer_loss(logits, peer_logits, peer_index, batch.noisy_labels, cfg.schedule, tau, cfg, forget_rate)
+    form = formulation(cfg)
+    return peer_loss(logits, peer_logits, peer_index, batch.noisy_labels, form, step_values(cfg, form, when))
 
 
 COUNT_KEYS = (
@@ -195,6 +223,8 @@ COUNT_KEYS = (
     "corrected",
     "memorised",
     "train_correct",
+    "trusted",
+    "trusted_clean",
 )
 
 
@@ -204,12 +234,14 @@ def step_counts(parts: LossParts, logits: torch.Tensor, batch: Batch) -> dict[st
     selected_correct: selected samples whose knowledge (argmax of the target) is the clean
     label; for co-teaching, kept samples whose noisy label is clean. corrected: noisy-labelled
     samples whose selected knowledge names the clean label. memorised: noisy-labelled samples
-    the peer predicts with their noisy label.
+    the peer predicts with their noisy label. trusted / trusted_clean: labels the label term
+    kept, and those of them that are clean.
     """
     n = batch.noisy_labels.shape[0]
     prediction = logits.detach().argmax(-1)
     is_noisy = batch.noisy_labels != batch.clean_labels
     selected = parts.selected
+    trusted = parts.trusted if parts.trusted is not None else torch.ones_like(selected)
     if parts.target is not None:
         knowledge_right = parts.target.argmax(-1) == batch.clean_labels
     else:
@@ -225,6 +257,8 @@ def step_counts(parts: LossParts, logits: torch.Tensor, batch: Batch) -> dict[st
         "corrected": float((selected & is_noisy & knowledge_right).sum()),
         "memorised": float((is_noisy & (prediction == batch.noisy_labels)).sum()),
         "train_correct": float((prediction == batch.clean_labels).sum()),
+        "trusted": float(trusted.sum()),
+        "trusted_clean": float((trusted & ~is_noisy).sum()),
     }
 
 
@@ -273,6 +307,7 @@ def epoch_metrics(counts: dict[str, float]) -> dict[str, float]:
     n = max(counts.get("samples", 0.0), 1.0)
     selected = counts.get("selected", 0.0)
     noisy = counts.get("noisy", 0.0)
+    nan = float("nan")
     return {
         "loss": counts.get("loss_sum", 0.0) / n,
         "ce_loss": counts.get("ce_sum", 0.0) / n,
@@ -283,6 +318,8 @@ def epoch_metrics(counts: dict[str, float]) -> dict[str, float]:
         "label_correction_rate": counts.get("corrected", 0.0) / noisy if noisy else float("nan"),
         "memorisation": counts.get("memorised", 0.0) / noisy if noisy else float("nan"),
         "train_clean_accuracy": counts.get("train_correct", 0.0) / n,
+        "trusted_fraction": counts.get("trusted", 0.0) / n,
+        "trusted_precision": counts.get("trusted_clean", 0.0) / counts["trusted"] if counts.get("trusted") else nan,
     }
 
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cmd_ray.atomic import atomic_path
-from cmd_ray.config import trial_config
+from cmd_ray.config import point_overrides, trial_config, variant_label
 
 # Config columns every results row carries (the grid's own keys are added to these).
 CONFIG_COLUMNS = ("method", "peers", "replicas", "epochs", "seed", "data.name", "noise.type", "noise.rate")
@@ -49,8 +49,11 @@ def trial_rows(
     flat = _flatten(trial_config(base, point).to_dict())
     head = {"trial_id": trial_id, "status": status, "error": error}
     # Grid keys may name a whole section (e.g. noise: {type, rate}): keep its flattened keys.
-    keys = [k for k in flat if k in CONFIG_COLUMNS or any(k == p or k.startswith(p + ".") for p in point)]
+    swept = point_overrides(point)
+    keys = [k for k in flat if k in CONFIG_COLUMNS or any(k == p or k.startswith(p + ".") for p in swept)]
     head.update({k: flat[k] for k in keys})
+    if variant_label(point) is not None:
+        head["variant"] = variant_label(point)
     if not history:
         return [head]
     return [{**head, **{k: _clean(v) for k, v in record.items()}} for record in history]
@@ -106,8 +109,14 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
+def run_label(row: dict[str, Any]) -> str:
+    """What a results row is reported as: its grid variant's label, else its method."""
+    return row.get("variant") or row["method"]
+
+
 def trial_finals(rows: list[dict[str, Any]], last_epochs: int = 1) -> list[dict[str, Any]]:
-    """Per finished trial: method, noise, seed, final (mean of the last `last_epochs` epochs) and best accuracy."""
+    """Per finished trial: method (or variant label), noise, seed, final (mean of the last
+    `last_epochs` epochs) and best accuracy."""
     by_trial: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         if row.get("status") == "finished" and row.get(ACCURACY) is not None:
@@ -119,7 +128,7 @@ def trial_finals(rows: list[dict[str, Any]], last_epochs: int = 1) -> list[dict[
         first = trial_rows_[0]
         out.append(
             {
-                "method": first["method"],
+                "method": run_label(first),
                 "noise": _noise_label(first),
                 "noise.type": first["noise.type"],
                 "noise.rate": first["noise.rate"],
@@ -167,8 +176,10 @@ def report_table(rows: list[dict[str, Any]], last_epochs: int = 1) -> str:
 METHOD_ORDER = ("ce", "dml", "coteaching", "cmd-s", "cmd-p")
 
 
-def _method_order(method: str) -> int:
-    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+def _method_order(label: str) -> tuple[int, str]:
+    """Baselines first, CMD last; a variant sorts after the method its label starts with."""
+    method = next((m for m in sorted(METHOD_ORDER, key=len, reverse=True) if label.startswith(m)), None)
+    return (METHOD_ORDER.index(method) if method else len(METHOD_ORDER), label)
 
 
 def write_plots(rows: list[dict[str, Any]], folder: str | Path) -> list[Path]:
@@ -183,7 +194,7 @@ def write_plots(rows: list[dict[str, Any]], folder: str | Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     finished = [r for r in rows if r.get("status") == "finished" and r.get(ACCURACY) is not None]
     noises = sorted({_noise_label(r) for r in finished})
-    methods = sorted({r["method"] for r in finished}, key=_method_order)
+    methods = sorted({run_label(r) for r in finished}, key=_method_order)
     colour = {m: f"C{i}" for i, m in enumerate(methods)}  # one colour per method in every panel
     paths = []
 
@@ -192,7 +203,7 @@ def write_plots(rows: list[dict[str, Any]], folder: str | Path) -> list[Path]:
         acc: dict[tuple[str, str, int], list[float]] = defaultdict(list)
         for r in finished:
             if r.get(metric) is not None:
-                acc[(_noise_label(r), r["method"], r["epoch"])].append(r[metric])
+                acc[(_noise_label(r), run_label(r), r["epoch"])].append(r[metric])
         out: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
         for (noise, method, epoch), values in sorted(acc.items()):
             xs, ys = out.setdefault((noise, method), ([], []))
@@ -234,6 +245,7 @@ def write_plots(rows: list[dict[str, Any]], folder: str | Path) -> list[Path]:
             [
                 ("mean/selected_fraction", "selected fraction (%)"),
                 ("mean/selection_precision", "selection precision (%)"),
+                ("mean/memorisation", "memorisation (%)"),
             ],
             "selection_vs_epoch.png",
         )
@@ -304,7 +316,7 @@ def selection_table(rows: list[dict[str, Any]]) -> str:
 # Choosing hyper-parameters on the validation split (never on the test set)
 
 VALIDATION = "mean/val_accuracy"  # mean of the peers' accuracy on the held-out *noisy* labels
-CANDIDATE_SECTIONS = ("knowledge.", "distill.")
+CANDIDATE_SECTIONS = ("knowledge.", "distill.", "labels.", "coteaching.")
 # Knowledge keys a method ignores, left out of its candidate's name (one grid can serve both).
 IGNORED_BY = {
     "cmd-s": {
@@ -319,10 +331,13 @@ IGNORED_BY = {
 
 
 def _candidate(row: dict[str, Any], varying: set[str]) -> str:
-    """The swept knowledge/distill settings a row's method uses, e.g. 'tau=0.3, threshold_on=quantile'."""
+    """The swept settings a row's method uses, e.g. 'knowledge.tau=0.3, labels.trust=all', or its
+    grid variant's label."""
+    if row.get("variant"):
+        return row["variant"]
     ignored = IGNORED_BY.get(row.get("method"), set())
     keys = sorted(k for k in varying if k not in ignored)
-    return ", ".join(f"{k.split('.', 1)[1]}={row.get(k)}" for k in keys) or "defaults"
+    return ", ".join(f"{k}={row.get(k)}" for k in keys) or "defaults"
 
 
 def validation_choice(rows: list[dict[str, Any]], last_epochs: int = 3) -> tuple[str, dict[str, str]]:

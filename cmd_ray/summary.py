@@ -38,7 +38,15 @@ def epoch_record(
     record["samples_per_second"] = samples / train_seconds if train_seconds > 0 else float("nan")
     record["exchange_seconds"] = exchange_seconds
     record["exchange_fraction"] = exchange_seconds / train_seconds if train_seconds > 0 else float("nan")
-    for key in ("selected_fraction", "selection_precision", "label_correction_rate", "memorisation", "tau"):
+    for key in (
+        "selected_fraction",
+        "selection_precision",
+        "label_correction_rate",
+        "memorisation",
+        "tau",
+        "trusted_fraction",
+        "trusted_precision",
+    ):
         values = [record[f"peer{k}/{key}"] for k in range(len(peer_counts))]
         finite = [v for v in values if not math.isnan(v)]
         record[f"mean/{key}"] = sum(finite) / len(finite) if finite else float("nan")

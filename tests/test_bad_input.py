@@ -69,6 +69,8 @@ CASES = [
     ("matrix shape", lambda t: ["prepare", "--set", "noise.type=matrix", "--set",
                                 f"noise.matrix={_wrong_shape_matrix(t)}"], "noise.matrix: got shape (3, 3)"),
     ("matrix missing", lambda t: ["train", "--set", "noise.type=matrix"], "noise.matrix: got null"),
+    ("unknown label trust", lambda t: ["train", "--set", "labels.trust=clean"], "labels.trust: got 'clean'"),
+    ("trust midpoint", lambda t: ["train", "--set", "distill.trust_midpoint=2"], "distill.trust_midpoint: got 2.0"),
     ("tau high", lambda t: ["train", "--set", "knowledge.tau=1.2"], "knowledge.tau: got 1.2"),
     ("tau_start negative", lambda t: ["train", "--set", "knowledge.tau_start=-1"], "knowledge.tau_start: got -1"),
     ("one peer", lambda t: ["train", "--set", "peers=1"], "peers: got 1; allowed: an integer >= 2"),

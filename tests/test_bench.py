@@ -43,6 +43,25 @@ def test_accuracy_bench_writes_a_reportable_table_and_resumes(fake_fmnist_root, 
     assert len(lines) == 3 and "skipping an unfinished line" in lines[2]
 
 
+def test_accuracy_bench_runs_points_in_parallel_processes_with_the_same_table(fake_fmnist_root, tmp_path):
+    cfg = from_dict(
+        {
+            "epochs": 1,
+            "batch_size": 100,
+            "data": {"root": str(fake_fmnist_root), "test_subset": 100},
+            "sweep": {"grid": {"method": ["ce", "coteaching", "cmd-p"]}},
+        }
+    )
+    lines = []
+    bench.accuracy(cfg, tmp_path / "parallel", log=lines.append, jobs=2)
+    assert len(lines) == 3 and all(line.startswith("[") for line in lines)
+    rows = pq.read_table(tmp_path / "parallel" / "results.parquet").to_pylist()
+    assert sorted(r["method"] for r in rows) == ["ce", "cmd-p", "coteaching"]
+    assert sorted(r["trial_id"] for r in rows) == ["bench_00000", "bench_00001", "bench_00002"]
+    bench.accuracy(cfg, tmp_path / "parallel", log=lines.append, jobs=2)  # all done: nothing reruns
+    assert len(lines) == 3
+
+
 def test_validation_sweep_ranks_candidates_on_noisy_validation_accuracy_without_test_figures(
     fake_fmnist_root, tmp_path, capsys
 ):

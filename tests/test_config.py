@@ -66,6 +66,13 @@ BAD = [
     ({"model": {"per_peer": ["small_cnn", "resnet"]}}, r"^model\.per_peer\[1\]: got 'resnet'"),
     ({"optim": {"lr": 0}}, r"^optim\.lr: got 0\.0; allowed: a number > 0$"),
     ({"distill": {"temperature": 0}}, r"^distill\.temperature: got 0\.0"),
+    (
+        {"distill": {"loss": "mse"}},
+        r"^distill\.loss: got 'mse'; allowed: one of 'kl', 'label_correction', 'target_mix'$",
+    ),
+    ({"distill": {"trust_midpoint": 1.5}}, r"^distill\.trust_midpoint: got 1\.5; allowed: a number in \[0\.0, 1\.0\]$"),
+    ({"distill": {"trust_steepness": 0}}, r"^distill\.trust_steepness: got 0\.0; allowed: a number > 0$"),
+    ({"labels": {"trust": "clean"}}, r"^labels\.trust: got 'clean'; allowed: one of 'all', 'small_loss', 'agreement'$"),
     ({"use_gpu": "yes"}, r"^use_gpu: got 'yes'; allowed: true or false$"),
     ({"data": 3}, r"^data: got 3; allowed: a mapping of its keys$"),
     ({"batch_size": 10, "replicas": 3}, r"^batch_size: got 10; allowed: a multiple of replicas=3$"),
@@ -109,3 +116,28 @@ def test_cli_refuses_unwritable_output_dir(capsys, tmp_path):
 def test_show_config_prints_validated_yaml(capsys):
     assert main(["show-config", "--set", "peers=3"]) == 0
     assert "peers: 3" in capsys.readouterr().out
+
+
+def test_a_variant_axis_sets_several_keys_together_and_is_checked():
+    from cmd_ray.config import check_grid, point_overrides, trial_config, variant_label
+
+    grid = {
+        "variant": [{"method": "ce"}, {"method": "cmd-p", "label": "cmd-p, all", "knowledge.tau_end": 0.0}],
+        "seed": [0, 1],
+    }
+    cfg = from_dict({"sweep": {"grid": grid}})
+    points = check_grid(cfg)
+    assert len(points) == 4
+    ablation = points[2]
+    assert point_overrides(ablation) == {"method": "cmd-p", "knowledge.tau_end": 0.0, "seed": 0}
+    assert variant_label(ablation) == "cmd-p, all" and variant_label({"seed": 0}) is None
+    assert variant_label(points[0]) == "method=ce"
+    run = trial_config(cfg.to_dict(), ablation)
+    assert run.method == "cmd-p" and run.knowledge.tau_end == 0.0
+    for bad, match in [
+        ({"variant": [3]}, r"^sweep\.grid\.variant\[0\]: got 3; allowed: a mapping"),
+        ({"variant": [{"ray.num_cpus": 2}]}, r"^sweep\.grid\.variant\[0\]\.ray\.num_cpus: not sweepable"),
+        ({"variant": [{"method": "nope"}]}, r"^sweep\.grid: the point variant=.* is refused: method: got 'nope'"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            check_grid(from_dict({"sweep": {"grid": bad}}))

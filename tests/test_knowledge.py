@@ -10,15 +10,20 @@ from torch.nn import functional as F
 
 from cmd_ray.config import from_dict
 from cmd_ray.knowledge import (
+    Formulation,
+    StepValues,
     certainty,
     coteaching_forget_rate,
     coteaching_keep,
+    global_trust,
     peer_loss,
     progressive_tau,
     select,
     selected_target,
     threshold,
+    trusted_labels,
 )
+from cmd_ray.peer import formulation
 
 
 def test_certainty_of_one_hot_is_one_and_of_uniform_is_zero():
@@ -86,7 +91,7 @@ def test_zero_knowledge_is_plain_cross_entropy():
     cfg = from_dict({"method": "ce"})
     peer_logits, labels = _batch()
     own = peer_logits[0].clone().requires_grad_()
-    parts = peer_loss(own, peer_logits, 0, labels, "zero", threshold("zero", 0.0, cfg.knowledge), cfg)
+    parts = peer_loss(own, peer_logits, 0, labels, formulation(cfg), StepValues(threshold("zero", 0.0, cfg.knowledge)))
     assert parts.total.item() == pytest.approx(F.cross_entropy(own, labels).item(), abs=1e-6)
     assert not parts.selected.any()
 
@@ -95,7 +100,7 @@ def test_all_knowledge_reproduces_deep_mutual_learning():
     cfg = from_dict({"method": "dml"})
     peer_logits, labels = _batch()
     own = peer_logits[0].clone().requires_grad_()
-    parts = peer_loss(own, peer_logits, 0, labels, "all", -math.inf, cfg)
+    parts = peer_loss(own, peer_logits, 0, labels, formulation(cfg), StepValues(-math.inf))
     p1 = F.softmax(peer_logits[1], -1)
     dml = F.cross_entropy(own, labels) + F.kl_div(F.log_softmax(own, -1), p1, reduction="batchmean")
     assert parts.total.item() == pytest.approx(dml.item(), abs=1e-6)
@@ -106,11 +111,11 @@ def test_distillation_is_averaged_over_the_whole_batch_not_the_selected_rows():
     cfg = from_dict({"method": "cmd-s", "knowledge": {"tau": 0.0}})
     peer_logits, labels = _batch(b=4)
     own = peer_logits[0].clone().requires_grad_()
-    full = peer_loss(own, peer_logits, 0, labels, "all", -math.inf, cfg)
+    full = peer_loss(own, peer_logits, 0, labels, formulation(cfg), StepValues(-math.inf))
     # Make only sample 0 of the source confident enough.
     sharp = peer_logits.clone()
     sharp[1, 0] = torch.tensor([20.0, 0.0, 0.0, 0.0])
-    part = peer_loss(own, sharp, 0, labels, "static", 0.9, cfg)
+    part = peer_loss(own, sharp, 0, labels, formulation(cfg), StepValues(0.9))
     assert part.selected.tolist() == [True, False, False, False]
     kl0 = (F.softmax(sharp[1, 0], -1) * (F.log_softmax(sharp[1, 0], -1) - F.log_softmax(own[0], -1))).sum()
     assert part.distill.item() == pytest.approx(kl0.item() / 4, abs=1e-5)
@@ -121,7 +126,7 @@ def test_temperature_scales_kl_by_t_squared():
     cfg = from_dict({"method": "dml", "distill": {"temperature": 2.0}})
     peer_logits, labels = _batch()
     own = peer_logits[0].clone()
-    parts = peer_loss(own, peer_logits, 0, labels, "all", -math.inf, cfg)
+    parts = peer_loss(own, peer_logits, 0, labels, formulation(cfg), StepValues(-math.inf))
     q = F.softmax(peer_logits[1] / 2, -1)
     expected = F.kl_div(F.log_softmax(own / 2, -1), q, reduction="batchmean") * 4
     assert parts.distill.item() == pytest.approx(expected.item(), abs=1e-5)
@@ -133,7 +138,7 @@ def test_gradients_never_flow_into_the_knowledge_source():
     source = torch.randn(8, 4, requires_grad=True)
     own = torch.randn(8, 4, requires_grad=True)
     peer_logits = torch.stack([own, source])  # not detached on purpose
-    parts = peer_loss(own, peer_logits, 0, labels, "all", -math.inf, cfg)
+    parts = peer_loss(own, peer_logits, 0, labels, formulation(cfg), StepValues(-math.inf))
     parts.total.backward()
     assert own.grad is not None and own.grad.abs().sum() > 0
     assert source.grad is None
@@ -143,17 +148,17 @@ def test_three_peers_use_the_mean_of_the_selected_others():
     cfg = from_dict({"method": "dml", "peers": 3})
     peer_logits, labels = _batch(p=3)
     own = peer_logits[1].clone()
-    parts = peer_loss(own, peer_logits, 1, labels, "all", -math.inf, cfg)
+    parts = peer_loss(own, peer_logits, 1, labels, formulation(cfg), StepValues(-math.inf))
     q = (F.softmax(peer_logits[0], -1) + F.softmax(peer_logits[2], -1)) / 2
     expected = F.kl_div(F.log_softmax(own, -1), q, reduction="batchmean")
     assert parts.distill.item() == pytest.approx(expected.item(), abs=1e-5)
 
 
 def test_target_mix_uses_certainty_weighted_soft_target():
-    cfg = from_dict({"method": "dml", "distill": {"loss": "target_mix", "mix_weight": 0.5}})
+    form = Formulation("all", loss="target_mix")
     peer_logits, labels = _batch()
     own = peer_logits[0].clone()
-    parts = peer_loss(own, peer_logits, 0, labels, "all", -math.inf, cfg)
+    parts = peer_loss(own, peer_logits, 0, labels, form, StepValues(-math.inf, trust=0.5))
     p1 = F.softmax(peer_logits[1], -1)
     e = 0.5 * certainty(p1)[:, None]
     q = (1 - e) * F.one_hot(labels, 4) + e * p1
@@ -172,8 +177,98 @@ def test_coteaching_loss_is_ce_on_samples_the_peer_kept():
     cfg = from_dict({"method": "coteaching"})
     peer_logits, labels = _batch(b=10)
     own = peer_logits[0].clone()
-    parts = peer_loss(own, peer_logits, 0, labels, "coteaching", math.inf, cfg, forget_rate=0.5)
+    parts = peer_loss(own, peer_logits, 0, labels, formulation(cfg), StepValues(math.inf, forget_rate=0.5))
     peer_loss_per_sample = F.cross_entropy(peer_logits[1], labels, reduction="none")
     keep = peer_loss_per_sample.argsort()[:5]
     assert parts.selected.sum().item() == 5
     assert parts.total.item() == pytest.approx(F.cross_entropy(own[keep], labels[keep]).item(), abs=1e-6)
+
+
+def _two_sample_case():
+    """Own logits, a peer confident on sample 0 only (p = [0.8, 0.2]; [0.5, 0.5]), labels [1, 0]."""
+    own = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    peer = torch.log(torch.tensor([[0.8, 0.2], [0.5, 0.5]]))
+    return own, torch.stack([own, peer]), torch.tensor([1, 0])
+
+
+# log_softmax([1, 0]) = [-0.313262, -1.313262]
+LOG_P = (-0.3132617, -1.3132617)
+
+
+def test_label_correction_mixes_the_label_with_certainty_weighted_knowledge_by_hand():
+    own, peer_logits, labels = _two_sample_case()
+    form = Formulation("static", certainty="max_prob", loss="label_correction", epsilon="certainty")
+    parts = peer_loss(own, peer_logits, 0, labels, form, StepValues(tau=0.6, trust=0.5))
+    assert parts.selected.tolist() == [True, False]
+    # sample 0: eps = g * c = 0.5 * 0.8 = 0.4, target 0.6 * [0, 1] + 0.4 * [0.8, 0.2] = [0.32, 0.68]
+    sample0 = -(0.32 * LOG_P[0] + 0.68 * LOG_P[1])
+    # sample 1: not selected, plain CE on its label 0
+    sample1 = -LOG_P[0]
+    assert parts.total.item() == pytest.approx((sample0 + sample1) / 2, abs=1e-5)
+    # the split: label term (1 - eps) CE(y) and knowledge term eps CE(q), batch means
+    assert parts.ce.item() == pytest.approx((0.6 * -LOG_P[1] + sample1) / 2, abs=1e-5)
+    assert parts.distill.item() == pytest.approx(0.4 * -(0.8 * LOG_P[0] + 0.2 * LOG_P[1]) / 2, abs=1e-5)
+
+
+def test_label_correction_with_trust_epsilon_replaces_the_label_as_trust_reaches_one():
+    own, peer_logits, labels = _two_sample_case()
+    form = Formulation("static", certainty="max_prob", loss="label_correction", epsilon="trust")
+    half = peer_loss(own, peer_logits, 0, labels, form, StepValues(tau=0.6, trust=0.5))
+    # eps = g = 0.5: target [0.4, 0.6]
+    assert half.total.item() == pytest.approx((-(0.4 * LOG_P[0] + 0.6 * LOG_P[1]) - LOG_P[0]) / 2, abs=1e-5)
+    full = peer_loss(own, peer_logits, 0, labels, form, StepValues(tau=0.6, trust=1.0))
+    # eps = 1: the label of sample 0 is gone, the target is the peer's knowledge
+    assert full.ce.item() == pytest.approx(-LOG_P[0] / 2, abs=1e-5)
+    assert full.total.item() == pytest.approx((-(0.8 * LOG_P[0] + 0.2 * LOG_P[1]) - LOG_P[0]) / 2, abs=1e-5)
+
+
+def test_agreement_drops_the_label_where_selected_knowledge_names_another_class():
+    own, peer_logits, labels = _two_sample_case()
+    # the peer's confident knowledge on sample 0 says class 0, its label is 1: the label goes
+    form = Formulation("static", certainty="max_prob", loss="kl", label_trust="agreement")
+    parts = peer_loss(own, peer_logits, 0, labels, form, StepValues(tau=0.6))
+    assert parts.trusted.tolist() == [False, True]
+    assert parts.ce.item() == pytest.approx(-LOG_P[0] / 2, abs=1e-5)
+    kl0 = 0.8 * (math.log(0.8) - LOG_P[0]) + 0.2 * (math.log(0.2) - LOG_P[1])
+    assert parts.distill.item() == pytest.approx(kl0 / 2, abs=1e-5)
+    # an untrusted label under label correction leaves only eps * CE(z, q) on that sample
+    form = Formulation("static", certainty="max_prob", loss="label_correction", label_trust="agreement")
+    parts = peer_loss(own, peer_logits, 0, labels, form, StepValues(tau=0.6, trust=0.5))
+    assert parts.total.item() == pytest.approx((0.4 * -(0.8 * LOG_P[0] + 0.2 * LOG_P[1]) - LOG_P[0]) / 2, abs=1e-5)
+
+
+def test_small_loss_label_trust_keeps_the_labels_the_other_peer_finds_easy_and_still_distils():
+    peer_logits, labels = _batch(b=10)
+    trusted = trusted_labels(peer_logits[1:], labels, "small_loss", 0.3, None, None)
+    peer_ce = F.cross_entropy(peer_logits[1], labels, reduction="none")
+    assert trusted.sum().item() == 7
+    assert set(torch.nonzero(trusted).flatten().tolist()) == set(peer_ce.argsort()[:7].tolist())
+    own = peer_logits[0].clone()
+    form = Formulation("all", loss="kl", label_trust="small_loss")
+    parts = peer_loss(own, peer_logits, 0, labels, form, StepValues(-math.inf, forget_rate=0.3))
+    ce = (F.cross_entropy(own, labels, reduction="none") * trusted.float()).sum() / 10
+    kl = F.kl_div(F.log_softmax(own, -1), F.softmax(peer_logits[1], -1), reduction="batchmean")
+    assert parts.ce.item() == pytest.approx(ce.item(), abs=1e-5)
+    assert parts.distill.item() == pytest.approx(kl.item(), abs=1e-5)  # every sample still gets knowledge
+
+
+def test_global_trust_is_logistic_in_training_progress():
+    assert global_trust(0.15, 16, 0.15) == pytest.approx(0.5)
+    assert global_trust(0.0, 16, 0.15) == pytest.approx(1 / (1 + math.exp(16 * 0.15)))
+    values = [global_trust(s / 20, 16, 0.15) for s in range(21)]
+    assert values == sorted(values) and values[-1] > 0.99
+
+
+def test_a_falling_threshold_selects_more_knowledge_later():
+    taus = [progressive_tau(s / 10, 0.8, 0.2) for s in range(11)]
+    assert taus == sorted(taus, reverse=True)
+    c = torch.linspace(0, 1, 101)[None]
+    assert select(c, taus[0]).sum() < select(c, taus[-1]).sum()
+
+
+def test_the_baselines_keep_their_published_losses_whatever_the_cmd_options():
+    options = {"distill": {"loss": "label_correction"}, "labels": {"trust": "small_loss"}}
+    assert formulation(from_dict({"method": "dml", **options})) == Formulation("all")
+    assert formulation(from_dict({"method": "ce", **options})) == Formulation("zero")
+    cmd = formulation(from_dict({"method": "cmd-p", **options}))
+    assert (cmd.schedule, cmd.loss, cmd.label_trust) == ("progressive", "label_correction", "small_loss")

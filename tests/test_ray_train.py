@@ -36,10 +36,27 @@ def _read_trace(folder: Path, peer: int) -> list[dict]:
     return [json.loads(line) for line in (folder / f"peer{peer}.jsonl").read_text().splitlines()]
 
 
-def test_two_peer_workers_match_the_in_process_trainer_step_for_step(fake_fmnist_root, tmp_path, local_ray):
+# CMD-P as configured by default, and label correction with a trust that is already high in
+# epoch 1 and labels dropped where confident knowledge disagrees.
+LABEL_CORRECTION = dict(
+    distill__loss="label_correction",
+    distill__epsilon="trust",
+    distill__trust_midpoint=0.0,
+    labels__trust="agreement",
+    knowledge__tau_start=0.1,
+    knowledge__tau_end=0.3,
+)
+
+
+@pytest.mark.parametrize("formulation", [{}, LABEL_CORRECTION], ids=["defaults", "label-correction"])
+def test_two_peer_workers_match_the_in_process_trainer_step_for_step(
+    fake_fmnist_root, tmp_path, local_ray, formulation
+):
     from cmd_ray.ray_train import train_on_ray
 
     overrides = dict(
+        **formulation,
+        method="cmd-p",
         epochs=1,
         data__train_subset=None,
         data__test_subset=None,
