@@ -133,7 +133,9 @@ class LabelsConfig:
 class CoteachingConfig:
     """Co-teaching's small-loss rule; also what `labels.trust: small_loss` uses."""
 
-    # r_max: fraction of large-loss samples dropped at full ramp; None = noise.rate.
+    # r_max: fraction of large-loss samples dropped at full ramp; None = the noise model's expected
+    # flip rate (Co-teaching assumes it known): noise.rate for symmetric and pairflip, noise.rate x
+    # (mapped classes / C) for asymmetric, 1 - mean diagonal for matrix, 0 for none.
     forget_rate: Optional[float] = None
     # T_k: epochs over which the drop rate ramps linearly from 0 to r_max.
     ramp_epochs: float = 10.0
@@ -517,10 +519,13 @@ def point_overrides(point: dict[str, Any]) -> dict[str, Any]:
 
 
 def variant_label(point: dict[str, Any]) -> Optional[str]:
-    """How reports name a point's variant: its `label`, else its keys and values; None without one."""
+    """How reports name a point's variant: its `label`, else its method when that is all it sets,
+    else its keys and values; None without one."""
     variant = point.get(VARIANT)
     if variant is None:
         return None
+    if set(variant) == {"method"}:
+        return str(variant["method"])
     return variant.get("label") or ", ".join(f"{k}={v}" for k, v in variant.items())
 
 

@@ -174,6 +174,14 @@ def transition_matrix(spec: NoiseSpec, num_classes: int, dataset: str) -> np.nda
     raise NoiseError(f"noise.type: got {spec.type!r}; allowed: one of {', '.join(NOISE_TYPES)}")
 
 
+def expected_flip_rate(spec: NoiseSpec, num_classes: int, dataset: str) -> float:
+    """The share of labels the noise model flips with balanced classes: 1 - mean_i T[i, i].
+
+    noise.rate for symmetric and pair-flip, rate x (mapped classes / C) for asymmetric, 0 for none.
+    """
+    return float(1.0 - np.diag(transition_matrix(spec, num_classes, dataset)).mean())
+
+
 def corrupt_labels(clean: np.ndarray, matrix: np.ndarray, seed: int) -> np.ndarray:
     """Sample noisy[i] ~ matrix[clean[i]] with a seeded generator. Shape (N,), int64."""
     clean = np.asarray(clean, dtype=np.int64)

@@ -9,6 +9,7 @@ count metrics). Clean labels enter `step_counts` only, never the loss.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -16,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from cmd_ray.config import Config
+from cmd_ray.config import DATASET_CLASSES, Config
 from cmd_ray.data import DataBundle, DatasetInfo, Split, augment, normalise
 from cmd_ray.knowledge import (
     Formulation,
@@ -28,6 +29,7 @@ from cmd_ray.knowledge import (
     threshold,
 )
 from cmd_ray.models import build_model
+from cmd_ray.noise import NoiseSpec, expected_flip_rate
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -180,6 +182,12 @@ class StepSchedule:
         return self.step / max(self.steps_per_epoch, 1)
 
 
+@functools.lru_cache(maxsize=64)
+def _expected_flip_rate(noise_type: str, rate: float, matrix: Optional[str], dataset: str) -> float:
+    """Co-teaching's known noise rate, from the noise model (read once per run, not per step)."""
+    return expected_flip_rate(NoiseSpec(noise_type, rate, matrix), DATASET_CLASSES[dataset], dataset)
+
+
 def formulation(cfg: Config) -> Formulation:
     """The loss a run's method stands for. ce and dml are the published baselines (labels only;
     labels + every peer's knowledge by KL); `distill.loss` and `labels.trust` shape cmd-s/cmd-p."""
@@ -195,7 +203,9 @@ def step_values(cfg: Config, form: Formulation, when: StepSchedule) -> StepValue
     """tau(s), the small-loss forget rate r(t) and the label-correction trust g(s) at a step."""
     forget_rate = 0.0
     if form.schedule == "coteaching" or form.label_trust == "small_loss":
-        r_max = cfg.coteaching.forget_rate if cfg.coteaching.forget_rate is not None else cfg.noise.rate
+        r_max = cfg.coteaching.forget_rate
+        if r_max is None:
+            r_max = _expected_flip_rate(cfg.noise.type, cfg.noise.rate, cfg.noise.matrix, cfg.data.name)
         forget_rate = coteaching_forget_rate(when.epoch_progress, r_max, cfg.coteaching.ramp_epochs)
     if form.loss == "target_mix":
         trust = cfg.distill.mix_weight

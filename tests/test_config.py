@@ -131,7 +131,8 @@ def test_a_variant_axis_sets_several_keys_together_and_is_checked():
     ablation = points[2]
     assert point_overrides(ablation) == {"method": "cmd-p", "knowledge.tau_end": 0.0, "seed": 0}
     assert variant_label(ablation) == "cmd-p, all" and variant_label({"seed": 0}) is None
-    assert variant_label(points[0]) == "method=ce"
+    assert variant_label(points[0]) == "ce"
+    assert variant_label({"variant": {"method": "dml", "seed": 3}}) == "method=dml, seed=3"
     run = trial_config(cfg.to_dict(), ablation)
     assert run.method == "cmd-p" and run.knowledge.tau_end == 0.0
     for bad, match in [

@@ -140,3 +140,25 @@ def test_bad_matrix_is_refused(tmp_path, matrix, match):
 def test_unknown_dataset_for_asymmetric_is_refused():
     with pytest.raises(NoiseError, match="noise.type: 'asymmetric' has no class map for data set 'svhn'"):
         transition_matrix(NoiseSpec("asymmetric", 0.2), 10, "svhn")
+
+
+def test_expected_flip_rate_is_the_noise_models_share_of_flipped_labels():
+    from cmd_ray.noise import NoiseSpec, expected_flip_rate
+
+    assert expected_flip_rate(NoiseSpec("symmetric", 0.5), 10, "fashion-mnist") == pytest.approx(0.5)
+    assert expected_flip_rate(NoiseSpec("pairflip", 0.45), 10, "fashion-mnist") == pytest.approx(0.45)
+    # Fashion-MNIST's map flips 4 of 10 classes: 0.4 * 4 / 10
+    assert expected_flip_rate(NoiseSpec("asymmetric", 0.4), 10, "fashion-mnist") == pytest.approx(0.16)
+    assert expected_flip_rate(NoiseSpec("none", 0.4), 10, "fashion-mnist") == 0.0
+
+
+def test_small_loss_forget_rate_defaults_to_the_expected_flip_rate():
+    from cmd_ray.config import from_dict
+    from cmd_ray.peer import StepSchedule, formulation, step_values
+
+    late = StepSchedule(step=1000, total_steps=1000, steps_per_epoch=10)  # past the ramp
+    for noise, expected in [({"type": "asymmetric", "rate": 0.4}, 0.16), ({"type": "none"}, 0.0)]:
+        cfg = from_dict({"method": "coteaching", "noise": noise})
+        assert step_values(cfg, formulation(cfg), late).forget_rate == pytest.approx(expected)
+    cfg = from_dict({"method": "cmd-p", "labels": {"trust": "small_loss"}, "coteaching": {"forget_rate": 0.3}})
+    assert step_values(cfg, formulation(cfg), late).forget_rate == pytest.approx(0.3)
