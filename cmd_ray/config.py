@@ -115,6 +115,9 @@ class DistillConfig:
     # label_correction's eps: certainty = g(s) * c(q) (ProSelfLC) | trust = g(s) (selected knowledge
     # replaces the label entirely once g reaches 1).
     epsilon: Literal["certainty", "trust"] = "certainty"
+    # soft: distil q, the selected peers' mean probabilities | hard: the one-hot of argmax q (a
+    # pseudo-label; with a high threshold, FixMatch-style confident pseudo-labels between peers).
+    target: Literal["soft", "hard"] = "soft"
     trust_steepness: float = 10.0  # B in g(s) = 1 / (1 + exp(-B (s - s0)))
     trust_midpoint: float = 0.5  # s0, in training progress s = step / total steps
 
@@ -503,8 +506,10 @@ def grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
 
 # A grid axis whose values each set several keys together, e.g. a method with its own settings:
 # variant: [{method: ce}, {method: cmd-p, label: "cmd-p, all knowledge", knowledge.tau_end: 0.0}].
-# `label` (optional) names the variant in reports; the other keys are dotted config keys.
+# `label` (optional) names the variant in reports; `reference: true` marks one shown beside the
+# candidates of a validation sweep but never chosen; the other keys are dotted config keys.
 VARIANT = "variant"
+VARIANT_META = ("label", "reference")
 
 
 def point_overrides(point: dict[str, Any]) -> dict[str, Any]:
@@ -512,7 +517,7 @@ def point_overrides(point: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in point.items():
         if key == VARIANT:
-            out.update({k: v for k, v in value.items() if k != "label"})
+            out.update({k: v for k, v in value.items() if k not in VARIANT_META})
         else:
             out[key] = value
     return out
@@ -526,7 +531,7 @@ def variant_label(point: dict[str, Any]) -> Optional[str]:
         return None
     if set(variant) == {"method"}:
         return str(variant["method"])
-    return variant.get("label") or ", ".join(f"{k}={v}" for k, v in variant.items())
+    return variant.get("label") or ", ".join(f"{k}={v}" for k, v in variant.items() if k not in VARIANT_META)
 
 
 def trial_config(base: dict[str, Any], point: dict[str, Any]) -> Config:
@@ -559,10 +564,12 @@ def check_grid(cfg: Config) -> list[dict[str, Any]]:
             if not isinstance(variant, dict) or not variant:
                 raise ConfigError(f"{where}: got {variant!r}; allowed: a mapping of dotted config keys to values")
             for inner in variant:
-                if inner != "label":
+                if inner not in VARIANT_META:
                     _check_grid_key(str(inner), f"{where}.{inner}")
             if not isinstance(variant.get("label", ""), str):
                 raise ConfigError(f"{where}.label: got {variant['label']!r}; allowed: a string")
+            if not isinstance(variant.get("reference", False), bool):
+                raise ConfigError(f"{where}.reference: got {variant['reference']!r}; allowed: true or false")
     points = grid_points(cfg.sweep.grid)
     for point in points:
         try:

@@ -110,7 +110,8 @@ class Formulation:
     certainty, threshold_on: see `certainty` and `select`; loss: kl | label_correction |
     target_mix (how selected knowledge enters the loss); weight, temperature: lambda, T of
     `kl`; epsilon: certainty (eps = g(s) c(q)) | trust (eps = g(s)) for label correction;
-    label_trust: all | small_loss | agreement (which noisy labels the label term keeps).
+    label_trust: all | small_loss | agreement (which noisy labels the label term keeps);
+    target: soft | hard (distil q itself, or its argmax as a one-hot pseudo-label).
     """
 
     schedule: str
@@ -121,6 +122,7 @@ class Formulation:
     temperature: float = 1.0
     epsilon: str = "certainty"
     label_trust: str = "all"
+    target: str = "soft"  # soft: the peers' mean probabilities q | hard: one-hot argmax q
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,15 @@ def trusted_labels(
     raise ValueError(f"labels.trust: got {rule!r}; allowed: {', '.join(LABEL_TRUST)}")
 
 
+def _shaped(target: torch.Tensor, kind: str) -> torch.Tensor:
+    """The distilled target: q itself (soft) or the one-hot of its argmax (hard), (B, C)."""
+    if kind == "soft":
+        return target
+    if kind == "hard":
+        return F.one_hot(target.argmax(-1), target.shape[-1]).to(target.dtype)
+    raise ValueError(f"distill.target: got {kind!r}; allowed: soft, hard")
+
+
 def _batch_mean(weights: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
     return (weights * per_sample).mean()
 
@@ -264,11 +275,11 @@ def peer_loss(
         t = form.temperature
         target_t = target if t == 1.0 else selected_target(sources, mask, t)[0]
         ce = _batch_mean(label_weight, label_ce)
-        distill = form.weight * _batch_mean(selected.float(), kl_term(logits, target_t, t))
+        distill = form.weight * _batch_mean(selected.float(), kl_term(logits, _shaped(target_t, form.target), t))
     elif form.loss in ("label_correction", "target_mix"):
         eps = correction_epsilon(target, selected, at.trust, form.epsilon, form.certainty)
         ce = _batch_mean(label_weight * (1.0 - eps), label_ce)
-        distill = _batch_mean(eps, soft_cross_entropy(logits, target))
+        distill = _batch_mean(eps, soft_cross_entropy(logits, _shaped(target, form.target)))
     else:
         raise ValueError(f"distill.loss: got {form.loss!r}; allowed: kl, label_correction, target_mix")
     total = ce + distill

@@ -194,7 +194,15 @@ def formulation(cfg: Config) -> Formulation:
     k, d = cfg.knowledge, cfg.distill
     if cfg.method in ("cmd-s", "cmd-p"):
         return Formulation(
-            cfg.schedule, k.certainty, k.threshold_on, d.loss, d.weight, d.temperature, d.epsilon, cfg.labels.trust
+            cfg.schedule,
+            k.certainty,
+            k.threshold_on,
+            d.loss,
+            d.weight,
+            d.temperature,
+            d.epsilon,
+            cfg.labels.trust,
+            d.target,
         )
     return Formulation(cfg.schedule, k.certainty, k.threshold_on, "kl", d.weight, d.temperature)
 

@@ -54,6 +54,7 @@ def trial_rows(
     head.update({k: flat[k] for k in keys})
     if variant_label(point) is not None:
         head["variant"] = variant_label(point)
+        head["reference"] = bool(point["variant"].get("reference", False))
     if not history:
         return [head]
     return [{**head, **{k: _clean(v) for k, v in record.items()}} for record in history]
@@ -348,6 +349,7 @@ def validation_choice(rows: list[dict[str, Any]], last_epochs: int = 3) -> tuple
     noise settings. Test accuracy is not read here.
     """
     scores: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    reference: set[tuple[str, str]] = set()  # shown for comparison, never chosen
     by_trial: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         if row.get("status") == "finished" and row.get(VALIDATION) is not None:
@@ -362,6 +364,8 @@ def validation_choice(rows: list[dict[str, Any]], last_epochs: int = 3) -> tuple
         tail = [r[VALIDATION] for r in trial[-last_epochs:]]
         first = trial[0]
         scores[(first["method"], _candidate(first, varying), _noise_label(first))].append(sum(tail) / len(tail))
+        if first.get("reference"):
+            reference.add((first["method"], _candidate(first, varying)))
     noises = sorted({n for _, _, n in scores})
     candidates = sorted({(m, c) for m, c, _ in scores}, key=lambda mc: (_method_order(mc[0]), mc[1]))
     overall = {}
@@ -371,14 +375,16 @@ def validation_choice(rows: list[dict[str, Any]], last_epochs: int = 3) -> tuple
         overall[(method, cand)] = sum(done) / len(done) if len(done) == len(noises) else float("nan")
     best: dict[str, str] = {}
     for method in sorted({m for m, _ in candidates}, key=_method_order):
-        ranked = [(s, c) for (m, c), s in overall.items() if m == method and not math.isnan(s)]
+        ranked = [
+            (s, c) for (m, c), s in overall.items() if m == method and not math.isnan(s) and (m, c) not in reference
+        ]
         if ranked:
             best[method] = max(ranked)[1]
     lines = ["| method | candidate | " + " | ".join(noises) + " | mean |", "|---" * (len(noises) + 3) + "|"]
     for method, cand in candidates:
         cells = [scores.get((method, cand, n)) for n in noises]
         shown = [f"{100 * sum(c) / len(c):.2f}" if c else "-" for c in cells]
-        mark = " **(chosen)**" if best.get(method) == cand else ""
+        mark = " **(chosen)**" if best.get(method) == cand else " (reference)" if (method, cand) in reference else ""
         mean = overall[(method, cand)]
         lines.append(
             f"| {method} | {cand}{mark} | "

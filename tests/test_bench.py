@@ -121,3 +121,29 @@ def test_process_kinds_name_ray_and_wandb_processes_by_their_command_lines():
     assert bench.process_kind("/x/ray/core/src/ray/raylet/raylet --node") == "raylet"
     assert bench.process_kind("/x/wandb/bin/wandb-core --port-filename f") == "W&B service"
     assert bench.process_kind("python -c pass") == "other"
+
+
+def test_a_reference_variant_is_ranked_beside_the_candidates_but_never_chosen():
+    def rows(variant, reference, noise_rate, accuracy):
+        return [
+            {
+                "trial_id": f"{variant}-{noise_rate}",
+                "status": "finished",
+                "method": "cmd-p",
+                "variant": variant,
+                "reference": reference,
+                "noise.type": "symmetric",
+                "noise.rate": noise_rate,
+                "epoch": epoch,
+                "mean/val_accuracy": accuracy,
+            }
+            for epoch in range(3)
+        ]
+
+    table_rows = []
+    for rate in (0.2, 0.5):
+        table_rows += rows("A", False, rate, 0.5) + rows("B", False, rate, 0.6) + rows("all knowledge", True, rate, 0.7)
+    table, best = validation_choice(table_rows, last_epochs=2)
+    assert best == {"cmd-p": "B"}
+    assert "| cmd-p | B **(chosen)** | 60.00 | 60.00 | 60.00 |" in table
+    assert "| cmd-p | all knowledge (reference) | 70.00 | 70.00 | 70.00 |" in table

@@ -272,3 +272,14 @@ def test_the_baselines_keep_their_published_losses_whatever_the_cmd_options():
     assert formulation(from_dict({"method": "ce", **options})) == Formulation("zero")
     cmd = formulation(from_dict({"method": "cmd-p", **options}))
     assert (cmd.schedule, cmd.loss, cmd.label_trust) == ("progressive", "label_correction", "small_loss")
+
+
+def test_hard_targets_distil_the_argmax_of_selected_knowledge_as_a_one_hot_pseudo_label():
+    own, peer_logits, labels = _two_sample_case()
+    form = Formulation("static", certainty="max_prob", loss="kl", target="hard")
+    parts = peer_loss(own, peer_logits, 0, labels, form, StepValues(tau=0.6))
+    # sample 0's knowledge [0.8, 0.2] becomes class 0: KL(onehot(0) || p) = -log p_0
+    assert parts.distill.item() == pytest.approx(-LOG_P[0] / 2, abs=1e-5)
+    form = Formulation("static", certainty="max_prob", loss="label_correction", epsilon="trust", target="hard")
+    parts = peer_loss(own, peer_logits, 0, labels, form, StepValues(tau=0.6, trust=1.0))
+    assert parts.total.item() == pytest.approx((-LOG_P[0] - LOG_P[0]) / 2, abs=1e-5)
