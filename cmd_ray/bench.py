@@ -84,9 +84,33 @@ def _train_point(base: dict[str, Any], point: dict[str, Any], threads: int = 0) 
     return history, time.perf_counter() - started
 
 
-def _read_done(done_path: Path, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
-    """Finished runs of an earlier invocation, by grid point; a line cut short is skipped."""
+def _done_from_table(path: Path, base: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Finished runs rebuilt from a results.parquet that carries each row's grid point (the
+    trials log is not kept in git for long benchmarks; the table is)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if "point" not in table.column_names:
+        return {}
+    done: dict[str, dict[str, Any]] = {}
+    head_keys: dict[str, set[str]] = {}
+    for row in table.to_pylist():
+        key = row["point"]
+        if key not in done:
+            point = json.loads(key)
+            done[key] = {"trial_id": row["trial_id"], "point": point, "history": []}
+            head_keys[key] = set(trial_rows(row["trial_id"], point, base, [], "finished", "")[0]) | {"point"}
+        done[key]["history"].append({k: v for k, v in row.items() if k not in head_keys[key]})
+    return done
+
+
+def _read_done(done_path: Path, log: Callable[[str], None], base: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Finished runs of an earlier invocation, by grid point; a line cut short is skipped.
+    Without a trials log, from the folder's results.parquet."""
     done = {}
+    table = done_path.with_name("results.parquet")
+    if not done_path.is_file() and table.is_file():
+        return _done_from_table(table, base)
     if done_path.is_file():
         for number, line in enumerate(done_path.read_text().splitlines(), 1):
             try:
@@ -109,8 +133,8 @@ def accuracy(cfg: Config, folder: Path, log: Callable[[str], None] = print, jobs
     points = check_grid(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     done_path = folder / "trials.jsonl"
-    done = _read_done(done_path, log)
     base = cfg.to_dict()
+    done = _read_done(done_path, log, base)
     todo = [(i, p) for i, p in enumerate(points) if json.dumps(p, sort_keys=True) not in done]
 
     def finish(i: int, point: dict[str, Any], history: list[dict[str, Any]], seconds: float) -> None:
@@ -153,7 +177,10 @@ def _append_line(path: Path, line: str) -> None:
 def _write_table(base: dict[str, Any], entries, folder: Path) -> Path:
     rows = []
     for e in entries:
-        rows += trial_rows(e["trial_id"], e["point"], base, e["history"], "finished", "")
+        point = json.dumps(e["point"], sort_keys=True)  # lets a run resume from the table alone
+        rows += [
+            {**row, "point": point} for row in trial_rows(e["trial_id"], e["point"], base, e["history"], "finished", "")
+        ]
     return write_parquet_atomic(folder / "results.parquet", pa.Table.from_pylist(rows))
 
 

@@ -4,7 +4,11 @@ World rank = peer * D + replica for P peers x D replicas. Two kinds of process g
 - peer group of peer p: its D replicas (DDP all-reduces gradients inside it);
 - exchange group of replica r: the P workers holding shard r of each global batch; they
   all-gather (logits, sample ids) every step.
-No Ray here: the same code runs under any launcher that sets up torch.distributed.
+Each group's backend follows where its members actually run (`group_backend`): NCCL only
+when every member has a GPU of its own; gloo when members share a GPU (NCCL refuses two
+ranks on one device) or run on CPU. Gloo collectives on CUDA tensors go through host memory
+(b x C floats a step: cheap). No Ray here: the same code runs under any launcher that sets
+up torch.distributed.
 """
 
 from __future__ import annotations
@@ -49,6 +53,42 @@ class Topology:
         return [p * self.replicas + replica for p in range(self.peers)]
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a worker runs: its node and the accelerator devices it was given (empty on CPU)."""
+
+    node: str
+    devices: tuple[str, ...] = ()
+
+
+def world_backend(use_gpu: bool, gpus_per_worker: float) -> str:
+    """Backend of the default (world) group, chosen before placement is known: NCCL only when
+    every worker reserves whole GPUs, which no two workers can then share."""
+    return "nccl" if use_gpu and gpus_per_worker >= 1 else "gloo"
+
+
+def group_backend(placements: list[Placement], ranks: list[int]) -> str:
+    """nccl when every member of the group has at least one device and no two members share a
+    (node, device); gloo otherwise (CPU workers, or peers packed onto one GPU)."""
+    seen: set[tuple[str, str]] = set()
+    for rank in ranks:
+        where = placements[rank]
+        if not where.devices:
+            return "gloo"
+        for device in where.devices:
+            if (where.node, device) in seen:
+                return "gloo"
+            seen.add((where.node, device))
+    return "nccl"
+
+
+def gather_placements(own: Placement) -> list[Placement]:
+    """Every worker's placement, in rank order (a collective on the world group, once at start-up)."""
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, own)
+    return out
+
+
 @dataclass
 class Groups:
     """This worker's process groups (None = the default world group)."""
@@ -57,17 +97,28 @@ class Groups:
     exchange: Optional[dist.ProcessGroup]
 
 
-def make_groups(topology: Topology) -> Groups:
-    """Create every peer and exchange group, in the same order on every rank (a collective)."""
-    if topology.replicas == 1:
-        return Groups(peer=None, exchange=None)  # exchange among all ranks; no DDP
+def make_groups(topology: Topology, placements: Optional[list[Placement]] = None) -> Groups:
+    """Create every peer and exchange group, in the same order on every rank (a collective).
+
+    With `placements` (every rank's, from `gather_placements`) each group gets the backend
+    `group_backend` chooses; without, groups use the world group's backend. A group that
+    would be the whole world with the world's backend is the world group itself (None).
+    """
+
+    def new_group(ranks: list[int]) -> Optional[dist.ProcessGroup]:
+        backend = group_backend(placements, ranks) if placements is not None else None
+        if len(ranks) == dist.get_world_size() and backend in (None, dist.get_backend()):
+            return None
+        return dist.new_group(ranks, backend=backend)
+
     mine = Groups(peer=None, exchange=None)
-    for p in range(topology.peers):
-        group = dist.new_group(topology.peer_ranks(p))
-        if p == topology.peer:
-            mine.peer = group
+    if topology.replicas > 1:  # DDP inside each peer's replicas
+        for p in range(topology.peers):
+            group = new_group(topology.peer_ranks(p))
+            if p == topology.peer:
+                mine.peer = group
     for r in range(topology.replicas):
-        group = dist.new_group(topology.exchange_ranks(r))
+        group = new_group(topology.exchange_ranks(r))
         if r == topology.replica:
             mine.exchange = group
     return mine
@@ -105,14 +156,26 @@ class CollectiveExchange:
         return gathered[:, :, :-1].to(own.dtype)
 
 
+def _through_host(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -> bool:
+    """Gloo groups get CUDA tensors as host copies (its CUDA support is partial)."""
+    return tensor.device.type != "cpu" and dist.get_backend(group) == "gloo"
+
+
 def all_reduce_sum(tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
-    """Sum a tensor over a group (in place) and return it."""
+    """Sum a tensor over a group and return the sum (in place, except through host memory)."""
+    if _through_host(tensor, group):
+        host = tensor.cpu()
+        dist.all_reduce(host, op=dist.ReduceOp.SUM, group=group)
+        return tensor.copy_(host)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
 
 def all_gather_stack(tensor: torch.Tensor, size: int, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
-    """Stack (size, *shape) of a same-shaped tensor from every member of `group`."""
+    """Stack (size, *shape) of a same-shaped tensor from every member of `group`, on its device."""
+    device = tensor.device
+    if _through_host(tensor, group):
+        tensor = tensor.cpu()
     out = torch.empty((size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
     _gather_single(out, tensor.contiguous(), group=group)  # gloo takes the concatenated form only
-    return out.view(size, *tensor.shape)
+    return out.view(size, *tensor.shape).to(device)

@@ -23,7 +23,17 @@ import torch.distributed as dist
 
 from cmd_ray.config import Config, ConfigError, from_dict
 from cmd_ray.data import DataBundle, DatasetInfo, Split
-from cmd_ray.exchange import CollectiveExchange, Topology, all_gather_stack, all_reduce_sum, make_groups
+from cmd_ray.exchange import (
+    CollectiveExchange,
+    Placement,
+    Topology,
+    all_gather_stack,
+    all_reduce_sum,
+    gather_placements,
+    group_backend,
+    make_groups,
+    world_backend,
+)
 from cmd_ray.peer import (
     COUNT_KEYS,
     NonFiniteLossError,
@@ -63,6 +73,24 @@ def _quiet_report_logger(level: str) -> None:
     from ray.train.v2._internal.execution import context
 
     logging.getLogger(context.__file__).setLevel(level)
+
+
+def _placement(device: torch.device) -> Placement:
+    """This worker's node and the GPUs Ray gave it (the same id twice when peers share a GPU)."""
+    import ray
+
+    devices = tuple(str(g) for g in ray.get_gpu_ids()) if device.type == "cuda" else ()
+    return Placement(ray.get_runtime_context().get_node_id(), devices)
+
+
+def _describe_backends(topology: Topology, placements: list[Placement]) -> str:
+    exchange = {group_backend(placements, topology.exchange_ranks(r)) for r in range(topology.replicas)}
+    line = f"logit exchange over {'/'.join(sorted(exchange))}"
+    if topology.replicas > 1:
+        ddp = {group_backend(placements, topology.peer_ranks(p)) for p in range(topology.peers)}
+        line += f", DDP over {'/'.join(sorted(ddp))}"
+    shared = len({(w.node, d) for w in placements for d in w.devices}) < sum(len(w.devices) for w in placements)
+    return line + (" (peers share a GPU: NCCL cannot put two ranks on one device)" if shared else "")
 
 
 def _checkpoint_file(topology: Topology) -> str:
@@ -229,8 +257,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _console(f"[cmd-ray] not retrying after a non-finite loss: {stopped}")
         return
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     torch.manual_seed(cfg.seed)
-    groups = make_groups(topology)
+    placements = gather_placements(_placement(device))
+    groups = make_groups(topology, placements)
+    if topology.rank == 0 and cfg.use_gpu:
+        _console(f"[cmd-ray] {_describe_backends(topology, placements)}")
     data = load_run_data(cfg)
     peer = build_peer(cfg, topology.peer, data.info, steps_per_epoch(cfg, data) * cfg.epochs, device)
     start_epoch, history = _restore(peer, topology)
@@ -367,7 +400,7 @@ def build_trainer(cfg: Config, run_name: str, storage: Path, callbacks: Optional
             resources_per_worker=worker_resources(cfg),
             placement_strategy="SPREAD",
         ),
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=world_backend(cfg.use_gpu, cfg.ray.gpus_per_worker)),
         run_config=RunConfig(
             name=run_name,
             storage_path=str(storage),

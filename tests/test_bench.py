@@ -41,6 +41,12 @@ def test_accuracy_bench_writes_a_reportable_table_and_resumes(fake_fmnist_root, 
         f.write('{"trial_id": "bench_00009", "point": {"meth')
     bench.accuracy(cfg, folder, log=lines.append)
     assert len(lines) == 3 and "skipping an unfinished line" in lines[2]
+    # Without the trials log (kept out of git for long benchmarks) the table alone resumes.
+    before = pq.read_table(folder / "results.parquet").to_pylist()
+    (folder / "trials.jsonl").unlink()
+    bench.accuracy(cfg, folder, log=lines.append)
+    assert len(lines) == 3
+    assert pq.read_table(folder / "results.parquet").to_pylist() == before
 
 
 def test_accuracy_bench_runs_points_in_parallel_processes_with_the_same_table(fake_fmnist_root, tmp_path):
