@@ -1,16 +1,18 @@
 """Atomic file writes: write beside the target, then rename, so a crash never leaves a
-half-written result, summary or cache file in place of a good one."""
+half-written result, summary, table, plot or cache file in place of a good one."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import math
 import os
 import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 # Write failures that mean "the storage is full or refuses this much", not a bug.
 STORAGE_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -60,3 +62,41 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: str | Path, data: dict[str, Any]) -> Path:
+    """Write JSON (NaN -> null) to a temp file beside `path`, then rename it into place."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
+    return Path(path).expanduser()
+
+
+def write_parquet_atomic(path: str | Path, table) -> Path:
+    """Write a pyarrow Table as Parquet beside `path`, then rename it into place."""
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path).expanduser()
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Save a matplotlib figure as PNG beside `path`, rename it into place, and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+    return Path(path).expanduser()

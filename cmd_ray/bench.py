@@ -24,8 +24,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from cmd_ray.atomic import write_parquet_atomic
 from cmd_ray.config import Config, check_grid, trial_config
-from cmd_ray.results import trial_rows, write_parquet_atomic
+from cmd_ray.results import trial_rows
 
 
 def _steady(history: list[dict[str, Any]], key: str) -> float:
@@ -368,7 +369,7 @@ def plot_load(figures: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cmd_ray.atomic import atomic_path
+    from cmd_ray.atomic import save_figure
 
     samples = figures["samples"]
     t = [s["t"] for s in samples]
@@ -386,7 +387,4 @@ def plot_load(figures: dict[str, Any], path: Path) -> Path:
     ax.legend(lines, labels, fontsize=8, loc="upper left")
     ax.set_title(f"{figures['trials']}-trial sweep on this machine")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -121,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             raise ConfigError("use_gpu: got true, but this machine has no CUDA GPU; allowed here: false")
     _check_output_dir(cfg)
-    from cmd_ray.summary import write_json_atomic
+    from cmd_ray.atomic import write_json_atomic
 
     if args.in_process:
         from cmd_ray.trainer import train_in_process
@@ -217,7 +217,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--peers: got {peers}; allowed: integers >= 2")
         rows = bench.throughput(cfg, args.peers)
         if args.output_json:
-            from cmd_ray.summary import write_json_atomic
+            from cmd_ray.atomic import write_json_atomic
 
             write_json_atomic(args.output_json, {"rows": rows, "config": cfg.to_dict()})
         return 0
@@ -226,7 +226,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     check_grid(cfg)
     if args.bench == "load":
-        from cmd_ray.summary import write_json_atomic
+        from cmd_ray.atomic import write_json_atomic
 
         _check_writable("sweep.storage_path", cfg.sweep.storage_path)
         figures = bench.load(cfg)

@@ -16,21 +16,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-METHODS = ("ce", "dml", "cmd-s", "cmd-p", "coteaching")
-DISTILLATION_METHODS = ("dml", "cmd-s", "cmd-p", "coteaching")
-# Which threshold schedule each method name stands for (DESIGN.md section 1).
-METHOD_SCHEDULE = {
-    "ce": "zero",
-    "dml": "all",
-    "cmd-s": "static",
-    "cmd-p": "progressive",
-    "coteaching": "coteaching",
-}
-MODELS = ("small_cnn", "mlp", "preact_resnet18")
-# Image side each architecture takes (None = any) and each data set has.
-MODEL_INPUT_SIZE = {"small_cnn": 28, "mlp": None, "preact_resnet18": 32}
-DATASET_IMAGE_SIZE = {"fashion-mnist": 28, "cifar10": 32, "cifar100": 32}
-DATASET_CLASSES = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
+from cmd_ray.catalogue import DATASET_NAMES, DATASETS, METHOD_SCHEDULE, METHODS, MODELS, model_fit_error
 
 
 class ConfigError(ValueError):
@@ -39,7 +25,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: Literal["fashion-mnist", "cifar10", "cifar100"] = "fashion-mnist"
+    name: Literal[DATASET_NAMES] = "fashion-mnist"
     # Where raw data is looked for / downloaded, and where the Parquet cache is written.
     root: str = "~/.cache/cmd-ray/data"
     # Train on a seeded random subset of this many training images (None = all of them).
@@ -68,7 +54,7 @@ class NoiseConfig:
 @dataclass
 class ModelConfig:
     # Architecture of every peer: small_cnn (28x28 inputs) | mlp (any) | preact_resnet18 (32x32).
-    name: Literal["small_cnn", "mlp", "preact_resnet18"] = "small_cnn"
+    name: Literal[MODELS] = "small_cnn"
     # Optional architecture per peer (length = peers); overrides `name` where given.
     per_peer: Optional[list[str]] = None
 
@@ -201,7 +187,7 @@ class SweepConfig:
 @dataclass
 class Config:
     # Method by name: ce (zero knowledge) | dml (all knowledge) | cmd-s | cmd-p | coteaching.
-    method: Literal["ce", "dml", "cmd-s", "cmd-p", "coteaching"] = "cmd-p"
+    method: Literal[METHODS] = "cmd-p"
     peers: int = 2  # P >= 2 peer networks
     replicas: int = 1  # D data-parallel replicas per peer (Ray path)
     epochs: int = 5
@@ -364,20 +350,16 @@ def validate(cfg: Config) -> Config:
     if cfg.optim.weight_decay < 0:
         raise ConfigError(f"optim.weight_decay: got {cfg.optim.weight_decay}; allowed: a number >= 0")
     _check_range("optim.momentum", cfg.optim.momentum, 0.0, 1.0)
-    size = DATASET_IMAGE_SIZE[cfg.data.name]
     for i, name in enumerate(cfg.model.per_peer or [cfg.model.name]):
-        if name in MODEL_INPUT_SIZE and MODEL_INPUT_SIZE[name] not in (None, size):
-            field_name = f"model.per_peer[{i}]" if cfg.model.per_peer else "model.name"
-            fits = ", ".join(m for m, s in MODEL_INPUT_SIZE.items() if s in (None, size))
-            raise ConfigError(
-                f"{field_name}: {name!r} takes {MODEL_INPUT_SIZE[name]}x{MODEL_INPUT_SIZE[name]} images, "
-                f"{cfg.data.name} has {size}x{size}; allowed here: {fits}"
-            )
+        size = DATASETS[cfg.data.name].shape[0]
+        problem = model_fit_error(name, size, cfg.data.name) if name in MODELS else None
+        if problem:
+            raise ConfigError(f"{f'model.per_peer[{i}]' if cfg.model.per_peer else 'model.name'}: {problem}")
     if cfg.noise.type == "matrix" and cfg.noise.matrix:
         from cmd_ray.noise import NoiseError, read_matrix_file
 
         try:
-            read_matrix_file(cfg.noise.matrix, DATASET_CLASSES[cfg.data.name])
+            read_matrix_file(cfg.noise.matrix, DATASETS[cfg.data.name].num_classes)
         except NoiseError as err:
             raise ConfigError(str(err)) from None
     if cfg.model.per_peer is not None:

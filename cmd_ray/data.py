@@ -28,6 +28,7 @@ import torch
 from filelock import FileLock
 
 from cmd_ray.atomic import atomic_path
+from cmd_ray.catalogue import DATASETS, DatasetInfo
 from cmd_ray.noise import NoiseSpec, apply_noise
 
 CACHE_FORMAT = 1
@@ -36,21 +37,6 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 class DataError(RuntimeError):
     """Data are missing or unreadable; the message names the path and what to do."""
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    num_classes: int
-    shape: tuple[int, int, int]  # H, W, C
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-DATASETS = {
-    "fashion-mnist": DatasetInfo(10, (28, 28, 1), (0.2860,), (0.3530,)),
-    "cifar10": DatasetInfo(10, (32, 32, 3), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": DatasetInfo(100, (32, 32, 3), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
 
 
 # --------------------------------------------------------------------------------------
@@ -392,10 +378,6 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     """Training order of one epoch: a function of (seed, epoch) only, so every peer agrees."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(num_samples, generator=generator)
-
-
-def num_batches(num_samples: int, batch_size: int) -> int:
-    return (num_samples + batch_size - 1) // batch_size
 
 
 def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int) -> Iterator[torch.Tensor]:

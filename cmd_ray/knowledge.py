@@ -1,4 +1,4 @@
-"""Confident knowledge selection and mutual distillation: the CMD maths (DESIGN.md section 1).
+"""Confident knowledge selection and mutual distillation: the CMD maths (docs/METHOD.md).
 
 Pure tensor functions, device-agnostic, no Ray and no optimiser. Shapes: B samples,
 C classes, J knowledge sources (the other peers). Knowledge tensors are always detached

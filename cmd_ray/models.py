@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cmd_ray.config import MODEL_INPUT_SIZE, MODELS
+from cmd_ray.catalogue import MODELS, model_fit_error
 
 
 class SmallCNN(nn.Module):
@@ -104,19 +104,13 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-INPUT_SIZE = MODEL_INPUT_SIZE
-
-
 def build_model(name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """Build a peer network by name; refuse an architecture that does not fit the images."""
     if name not in MODELS:
         raise ValueError(f"model.name: got {name!r}; allowed: one of {', '.join(MODELS)}")
-    if INPUT_SIZE[name] not in (None, image_size):
-        raise ValueError(
-            f"model.name: {name!r} takes {INPUT_SIZE[name]}x{INPUT_SIZE[name]} images, the data set has "
-            f"{image_size}x{image_size}; allowed here: "
-            + ", ".join(n for n, s in INPUT_SIZE.items() if s in (None, image_size))
-        )
+    problem = model_fit_error(name, image_size)
+    if problem:
+        raise ValueError(f"model.name: {problem}")
     if name == "small_cnn":
         return SmallCNN(num_classes, in_channels)
     if name == "mlp":

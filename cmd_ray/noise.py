@@ -1,8 +1,10 @@
 """Synthetic label noise: transition matrices, seeded corruption and the realised noise.
 
-A noise model is a C x C row-stochastic matrix T with T[i, j] = P(noisy = j | clean = i).
-Labels are corrupted once, with a seed, by sampling each noisy label from the row of its
-clean label. Pure NumPy; no torch.
+A noise model is a C x C row-stochastic matrix T with T[i, j] = P(noisy = j | clean = i):
+rows are the clean class and each row sums to 1 (a `noise.matrix` file must follow this
+convention). cleanlab's `noise_matrix` is the transpose, P(noisy = i | clean = j), whose
+columns sum to 1. Labels are corrupted once, with a seed, by sampling each noisy label from
+the row of its clean label. Pure NumPy; no torch.
 
 Asymmetric class maps (clean class -> the class it flips to with probability r):
 
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from cmd_ray.catalogue import DATASETS
 
 NOISE_TYPES = ("none", "symmetric", "pairflip", "asymmetric", "matrix")
 
@@ -117,7 +121,7 @@ def asymmetric_matrix(rate: float, dataset: str) -> np.ndarray:
             f"allowed data sets: {', '.join(ASYMMETRIC_MAPS)}"
         )
     flips = ASYMMETRIC_MAPS[dataset]
-    num_classes = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100}[dataset]
+    num_classes = DATASETS[dataset].num_classes
     matrix = np.eye(num_classes)
     for src, dst in flips.items():
         matrix[src, src] = 1.0 - rate

@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from cmd_ray.config import DATASET_CLASSES, Config
+from cmd_ray.catalogue import DATASETS
+from cmd_ray.config import Config
 from cmd_ray.data import DataBundle, DatasetInfo, Split, augment, normalise
 from cmd_ray.knowledge import (
     Formulation,
@@ -185,7 +186,7 @@ class StepSchedule:
 @functools.lru_cache(maxsize=64)
 def _expected_flip_rate(noise_type: str, rate: float, matrix: Optional[str], dataset: str) -> float:
     """Co-teaching's known noise rate, from the noise model (read once per run, not per step)."""
-    return expected_flip_rate(NoiseSpec(noise_type, rate, matrix), DATASET_CLASSES[dataset], dataset)
+    return expected_flip_rate(NoiseSpec(noise_type, rate, matrix), DATASETS[dataset].num_classes, dataset)
 
 
 def formulation(cfg: Config) -> Formulation:
@@ -321,7 +322,7 @@ def add_counts(total: dict[str, float], counts: dict[str, float]) -> dict[str, f
 
 
 def epoch_metrics(counts: dict[str, float]) -> dict[str, float]:
-    """Turn an epoch's summed counts into rates (DESIGN.md section 1 metrics)."""
+    """Turn an epoch's summed counts into rates (docs/METHOD.md, Metrics)."""
     n = max(counts.get("samples", 0.0), 1.0)
     selected = counts.get("selected", 0.0)
     noisy = counts.get("noisy", 0.0)

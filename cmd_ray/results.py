@@ -9,21 +9,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cmd_ray.atomic import atomic_path
+from cmd_ray.atomic import save_figure
 from cmd_ray.config import point_overrides, trial_config, variant_label
 
 # Config columns every results row carries (the grid's own keys are added to these).
 CONFIG_COLUMNS = ("method", "peers", "replicas", "epochs", "seed", "data.name", "noise.type", "noise.rate")
 ACCURACY = "mean/test_accuracy"  # mean of the peers' clean test accuracy
-
-
-def write_parquet_atomic(path: str | Path, table: pa.Table) -> Path:
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-    return Path(path)
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -58,35 +51,6 @@ def trial_rows(
     if not history:
         return [head]
     return [{**head, **{k: _clean(v) for k, v in record.items()}} for record in history]
-
-
-def _trial_history(result) -> list[dict[str, Any]]:
-    """A trial's per-epoch records: from its last Train checkpoint (complete across restores),
-    else from the rows Tune saw."""
-    from cmd_ray.ray_train import HISTORY_FILE, read_history
-
-    path = (result.metrics or {}).get("checkpoint_path")
-    if path and (Path(path) / HISTORY_FILE).is_file():
-        return read_history(path)
-    frame = result.metrics_dataframe
-    if frame is None or "epoch" not in frame:
-        return []
-    rows = frame.drop_duplicates("epoch", keep="last").sort_values("epoch").to_dict("records")
-    return [{k: v for k, v in row.items() if "/" in k or k in ("epoch", "samples_per_second")} for row in rows]
-
-
-def collect_results(grid) -> pa.Table:
-    """One table from a Tune ResultGrid of `cmd_ray.sweep.run_trial` trials."""
-    from cmd_ray.sweep import grid_point
-
-    rows: list[dict[str, Any]] = []
-    for result in grid:
-        params = result.config
-        trial_id = Path(result.path).name
-        error = "" if result.error is None else str(result.error).strip().splitlines()[-1][:500]
-        status = "failed" if result.error is not None else "finished"
-        rows += trial_rows(trial_id, grid_point(params), params["base"], _trial_history(result), status, error)
-    return pa.Table.from_pylist(rows)
 
 
 # --------------------------------------------------------------------------------------
@@ -144,6 +108,12 @@ def trial_finals(rows: list[dict[str, Any]], last_epochs: int = 1) -> list[dict[
     return out
 
 
+def _format_mean(values: list[float]) -> str:
+    """'83.48±0.10' over several seeds; '83.48' for one (a spread of one run is no spread)."""
+    mean, std = _mean_std(values)
+    return f"{mean:.2f}±{std:.2f}" if len(values) > 1 else f"{mean:.2f}"
+
+
 def report_table(rows: list[dict[str, Any]], last_epochs: int = 1) -> str:
     """Method x noise table: final and best clean test accuracy, mean +- std over seeds (%)."""
     finals = trial_finals(rows, last_epochs)
@@ -161,9 +131,9 @@ def report_table(rows: list[dict[str, Any]], last_epochs: int = 1) -> str:
             if not group:
                 line.append("-")
                 continue
-            fm, fs = _mean_std([100 * g["final"] for g in group])
-            bm, bs = _mean_std([100 * g["best"] for g in group])
-            line.append(f"{fm:.2f}±{fs:.2f} / {bm:.2f}±{bs:.2f} (n={len(group)})")
+            final = _format_mean([100 * g["final"] for g in group])
+            best = _format_mean([100 * g["best"] for g in group])
+            line.append(f"{final} / {best} (n={len(group)})")
         lines.append(line)
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     text = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in lines]
@@ -232,11 +202,7 @@ def write_plots(rows: list[dict[str, Any]], folder: str | Path) -> list[Path]:
                 ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=8)
         fig.tight_layout()
-        path = folder / name
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-        plt.close(fig)
-        return path
+        return save_figure(fig, folder / name)
 
     if not finished:
         return paths
@@ -277,11 +243,7 @@ def write_plots(rows: list[dict[str, Any]], folder: str | Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    path = folder / "accuracy_vs_noise.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    paths.append(path)
+    paths.append(save_figure(fig, folder / "accuracy_vs_noise.png"))
     return paths
 
 
@@ -289,6 +251,7 @@ def report(folder: str | Path, last_epochs: int = 1, plots_dir: Optional[str | P
     """The printed table and the plot paths for the sweep in `folder`."""
     rows = read_results(folder)
     table = report_table(rows, last_epochs)
+    table += "\n\nAt the last epoch, mean over seeds (%):\n" + selection_table(rows)
     paths = write_plots(rows, plots_dir or Path(folder).expanduser() / "plots")
     return table, paths
 
@@ -298,7 +261,7 @@ def selection_table(rows: list[dict[str, Any]]) -> str:
     finals = trial_finals(rows)
     methods = sorted({f["method"] for f in finals}, key=_method_order)
     noises = sorted({f["noise"] for f in finals})
-    lines = ["| method | " + " | ".join(f"{n}: precision / memorisation" for n in noises) + " |"]
+    lines = ["| method | " + " | ".join(f"{n}: selection precision / memorisation" for n in noises) + " |"]
     lines.append("|---" * (len(noises) + 1) + "|")
     for method in methods:
         cells = []

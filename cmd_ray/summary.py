@@ -5,13 +5,10 @@ Shared by the in-process trainer and the Ray Train path so both report the same 
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from pathlib import Path
 from typing import Any
 
-from cmd_ray.atomic import atomic_path
 from cmd_ray.config import Config
 from cmd_ray.peer import epoch_metrics
 
@@ -108,20 +105,3 @@ def summarise(cfg: Config, history: list[dict[str, Any]], noise: dict, extra: di
     }
     summary.update(extra or {})
     return summary
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def write_json_atomic(path: str | Path, data: dict[str, Any]) -> Path:
-    """Write JSON (NaN -> null) to a temp file beside `path`, then rename it into place."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
-    return Path(path).expanduser()

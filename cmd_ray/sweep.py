@@ -20,10 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
+import pyarrow as pa
+
+from cmd_ray.atomic import write_parquet_atomic
 from cmd_ray.config import Config, ConfigError, check_grid, trial_config
 from cmd_ray.data import materialise
 from cmd_ray.noise import NoiseSpec
-from cmd_ray.results import write_parquet_atomic
+from cmd_ray.results import trial_rows
 
 DRIVER_RESOURCE = "TRAIN_DRIVER"
 
@@ -133,6 +136,33 @@ def grid_point(params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k not in ("base", "folder")}
 
 
+def _trial_history(result) -> list[dict[str, Any]]:
+    """A trial's per-epoch records: from its last Train checkpoint (complete across restores),
+    else from the rows Tune saw."""
+    from cmd_ray.ray_train import HISTORY_FILE, read_history
+
+    path = (result.metrics or {}).get("checkpoint_path")
+    if path and (Path(path) / HISTORY_FILE).is_file():
+        return read_history(path)
+    frame = result.metrics_dataframe
+    if frame is None or "epoch" not in frame:
+        return []
+    rows = frame.drop_duplicates("epoch", keep="last").sort_values("epoch").to_dict("records")
+    return [{k: v for k, v in row.items() if "/" in k or k in ("epoch", "samples_per_second")} for row in rows]
+
+
+def collect_results(grid) -> pa.Table:
+    """One table from a Tune ResultGrid of `cmd_ray.sweep.run_trial` trials."""
+    rows: list[dict[str, Any]] = []
+    for result in grid:
+        params = result.config
+        trial_id = Path(result.path).name
+        error = "" if result.error is None else str(result.error).strip().splitlines()[-1][:500]
+        status = "failed" if result.error is not None else "finished"
+        rows += trial_rows(trial_id, grid_point(params), params["base"], _trial_history(result), status, error)
+    return pa.Table.from_pylist(rows)
+
+
 def concurrency(cfg: Config, total: dict[str, float]) -> int:
     """Trials that fit at once: limited by the workers' CPUs (or GPUs) and sweep.max_concurrent_trials."""
     from cmd_ray.ray_train import cpus_per_worker
@@ -218,8 +248,6 @@ def check_resume(cfg: Config, folder: Path, resume: bool) -> None:
 
 def run_sweep(cfg: Config, resume: bool = False, log: Callable[[str], None] = print) -> Path:
     """Run (or resume) the sweep's grid; write results.parquet; return the sweep folder."""
-    from cmd_ray.results import collect_results
-
     # Each trial's first result waits ~1 s for its W&B queue actor to start; Tune flags any
     # callback over 0.5 s as a bottleneck. Warn only for what is slow at this scale.
     os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "3")

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cmd_ray.atomic import StorageError, atomic_path
-from cmd_ray.summary import write_json_atomic
+from cmd_ray.atomic import StorageError, atomic_path, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,52 @@
+"""What cmd-ray knows by name: data sets, peer architectures and methods — one home for each fact.
+
+Torch-free, so config validation reads it without importing torch; data loading, the noise
+models and model building read the same entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A built-in data set: class count, image shape and the per-channel normalisation."""
+
+    num_classes: int
+    shape: tuple[int, int, int]  # H, W, C
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+DATASETS = {
+    "fashion-mnist": DatasetInfo(10, (28, 28, 1), (0.2860,), (0.3530,)),
+    "cifar10": DatasetInfo(10, (32, 32, 3), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": DatasetInfo(100, (32, 32, 3), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+DATASET_NAMES = tuple(DATASETS)
+
+# Image side each peer architecture takes (None = any).
+MODEL_INPUT_SIZE = {"small_cnn": 28, "mlp": None, "preact_resnet18": 32}
+MODELS = tuple(MODEL_INPUT_SIZE)
+
+# Which knowledge-selection schedule each method stands for (docs/METHOD.md).
+METHOD_SCHEDULE = {
+    "ce": "zero",
+    "dml": "all",
+    "cmd-s": "static",
+    "cmd-p": "progressive",
+    "coteaching": "coteaching",
+}
+METHODS = tuple(METHOD_SCHEDULE)
+
+
+def model_fit_error(model: str, image_size: int, images: str = "the data set") -> Optional[str]:
+    """Why `model` cannot take square images of side `image_size` (named `images` in the message,
+    e.g. the data set's name), or None if it can. The message leaves the field name to the caller."""
+    takes = MODEL_INPUT_SIZE[model]
+    if takes in (None, image_size):
+        return None
+    fits = ", ".join(m for m, s in MODEL_INPUT_SIZE.items() if s in (None, image_size))
+    return f"{model!r} takes {takes}x{takes} images, {images} has {image_size}x{image_size}; allowed here: {fits}"
