@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument(
         "--jobs", type=int, default=1, help="runs at once, each in its own process (an even share of the cores)"
     )
+    acc.add_argument("--last-epochs", type=int, default=5, help="final accuracy = mean of the last N epochs")
 
     prepare = sub.add_parser("prepare", help="build the Parquet data cache for a config and report the noise")
     _add_config_args(prepare)
@@ -113,8 +114,14 @@ def _compact(summary: dict) -> dict:
     return out
 
 
+def _load(args: argparse.Namespace) -> Config:
+    """The validated config: the preset, its --set overrides, then the command's own flags."""
+    flags = {"ray.address": args.address} if getattr(args, "address", None) else {}
+    return load_config(resolve_config_path(args.config), args.overrides, flags)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(resolve_config_path(args.config), args.overrides)
+    cfg = _load(args)
     if cfg.use_gpu and (args.in_process or not (args.address or cfg.ray.address or os.environ.get("RAY_ADDRESS"))):
         import torch
 
@@ -130,8 +137,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         from cmd_ray.ray_train import train_on_ray
 
-        if args.address:
-            cfg.ray.address = args.address
         summary = train_on_ray(cfg)
     # Printed before writing, so a full disk cannot take the figures with it.
     print(json.dumps(_compact(summary), indent=2, default=str))
@@ -156,12 +161,10 @@ def resolve_config_path(path: Optional[str]) -> Optional[str]:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from cmd_ray.config import check_grid
 
-    cfg = load_config(resolve_config_path(args.config), args.overrides)
+    cfg = _load(args)
     check_grid(cfg)
     if not args.resume:
         _check_writable("sweep.storage_path", cfg.sweep.storage_path)
-    if args.address:
-        cfg.ray.address = args.address
     from cmd_ray.results import report
     from cmd_ray.sweep import run_sweep, wandb_mode
 
@@ -180,12 +183,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _print_validation_choice(folder: str | Path, last_epochs: int) -> int:
-    from cmd_ray.results import read_results, validation_choice
+    from cmd_ray.results import read_results, validation_choice, write_plots
 
-    table, best = validation_choice(read_results(folder), last_epochs)
+    rows = read_results(folder)
+    table, best = validation_choice(rows, last_epochs)
     print(table)
     for method, candidate in best.items():
         print(f"chosen for {method} on validation: {candidate}")
+    plots = write_plots(rows, Path(folder).expanduser() / "plots", last_epochs, validation=True)
+    print("plots: " + ", ".join(str(p) for p in plots))
     return 0
 
 
@@ -207,48 +213,66 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def bench_throughput(args: argparse.Namespace) -> int:
     from cmd_ray import bench
+    from cmd_ray.atomic import write_json_atomic
 
-    cfg = load_config(resolve_config_path(args.config), args.overrides)
-    if args.bench == "throughput":
-        for peers in args.peers:
-            if peers < 2:
-                raise ConfigError(f"--peers: got {peers}; allowed: integers >= 2")
-        rows = bench.throughput(cfg, args.peers)
-        if args.output_json:
-            from cmd_ray.atomic import write_json_atomic
+    cfg = _load(args)
+    for peers in args.peers:
+        if peers < 2:
+            raise ConfigError(f"--peers: got {peers}; allowed: integers >= 2")
+    rows = bench.throughput(cfg, args.peers)
+    if args.output_json:
+        write_json_atomic(args.output_json, {"rows": rows, "config": cfg.to_dict()})
+    return 0
 
-            write_json_atomic(args.output_json, {"rows": rows, "config": cfg.to_dict()})
-        return 0
+
+def bench_load(args: argparse.Namespace) -> int:
+    from cmd_ray import bench
+    from cmd_ray.atomic import write_json_atomic
+    from cmd_ray.config import check_grid
+
+    cfg = _load(args)
+    check_grid(cfg)
+    _check_writable("sweep.storage_path", cfg.sweep.storage_path)
+    figures = bench.load(cfg)
+    if args.output_json:
+        write_json_atomic(args.output_json, {**figures, "config": cfg.to_dict()})
+    if args.plot:
+        print(f"plot: {bench.plot_load(figures, Path(args.plot))}")
+    return 0 if figures["finished"] == figures["trials"] else 1
+
+
+def bench_accuracy(args: argparse.Namespace) -> int:
+    from cmd_ray import bench
     from cmd_ray.config import check_grid
     from cmd_ray.results import report
 
+    cfg = _load(args)
     check_grid(cfg)
-    if args.bench == "load":
-        from cmd_ray.atomic import write_json_atomic
-
-        _check_writable("sweep.storage_path", cfg.sweep.storage_path)
-        figures = bench.load(cfg)
-        if args.output_json:
-            write_json_atomic(args.output_json, {**figures, "config": cfg.to_dict()})
-        if args.plot:
-            print(f"plot: {bench.plot_load(figures, Path(args.plot))}")
-        return 0 if figures["finished"] == figures["trials"] else 1
     if args.jobs < 1:
         raise ConfigError(f"--jobs: got {args.jobs}; allowed: an integer >= 1")
+    if args.last_epochs < 1:
+        raise ConfigError(f"--last-epochs: got {args.last_epochs}; allowed: an integer >= 1")
     folder = Path(args.folder)
     bench.accuracy(cfg, folder, jobs=args.jobs)
     if cfg.data.validation_fraction > 0:  # a hyper-parameter sweep: rank on validation only
-        return _print_validation_choice(folder, last_epochs=3)
-    table, plots = report(folder, last_epochs=5)
+        return _print_validation_choice(folder, last_epochs=args.last_epochs)
+    table, plots = report(folder, last_epochs=args.last_epochs)
     print(table)
     print("plots: " + ", ".join(str(p) for p in plots))
     return 0
 
 
+BENCHMARKS = {"throughput": bench_throughput, "load": bench_load, "accuracy": bench_accuracy}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    return BENCHMARKS[args.bench](args)
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load(args)
     from cmd_ray.trainer import load_run_data
 
     data = load_run_data(cfg)
@@ -273,7 +297,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_show_config(args: argparse.Namespace) -> int:
     import yaml
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load(args)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     return 0
 

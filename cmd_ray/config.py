@@ -315,43 +315,54 @@ def _check_positive(name: str, value: Optional[int]) -> None:
         raise ConfigError(f"{name}: got {value!r}; allowed: an integer >= 1")
 
 
-def validate(cfg: Config) -> Config:
-    """Check the relations between fields; raise ConfigError naming the first bad one."""
+def _check_above(name: str, value: float, low: float, inclusive: bool = False) -> None:
+    if value < low or (value == low and not inclusive):
+        raise ConfigError(f"{name}: got {value}; allowed: a number {'>=' if inclusive else '>'} {low:g}")
+
+
+def _check_run_shape(cfg: Config) -> None:
+    """Peers, replicas, epochs, batch and subset sizes, seed."""
     if cfg.peers < 2:
         raise ConfigError(f"peers: got {cfg.peers}; allowed: an integer >= 2 (CMD needs at least two peer networks)")
-    for name in ("replicas", "epochs", "batch_size", "data.train_subset", "data.test_subset"):
-        obj, attr = (cfg, name) if "." not in name else (getattr(cfg, name.split(".")[0]), name.split(".")[1])
-        _check_positive(name, getattr(obj, attr))
+    for name, value in (
+        ("replicas", cfg.replicas),
+        ("epochs", cfg.epochs),
+        ("batch_size", cfg.batch_size),
+        ("data.train_subset", cfg.data.train_subset),
+        ("data.test_subset", cfg.data.test_subset),
+    ):
+        _check_positive(name, value)
     if cfg.seed < 0:
         raise ConfigError(f"seed: got {cfg.seed}; allowed: an integer >= 0")
-    _check_range("noise.rate", cfg.noise.rate, 0.0, 1.0)
     _check_range("data.validation_fraction", cfg.data.validation_fraction, 0.0, 0.5)
+
+
+def _check_method(cfg: Config) -> None:
+    """Noise rate, thresholds, distillation, small-loss rule and optimiser."""
+    _check_range("noise.rate", cfg.noise.rate, 0.0, 1.0)
     if cfg.noise.type == "matrix" and not cfg.noise.matrix:
         raise ConfigError("noise.matrix: got null; allowed: a path to a C x C matrix file when noise.type is 'matrix'")
-    for name in ("tau", "tau_start", "tau_end"):
-        _check_range(f"knowledge.{name}", getattr(cfg.knowledge, name), 0.0, 1.0)
-    _check_range("knowledge.midpoint", cfg.knowledge.midpoint, 0.0, 1.0)
-    if cfg.knowledge.steepness <= 0:
-        raise ConfigError(f"knowledge.steepness: got {cfg.knowledge.steepness}; allowed: a number > 0")
-    if cfg.distill.weight < 0:
-        raise ConfigError(f"distill.weight: got {cfg.distill.weight}; allowed: a number >= 0")
-    if cfg.distill.temperature <= 0:
-        raise ConfigError(f"distill.temperature: got {cfg.distill.temperature}; allowed: a number > 0")
-    _check_range("distill.mix_weight", cfg.distill.mix_weight, 0.0, 1.0)
-    if cfg.distill.trust_steepness <= 0:
-        raise ConfigError(f"distill.trust_steepness: got {cfg.distill.trust_steepness}; allowed: a number > 0")
-    _check_range("distill.trust_midpoint", cfg.distill.trust_midpoint, 0.0, 1.0)
+    k, d = cfg.knowledge, cfg.distill
+    for name in ("tau", "tau_start", "tau_end", "midpoint"):
+        _check_range(f"knowledge.{name}", getattr(k, name), 0.0, 1.0)
+    _check_above("knowledge.steepness", k.steepness, 0)
+    _check_above("distill.weight", d.weight, 0, inclusive=True)
+    _check_above("distill.temperature", d.temperature, 0)
+    _check_range("distill.mix_weight", d.mix_weight, 0.0, 1.0)
+    _check_above("distill.trust_steepness", d.trust_steepness, 0)
+    _check_range("distill.trust_midpoint", d.trust_midpoint, 0.0, 1.0)
     if cfg.coteaching.forget_rate is not None:
         _check_range("coteaching.forget_rate", cfg.coteaching.forget_rate, 0.0, 1.0)
-    if cfg.coteaching.ramp_epochs < 0:
-        raise ConfigError(f"coteaching.ramp_epochs: got {cfg.coteaching.ramp_epochs}; allowed: a number >= 0")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr: got {cfg.optim.lr}; allowed: a number > 0")
-    if cfg.optim.weight_decay < 0:
-        raise ConfigError(f"optim.weight_decay: got {cfg.optim.weight_decay}; allowed: a number >= 0")
+    _check_above("coteaching.ramp_epochs", cfg.coteaching.ramp_epochs, 0, inclusive=True)
+    _check_above("optim.lr", cfg.optim.lr, 0)
+    _check_above("optim.weight_decay", cfg.optim.weight_decay, 0, inclusive=True)
     _check_range("optim.momentum", cfg.optim.momentum, 0.0, 1.0)
+
+
+def _check_models_and_data(cfg: Config) -> None:
+    """Each peer's architecture fits the images; a noise matrix file is readable and C x C."""
+    size = DATASETS[cfg.data.name].shape[0]
     for i, name in enumerate(cfg.model.per_peer or [cfg.model.name]):
-        size = DATASETS[cfg.data.name].shape[0]
         problem = model_fit_error(name, size, cfg.data.name) if name in MODELS else None
         if problem:
             raise ConfigError(f"{f'model.per_peer[{i}]' if cfg.model.per_peer else 'model.name'}: {problem}")
@@ -370,11 +381,15 @@ def validate(cfg: Config) -> Config:
         for i, name in enumerate(cfg.model.per_peer):
             if name not in MODELS:
                 raise ConfigError(f"model.per_peer[{i}]: got {name!r}; allowed: one of {', '.join(MODELS)}")
+
+
+def _check_cluster(cfg: Config) -> None:
+    """Ray resources, fault tolerance, checkpoints, sweep naming, and batch vs replicas."""
     r = cfg.ray
     if r.num_cpus is not None and r.num_cpus <= 0:
         raise ConfigError(f"ray.num_cpus: got {r.num_cpus}; allowed: a number > 0 or null")
-    if r.cpus_per_worker is not None and r.cpus_per_worker < 0:
-        raise ConfigError(f"ray.cpus_per_worker: got {r.cpus_per_worker}; allowed: a number >= 0")
+    if r.cpus_per_worker is not None:
+        _check_above("ray.cpus_per_worker", r.cpus_per_worker, 0, inclusive=True)
     if not 0 < r.gpus_per_worker <= 1 and not (r.gpus_per_worker >= 1 and float(r.gpus_per_worker).is_integer()):
         raise ConfigError(
             f"ray.gpus_per_worker: got {r.gpus_per_worker}; allowed: a fraction in (0, 1] or a whole number"
@@ -383,14 +398,21 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"ray.max_failures: got {r.max_failures}; allowed: an integer >= -1")
     _check_positive("ray.checkpoint_every", r.checkpoint_every)
     _check_positive("ray.checkpoints_to_keep", r.checkpoints_to_keep)
-    if cfg.sweep.max_concurrent_trials is not None:
-        _check_positive("sweep.max_concurrent_trials", cfg.sweep.max_concurrent_trials)
+    _check_positive("sweep.max_concurrent_trials", cfg.sweep.max_concurrent_trials)
     if not cfg.sweep.name or "/" in cfg.sweep.name:
         raise ConfigError(f"sweep.name: got {cfg.sweep.name!r}; allowed: a non-empty name without '/'")
     if cfg.batch_size < cfg.replicas:
         raise ConfigError(f"batch_size: got {cfg.batch_size}; allowed: at least replicas={cfg.replicas}")
     if cfg.batch_size % cfg.replicas:
         raise ConfigError(f"batch_size: got {cfg.batch_size}; allowed: a multiple of replicas={cfg.replicas}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check the relations between fields; raise ConfigError naming the first bad one."""
+    _check_run_shape(cfg)
+    _check_method(cfg)
+    _check_models_and_data(cfg)
+    _check_cluster(cfg)
     return cfg
 
 
@@ -452,10 +474,16 @@ def from_dict(values: dict[str, Any]) -> Config:
     return validate(_build(Config, values))
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Load a YAML preset (or the defaults), apply `a.b=value` overrides, validate."""
-    values = read_yaml(path) if path else {}
-    return from_dict(apply_overrides(values, overrides or []))
+def load_config(
+    path: Optional[str | Path] = None, overrides: Optional[list[str]] = None, values: Optional[dict[str, Any]] = None
+) -> Config:
+    """Load a YAML preset (or the defaults), apply `a.b=value` overrides, then `values` (dotted
+    key -> value, taken as given, e.g. a command-line flag), and validate. The Config is not
+    changed after this."""
+    nested = apply_overrides(read_yaml(path) if path else {}, overrides or [])
+    for key, value in (values or {}).items():
+        nested = set_path(nested, key, value)
+    return from_dict(nested)
 
 
 # --------------------------------------------------------------------------------------

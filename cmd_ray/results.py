@@ -17,6 +17,7 @@ from cmd_ray.config import point_overrides, trial_config, variant_label
 # Config columns every results row carries (the grid's own keys are added to these).
 CONFIG_COLUMNS = ("method", "peers", "replicas", "epochs", "seed", "data.name", "noise.type", "noise.rate")
 ACCURACY = "mean/test_accuracy"  # mean of the peers' clean test accuracy
+VALIDATION = "mean/val_accuracy"  # mean of the peers' accuracy on the held-out *noisy* labels
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -153,98 +154,133 @@ def _method_order(label: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(method) if method else len(METHOD_ORDER), label)
 
 
-def write_plots(rows: list[dict[str, Any]], folder: str | Path) -> list[Path]:
-    """PNG plots: accuracy vs epoch, final accuracy vs noise rate, selection vs epoch (per method)."""
-    import matplotlib
+Curves = dict[tuple[str, str], tuple[list[int], list[float]]]
 
-    matplotlib.use("Agg")
+
+def _epoch_curves(finished: list[dict[str, Any]], metric: str) -> Curves:
+    """Mean over seeds of `metric` per (noise, run label) and epoch: {(noise, label): (epochs, values)}."""
+    acc: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    for r in finished:
+        if r.get(metric) is not None:
+            acc[(_noise_label(r), run_label(r), r["epoch"])].append(r[metric])
+    out: Curves = {}
+    for (noise, label, epoch), values in sorted(acc.items()):
+        xs, ys = out.setdefault((noise, label), ([], []))
+        xs.append(epoch + 1)
+        ys.append(sum(values) / len(values))
+    return out
+
+
+def _plot_epoch_grid(
+    finished: list[dict[str, Any]],
+    metrics: list[tuple[str, str]],
+    labels: list[str],
+    colour: dict[str, Any],
+    path: Path,
+) -> Path:
+    """One row of panels per metric, one column per noise setting, one line per run label."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    finished = [r for r in rows if r.get("status") == "finished" and r.get(ACCURACY) is not None]
     noises = sorted({_noise_label(r) for r in finished})
-    methods = sorted({run_label(r) for r in finished}, key=_method_order)
-    colour = {m: f"C{i}" for i, m in enumerate(methods)}  # one colour per method in every panel
-    paths = []
+    fig, axes = plt.subplots(len(metrics), len(noises), figsize=(4 * len(noises), 3.2 * len(metrics)), squeeze=False)
+    for row, (metric, axis_label) in enumerate(metrics):
+        data = _epoch_curves(finished, metric)
+        for col, noise in enumerate(noises):
+            ax = axes[row][col]
+            for label in labels:
+                if (noise, label) in data:
+                    xs, ys = data[(noise, label)]
+                    marker = dict(marker="o", ms=3) if len(xs) <= 20 else {}  # long runs: lines only
+                    ax.plot(xs, [100 * y for y in ys], label=label, color=colour[label], **marker)
+            ax.set_title(noise if row == 0 else "")
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel(axis_label)
+            ax.grid(alpha=0.3)
+    _legend_below(fig, axes[0][0])
+    return save_figure(fig, path)
 
-    def curves(metric: str) -> dict[tuple[str, str], tuple[list[int], list[float]]]:
-        """Mean over seeds of `metric` per (noise, method) and epoch."""
-        acc: dict[tuple[str, str, int], list[float]] = defaultdict(list)
-        for r in finished:
-            if r.get(metric) is not None:
-                acc[(_noise_label(r), run_label(r), r["epoch"])].append(r[metric])
-        out: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
-        for (noise, method, epoch), values in sorted(acc.items()):
-            xs, ys = out.setdefault((noise, method), ([], []))
-            xs.append(epoch + 1)
-            ys.append(sum(values) / len(values))
-        return out
 
-    def grid_figure(metrics: list[tuple[str, str]], name: str, percent: bool = True) -> Path:
-        fig, axes = plt.subplots(
-            len(metrics), len(noises), figsize=(4 * len(noises), 3.2 * len(metrics)), squeeze=False
-        )
-        for row, (metric, label) in enumerate(metrics):
-            data = curves(metric)
-            for col, noise in enumerate(noises):
-                ax = axes[row][col]
-                for method in methods:
-                    if (noise, method) in data:
-                        xs, ys = data[(noise, method)]
-                        ys = [100 * y if percent else y for y in ys]
-                        ax.plot(xs, ys, marker="o", ms=3, label=method, color=colour[method])
-                ax.set_title(f"{noise}" if row == 0 else "")
-                ax.set_xlabel("epoch")
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-                ax.set_ylabel(label)
-                ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=8)
-        fig.tight_layout()
-        return save_figure(fig, folder / name)
+def _legend_below(fig, ax) -> None:
+    """One legend for the whole figure, in a band added under the panels, so it hides no curve."""
+    handles, labels = ax.get_legend_handles_labels()
+    width, height = fig.get_size_inches()
+    longest = max((len(label) for label in labels), default=1)
+    columns = max(1, min(len(labels), int(width / (0.07 * longest + 0.6))))  # about 0.07 in a character
+    band = 0.2 * -(-len(labels) // columns) + 0.2  # inches
+    fig.set_size_inches(width, height + band)
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, band / (height + band), 1, 1))
 
-    if not finished:
-        return paths
-    paths.append(grid_figure([(ACCURACY, "clean test accuracy (%)")], "accuracy_vs_epoch.png"))
-    paths.append(
-        grid_figure(
-            [
-                ("mean/selected_fraction", "selected fraction (%)"),
-                ("mean/selection_precision", "selection precision (%)"),
-                ("mean/memorisation", "memorisation (%)"),
-            ],
-            "selection_vs_epoch.png",
-        )
-    )
-    finals = trial_finals(rows)
+
+def _colours(labels: list[str]) -> dict[str, Any]:
+    """One colour per run label in every panel (tab20 past ten labels, so none repeats)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+
+
+def _plot_final_vs_noise(finals: list[dict[str, Any]], labels: list[str], colour: dict[str, Any], path: Path) -> Path:
+    """Final accuracy (mean +- std over seeds) against the noise rate, one panel per noise type."""
+    import matplotlib.pyplot as plt
+
     types = sorted({f["noise.type"] for f in finals})
     fig, axes = plt.subplots(1, len(types), figsize=(4.5 * len(types), 3.4), squeeze=False)
     for ax, noise_type in zip(axes[0], types):
-        for method in methods:
+        for label in labels:
             points: dict[float, list[float]] = defaultdict(list)
             for f in finals:
-                if f["method"] == method and f["noise.type"] == noise_type:
+                if f["method"] == label and f["noise.type"] == noise_type:
                     points[f["noise.rate"]].append(100 * f["final"])
             if points:
                 xs = sorted(points)
-                ax.errorbar(
-                    xs,
-                    [_mean_std(points[x])[0] for x in xs],
-                    yerr=[_mean_std(points[x])[1] for x in xs],
-                    marker="o",
-                    capsize=3,
-                    label=method,
-                    color=colour[method],
-                )
+                stats = [_mean_std(points[x]) for x in xs]
+                means, stds = [m for m, _ in stats], [sd for _, sd in stats]
+                ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label, color=colour[label])
         ax.set_title(f"{noise_type} noise")
         ax.set_xlabel("noise rate")
         ax.set_ylabel("final clean test accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(save_figure(fig, folder / "accuracy_vs_noise.png"))
-    return paths
+    _legend_below(fig, axes[0][0])
+    return save_figure(fig, path)
+
+
+SELECTION_METRICS = [
+    ("mean/selected_fraction", "selected fraction (%)"),
+    ("mean/selection_precision", "selection precision (%)"),
+    ("mean/memorisation", "memorisation (%)"),
+]
+
+
+def write_plots(
+    rows: list[dict[str, Any]], folder: str | Path, last_epochs: int = 1, validation: bool = False
+) -> list[Path]:
+    """PNG plots: accuracy vs epoch; selected fraction, selection precision and memorisation vs
+    epoch; final accuracy (mean of the last `last_epochs` epochs) vs noise rate. One colour per
+    method (or grid variant) in every panel. `validation`: accuracy on the held-out noisy labels
+    instead of the clean test set, and no final-accuracy plot (for choosing settings)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    metric = VALIDATION if validation else ACCURACY
+    finished = [r for r in rows if r.get("status") == "finished" and r.get(metric) is not None]
+    if not finished:
+        return []
+    labels = sorted({run_label(r) for r in finished}, key=_method_order)
+    colour = _colours(labels)
+    if validation:
+        accuracy = [(VALIDATION, "noisy validation accuracy (%)")]
+        return [_plot_epoch_grid(finished, accuracy, labels, colour, folder / "validation_vs_epoch.png")]
+    accuracy = [(ACCURACY, "clean test accuracy (%)")]
+    return [
+        _plot_epoch_grid(finished, accuracy, labels, colour, folder / "accuracy_vs_epoch.png"),
+        _plot_epoch_grid(finished, SELECTION_METRICS, labels, colour, folder / "selection_vs_epoch.png"),
+        _plot_final_vs_noise(trial_finals(rows, last_epochs), labels, colour, folder / "accuracy_vs_noise.png"),
+    ]
 
 
 def report(folder: str | Path, last_epochs: int = 1, plots_dir: Optional[str | Path] = None) -> tuple[str, list[Path]]:
@@ -252,7 +288,7 @@ def report(folder: str | Path, last_epochs: int = 1, plots_dir: Optional[str | P
     rows = read_results(folder)
     table = report_table(rows, last_epochs)
     table += "\n\nAt the last epoch, mean over seeds (%):\n" + selection_table(rows)
-    paths = write_plots(rows, plots_dir or Path(folder).expanduser() / "plots")
+    paths = write_plots(rows, plots_dir or Path(folder).expanduser() / "plots", last_epochs)
     return table, paths
 
 
@@ -279,7 +315,6 @@ def selection_table(rows: list[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------------------
 # Choosing hyper-parameters on the validation split (never on the test set)
 
-VALIDATION = "mean/val_accuracy"  # mean of the peers' accuracy on the held-out *noisy* labels
 CANDIDATE_SECTIONS = ("knowledge.", "distill.", "labels.", "coteaching.")
 # Knowledge keys a method ignores, left out of its candidate's name (one grid can serve both).
 IGNORED_BY = {

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import pyarrow as pa
 
 from cmd_ray.atomic import write_parquet_atomic
-from cmd_ray.config import Config, ConfigError, check_grid, trial_config
+from cmd_ray.config import Config, ConfigError, check_grid, set_path, trial_config
 from cmd_ray.data import materialise
 from cmd_ray.noise import NoiseSpec
 from cmd_ray.results import trial_rows
@@ -122,9 +122,8 @@ def run_trial(params: dict[str, Any]) -> None:
     from cmd_ray.ray_train import build_trainer, fit
 
     base, folder = params["base"], Path(params["folder"])
-    cfg = trial_config(base, grid_point(params))
     trial_id = tune.get_context().get_trial_id()
-    cfg.output_dir = str(folder / "trials" / trial_id)
+    cfg = trial_config(set_path(base, "output_dir", str(folder / "trials" / trial_id)), grid_point(params))
     # The Train run is named by the trial id, which survives a sweep restore: a restored
     # trial resumes its Train run from the latest checkpoint.
     label = " ".join(f"{k}={v}" for k, v in grid_point(params).items())
