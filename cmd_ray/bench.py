@@ -296,6 +296,7 @@ class LoadSampler(threading.Thread):
 def load(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the sweep `cfg` describes (16+ trials) while sampling memory and concurrency; return figures."""
     import pyarrow.parquet as pq
+    import ray
 
     from cmd_ray.sweep import concurrency, run_sweep
 
@@ -308,28 +309,35 @@ def load(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         folder = run_sweep(cfg, log=log)
     finally:
         samples = sampler.stop()
-    import ray
-
-    bound = concurrency(cfg, ray.cluster_resources())
     rows = pq.read_table(folder / "results.parquet").to_pylist()
     status = {r["trial_id"]: r["status"] for r in rows}
-    gib = 1024**3
     figures = {
         "trials": len(points),
         "finished": sum(s == "finished" for s in status.values()),
         "failed": sum(s == "failed" for s in status.values()),
         "wall_seconds": time.perf_counter() - started,
-        "concurrency_bound_trials": bound,
+        "concurrency_bound_trials": concurrency(cfg, ray.cluster_resources()),
         "workers_per_trial": cfg.peers * cfg.replicas,
+        "folder": str(folder),
+        **_memory_figures(samples, before),
+    }
+    _log_load(figures, log)
+    return figures
+
+
+def _memory_figures(samples: list[dict[str, Any]], before: int) -> dict[str, Any]:
+    """Peaks of the sampled memory and concurrency; who held the memory at the peak; the first
+    and second half's peaks (memory should not creep up over a sweep)."""
+    gib = 1024**3
+    figures: dict[str, Any] = {
         "peak_train_workers": max((s["train_workers"] for s in samples), default=0),
         "peak_trial_drivers": max((s["trial_drivers"] for s in samples), default=0),
         "peak_tree_pss_gib": max((s["tree_pss"] for s in samples), default=0) / gib,
         "used_before_gib": before / gib,
         "peak_used_gib": max((s["used"] for s in samples), default=before) / gib,
         "samples": samples,
-        "folder": str(folder),
     }
-    if samples:  # who holds the memory at the peak
+    if samples:
         peak = max(samples, key=lambda s: s["tree_pss"])
         figures["at_peak_by_kind"] = {
             kind: {"gib": total / gib, "processes": int(count)}
@@ -337,17 +345,21 @@ def load(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         }
     for sample in samples:  # the breakdown at the peak is kept; per sample it would bloat the JSON
         sample.pop("by_kind", None)
-    # Memory bounded: the second half of the sweep should not sit higher than the first.
     half = len(samples) // 2
     if half:
         figures["peak_tree_pss_first_half_gib"] = max(s["tree_pss"] for s in samples[:half]) / gib
         figures["peak_tree_pss_second_half_gib"] = max(s["tree_pss"] for s in samples[half:]) / gib
+    return figures
+
+
+def _log_load(figures: dict[str, Any], log: Callable[[str], None]) -> None:
     log(
         f"[cmd-ray] load: {figures['finished']}/{figures['trials']} trials finished ({figures['failed']} failed) "
-        f"in {figures['wall_seconds']:.0f} s; at most {bound} trials x {figures['workers_per_trial']} workers at once "
-        f"(peak seen: {figures['peak_train_workers']:.0f} Train workers, {figures['peak_trial_drivers']:.0f} trial "
-        f"drivers); peak memory (PSS) of the driver and its Ray processes {figures['peak_tree_pss_gib']:.2f} GiB "
-        f"(first half {figures.get('peak_tree_pss_first_half_gib', 0):.2f}, second half "
+        f"in {figures['wall_seconds']:.0f} s; at most {figures['concurrency_bound_trials']} trials x "
+        f"{figures['workers_per_trial']} workers at once (peak seen: {figures['peak_train_workers']:.0f} Train "
+        f"workers, {figures['peak_trial_drivers']:.0f} trial drivers); peak memory (PSS) of the driver and its Ray "
+        f"processes {figures['peak_tree_pss_gib']:.2f} GiB (first half "
+        f"{figures.get('peak_tree_pss_first_half_gib', 0):.2f}, second half "
         f"{figures.get('peak_tree_pss_second_half_gib', 0):.2f}); machine memory in use "
         f"{figures['used_before_gib']:.2f} GiB before, {figures['peak_used_gib']:.2f} GiB at peak"
     )
@@ -359,7 +371,6 @@ def load(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
                 for kind, v in figures["at_peak_by_kind"].items()
             )
         )
-    return figures
 
 
 def plot_load(figures: dict[str, Any], path: Path) -> Path:

@@ -47,7 +47,7 @@ from cmd_ray.peer import (
     test_probabilities,
 )
 from cmd_ray.summary import epoch_record, progress_line, summarise
-from cmd_ray.trainer import EpochStats, StepTrace, load_run_data, train_epoch
+from cmd_ray.trainer import EpochStats, StepTrace, finish_record, load_run_data, train_epoch
 
 EPOCH_COUNT_KEYS = (*COUNT_KEYS, "tau_sum")
 HISTORY_FILE = "history.json"
@@ -168,7 +168,6 @@ def _epoch_record_across_workers(
         all_reduce_sum(timing.to(peer.device)).cpu() / dist.get_world_size()
     ).tolist()
     record = epoch_record(epoch, peer_counts, accuracy, train_seconds, exchange_seconds)
-    record.update(train_samples=len(data.train), test_samples=len(data.test))
     record.update(wait_seconds=wait_seconds, wait_fraction=wait_seconds / train_seconds if train_seconds else 0.0)
     return record
 
@@ -288,9 +287,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         record = _epoch_record_across_workers(
             cfg, topology, peer, data, epoch, stats, exchange.wait_seconds, groups.exchange
         )
-        if epoch == start_epoch and not start_epoch:
-            record["startup_seconds"] = stats.first_step_at - loop_config.get("started_at", stats.first_step_at)
-        history.append(record)
+        first = epoch == 0  # a resumed run's start-up was counted before the restart
+        history.append(finish_record(record, data, stats, loop_config.get("started_at") if first else None))
         if topology.rank == 0:
             _console(progress_line(record, cfg.peers, cfg.epochs, loop_config.get("label", "")))
         done = epoch + 1

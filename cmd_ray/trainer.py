@@ -103,6 +103,17 @@ def train_epoch(
     return EpochStats(counts, time.perf_counter() - start, exchange_seconds, first_step_at)
 
 
+def finish_record(
+    record: dict[str, Any], data: DataBundle, stats: EpochStats, started_at: Optional[float]
+) -> dict[str, Any]:
+    """The bookkeeping both paths add to an epoch's record: data sizes, and for a run's first
+    epoch (`started_at` = when the run started) the time from start to the first step."""
+    record.update(train_samples=len(data.train), test_samples=len(data.test))
+    if started_at is not None:
+        record["startup_seconds"] = stats.first_step_at - started_at
+    return record
+
+
 class StepTrace:
     """Appends each peer's per-step loss and selection mask to `<folder>/peer<k>.jsonl` (tests)."""
 
@@ -147,10 +158,7 @@ def train_in_process(
             val_probs = [test_probabilities(p, data.validation, data.info) for p in peers]
             accuracy.update(evaluate(val_probs, data.validation.noisy_labels, "val"))
         record = epoch_record(epoch, stats.counts, accuracy, stats.train_seconds, stats.exchange_seconds)
-        record.update(train_samples=len(data.train), test_samples=len(data.test))
-        if epoch == 0:
-            record["startup_seconds"] = stats.first_step_at - started_at
-        history.append(record)
+        history.append(finish_record(record, data, stats, started_at if epoch == 0 else None))
         log(progress_line(record, cfg.peers, cfg.epochs))
     extra = {"path": "in-process", "wall_seconds": time.perf_counter() - started}
     return summarise(cfg, history, data.noise, extra)
