@@ -76,17 +76,31 @@ def prepare_wandb(cfg: Config, folder: Path) -> Optional[Any]:
 
 
 def _wandb_callback_class() -> type:
-    """Ray's WandbLoggerCallback whose logging actor and queue actor end without a traceback.
+    """Ray's WandbLoggerCallback, quiet: no blocking in Tune's loop, no restart warning, no traceback.
 
-    Ray kills each trial's logging actor once its `wandb.finish()` returns; W&B's atexit hook
-    then tries to close a service connection that is already gone and prints a
-    ConnectionResetError traceback per trial. Tearing down explicitly unregisters that hook.
-
-    Ray only drops its handle to the trial's queue actor, which then exits gracefully; a
-    SIGTERM arriving while that actor's interpreter waits for its threads prints a SystemExit
-    traceback ("Exception ignored in threading"). Killing the queue outright has no such window.
+    - Ray's callback hands each result to the trial's queue actor and waits for the actor to
+      answer (`Queue.put` is a `ray.get`); a trial's first result waits for that actor to start,
+      seconds on a busy machine, which Tune reports as "on_trial_result ... may be a performance
+      bottleneck". Results are sent without waiting here (one caller, one actor: order is kept).
+    - Ray starts the logging actor with max_restarts=-1 and constructor arguments in the object
+      store, which Ray logs as an error at start; a restarted logger would have lost its queue
+      anyway, so it starts without restarts.
+    - Ray kills each trial's logging actor once its `wandb.finish()` returns; W&B's atexit hook
+      then tries to close a service connection that is already gone and prints a
+      ConnectionResetError traceback per trial. Tearing down explicitly unregisters that hook.
+    - Ray only drops its handle to the trial's queue actor, which then exits gracefully; a
+      SIGTERM arriving while that actor's interpreter waits for its threads prints a SystemExit
+      traceback ("Exception ignored in threading"). Killing the queue outright has no such window.
     """
-    from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
+    import ray
+    from ray.air.integrations.wandb import (
+        WANDB_ENV_VAR,
+        WandbLoggerCallback,
+        _clean_log,
+        _QueueItem,
+        _WandbLoggingActor,
+    )
+    from ray.air.util.node import _force_on_current_node
 
     class TidyWandbLoggingActor(_WandbLoggingActor):
         def run(self):
@@ -97,6 +111,25 @@ def _wandb_callback_class() -> type:
 
     class TidyWandbLoggerCallback(WandbLoggerCallback):
         _logger_actor_cls = TidyWandbLoggingActor
+
+        def _start_logging_actor(self, trial, exclude_results, **wandb_init_kwargs):
+            if not self._remote_logger_class:
+                # As Ray does, but without restarts. The key travels as Ray passes it (an
+                # environment variable of the actor), never as an argument.
+                env_vars = {WANDB_ENV_VAR: os.environ[WANDB_ENV_VAR]} if WANDB_ENV_VAR in os.environ else {}
+                self._remote_logger_class = ray.remote(
+                    num_cpus=0, **_force_on_current_node(), runtime_env={"env_vars": env_vars}, max_restarts=0
+                )(self._logger_actor_cls)
+            super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs)
+
+        def log_trial_result(self, iteration, trial, result):
+            if trial not in self._trial_logging_actors:
+                self.log_trial_start(trial)
+            result = _clean_log(result, video_kwargs=self.video_kwargs, image_kwargs=self.image_kwargs)
+            self._trial_queues[trial].actor.put_nowait.remote((_QueueItem.RESULT, result))
+
+        def _signal_logging_actor_stop(self, trial) -> None:
+            self._trial_queues[trial].actor.put_nowait.remote((_QueueItem.END, None))
 
         def _cleanup_logging_actor(self, trial) -> None:
             queue = self._trial_queues[trial]
