@@ -23,7 +23,7 @@ from typing import Any, Optional
 import pyarrow as pa
 
 from cmd_ray.atomic import write_parquet_atomic
-from cmd_ray.config import Config, ConfigError, check_grid, set_path, trial_config
+from cmd_ray.config import VARIANT, Config, ConfigError, check_grid, set_path, trial_config, variant_label
 from cmd_ray.data import materialise
 from cmd_ray.noise import NoiseSpec
 from cmd_ray.results import trial_rows
@@ -159,7 +159,8 @@ def run_trial(params: dict[str, Any]) -> None:
     cfg = trial_config(set_path(base, "output_dir", str(folder / "trials" / trial_id)), grid_point(params))
     # The Train run is named by the trial id, which survives a sweep restore: a restored
     # trial resumes its Train run from the latest checkpoint.
-    label = " ".join(f"{k}={v}" for k, v in grid_point(params).items())
+    point = grid_point(params)
+    label = " ".join(variant_label(point) if k == VARIANT else f"{k}={v}" for k, v in point.items())
     fit(build_trainer(cfg, trial_id, folder / "train", [TuneReportCallback()], label), folder / "train" / trial_id)
 
 

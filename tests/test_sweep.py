@@ -226,14 +226,16 @@ def test_sweep_resumes_after_its_driver_is_killed(fake_fmnist_root, tmp_path, sw
 @pytest.mark.slow
 def test_a_failing_trial_does_not_stop_the_sweep_and_is_reported(fake_fmnist_root, tmp_path, sweep_env):
     folder = tmp_path / "sweeps"
-    cmd = _sweep_cmd(fake_fmnist_root, folder, "faulty") + [
-        "--set", "sweep.grid={noise.rate: [0.2], method: [ce], testing.nan_step: [null, 8]}",
-    ]  # fmt: skip
+    # A variant axis (several keys set together) also goes through Tune.
+    grid = (
+        "{noise.rate: [0.2], variant: [{method: ce, label: healthy}, {method: ce, label: faulty, testing.nan_step: 8}]}"
+    )
+    cmd = _sweep_cmd(fake_fmnist_root, folder, "faulty") + ["--set", f"sweep.grid={grid}"]
     proc = subprocess.run(cmd, env=sweep_env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = pq.read_table(folder / "faulty" / "results.parquet").to_pylist()
-    status = {r["testing.nan_step"]: r["status"] for r in rows}
-    assert status == {None: "finished", 8: "failed"}
+    status = {(r["variant"], r["testing.nan_step"]): r["status"] for r in rows}
+    assert status == {("healthy", None): "finished", ("faulty", 8): "failed"}
     failed = [r for r in rows if r["status"] == "failed"]
     assert "loss is nan" in failed[0]["error"]
     assert "1 trials finished, 1 failed" in proc.stdout + proc.stderr
