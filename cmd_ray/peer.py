@@ -190,8 +190,9 @@ def _expected_flip_rate(noise_type: str, rate: float, matrix: Optional[str], dat
 
 
 def formulation(cfg: Config) -> Formulation:
-    """The loss a run's method stands for. ce and dml are the published baselines (labels only;
-    labels + every peer's knowledge by KL); `distill.loss` and `labels.trust` shape cmd-s/cmd-p."""
+    """The loss a run's method stands for. ce, dml and coteaching are the published baselines
+    (labels only; labels + every peer's knowledge by KL with lambda = T = 1; small-loss labels);
+    `knowledge.*`, `distill.*` and `labels.trust` shape cmd-s and cmd-p (docs/METHOD.md)."""
     k, d = cfg.knowledge, cfg.distill
     if cfg.method in ("cmd-s", "cmd-p"):
         return Formulation(
@@ -205,7 +206,7 @@ def formulation(cfg: Config) -> Formulation:
             cfg.labels.trust,
             d.target,
         )
-    return Formulation(cfg.schedule, k.certainty, k.threshold_on, "kl", d.weight, d.temperature)
+    return Formulation(cfg.schedule)
 
 
 def step_values(cfg: Config, form: Formulation, when: StepSchedule) -> StepValues:

@@ -108,7 +108,9 @@ def test_all_knowledge_reproduces_deep_mutual_learning():
 
 
 def test_distillation_is_averaged_over_the_whole_batch_not_the_selected_rows():
-    cfg = from_dict({"method": "cmd-s", "knowledge": {"tau": 0.0}})
+    cfg = from_dict(
+        {"method": "cmd-s", "knowledge": {"tau": 0.0}, "distill": {"weight": 1.0}, "labels": {"trust": "all"}}
+    )
     peer_logits, labels = _batch(b=4)
     own = peer_logits[0].clone().requires_grad_()
     full = peer_loss(own, peer_logits, 0, labels, formulation(cfg), StepValues(-math.inf))
@@ -123,7 +125,15 @@ def test_distillation_is_averaged_over_the_whole_batch_not_the_selected_rows():
 
 
 def test_temperature_scales_kl_by_t_squared():
-    cfg = from_dict({"method": "dml", "distill": {"temperature": 2.0}})
+    # CMD with all knowledge (threshold 0); dml itself keeps T = 1 as published
+    cfg = from_dict(
+        {
+            "method": "cmd-s",
+            "knowledge": {"tau": 0.0},
+            "distill": {"temperature": 2.0, "weight": 1.0},
+            "labels": {"trust": "all"},
+        }
+    )
     peer_logits, labels = _batch()
     own = peer_logits[0].clone()
     parts = peer_loss(own, peer_logits, 0, labels, formulation(cfg), StepValues(-math.inf))
@@ -267,9 +277,14 @@ def test_a_falling_threshold_selects_more_knowledge_later():
 
 
 def test_the_baselines_keep_their_published_losses_whatever_the_cmd_options():
-    options = {"distill": {"loss": "label_correction"}, "labels": {"trust": "small_loss"}}
+    options = {
+        "distill": {"loss": "label_correction", "weight": 8.0, "temperature": 3.0},
+        "labels": {"trust": "small_loss"},
+        "knowledge": {"certainty": "max_prob"},
+    }
     assert formulation(from_dict({"method": "dml", **options})) == Formulation("all")
     assert formulation(from_dict({"method": "ce", **options})) == Formulation("zero")
+    assert formulation(from_dict({"method": "coteaching", **options})) == Formulation("coteaching")
     cmd = formulation(from_dict({"method": "cmd-p", **options}))
     assert (cmd.schedule, cmd.loss, cmd.label_trust) == ("progressive", "label_correction", "small_loss")
 
