@@ -24,9 +24,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from cmd_ray.atomic import write_parquet_atomic
 from cmd_ray.config import Config, check_grid, trial_config
 from cmd_ray.results import trial_rows
+from cmd_ray.storage import write_parquet_atomic
 
 
 def _steady(history: list[dict[str, Any]], key: str) -> float:
@@ -295,9 +295,9 @@ class LoadSampler(threading.Thread):
 
 def load(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the sweep `cfg` describes (16+ trials) while sampling memory and concurrency; return figures."""
-    import pyarrow.parquet as pq
     import ray
 
+    from cmd_ray.storage import join, read_parquet
     from cmd_ray.sweep import concurrency, run_sweep
 
     points = check_grid(cfg)
@@ -309,7 +309,7 @@ def load(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         folder = run_sweep(cfg, log=log)
     finally:
         samples = sampler.stop()
-    rows = pq.read_table(folder / "results.parquet").to_pylist()
+    rows = read_parquet(join(folder, "results.parquet")).to_pylist()
     status = {r["trial_id"]: r["status"] for r in rows}
     figures = {
         "trials": len(points),
@@ -380,7 +380,7 @@ def plot_load(figures: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cmd_ray.atomic import save_figure
+    from cmd_ray.storage import save_figure
 
     samples = figures["samples"]
     t = [s["t"] for s in samples]

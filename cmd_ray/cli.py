@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from cmd_ray.atomic import StorageError
 from cmd_ray.config import Config, ConfigError, load_config
 from cmd_ray.data import DataError
 from cmd_ray.noise import NoiseError
 from cmd_ray.peer import NonFiniteLossError
+from cmd_ray.storage import StorageError, join
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -90,21 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_writable(field_name: str, folder: str) -> None:
-    """Refuse a folder that cannot be created or written, before any work."""
-    path = Path(folder).expanduser()
+    """Refuse a folder or object-storage prefix that cannot be written, before any work."""
+    from cmd_ray.storage import check_writable
+
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".cmd-ray-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(
-            f"{field_name}: cannot write to {path} ({err.strerror or err}); allowed: a writable folder"
-        ) from None
+        check_writable(field_name, folder)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
-def _check_output_dir(cfg: Config) -> None:
+def _check_output_dir(cfg: Config, in_process: bool = False) -> None:
     _check_writable("output_dir", cfg.output_dir)
+    if cfg.ray.storage_path and not in_process:
+        _check_writable("ray.storage_path", cfg.ray.storage_path)
 
 
 def _compact(summary: dict) -> dict:
@@ -127,8 +125,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise ConfigError("use_gpu: got true, but this machine has no CUDA GPU; allowed here: false")
-    _check_output_dir(cfg)
-    from cmd_ray.atomic import write_json_atomic
+    _check_output_dir(cfg, args.in_process)
+    from cmd_ray.storage import write_json_atomic
 
     if args.in_process:
         from cmd_ray.trainer import train_in_process
@@ -140,7 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = train_on_ray(cfg)
     # Printed before writing, so a full disk cannot take the figures with it.
     print(json.dumps(_compact(summary), indent=2, default=str))
-    write_json_atomic(Path(cfg.output_dir).expanduser() / "summary.json", summary)
+    write_json_atomic(join(cfg.output_dir, "summary.json"), summary)
     if args.output_json:
         write_json_atomic(args.output_json, summary)
     return 0
@@ -166,15 +164,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not args.resume:
         _check_writable("sweep.storage_path", cfg.sweep.storage_path)
     from cmd_ray.results import report
-    from cmd_ray.sweep import run_sweep, wandb_mode
+    from cmd_ray.sweep import run_sweep, wandb_dir, wandb_mode
 
     folder = run_sweep(cfg, resume=args.resume)
     table, plots = report(folder)
     print(table)
-    print(f"results: {folder / 'results.parquet'}")
+    print(f"results: {join(folder, 'results.parquet')}")
     print("plots:   " + ", ".join(str(p) for p in plots))
     mode = wandb_mode(cfg)
-    runs = folder / "wandb"
+    runs = wandb_dir(cfg, folder)
     if mode == "offline":
         print(f"W&B:     offline runs in {runs}; upload with `wandb sync {runs}/wandb/offline-run-*`")
     elif mode == "online":
@@ -190,7 +188,7 @@ def _print_validation_choice(folder: str | Path, last_epochs: int) -> int:
     print(table)
     for method, candidate in best.items():
         print(f"chosen for {method} on validation: {candidate}")
-    plots = write_plots(rows, Path(folder).expanduser() / "plots", last_epochs, validation=True)
+    plots = write_plots(rows, join(folder, "plots"), last_epochs, validation=True)
     print("plots: " + ", ".join(str(p) for p in plots))
     return 0
 
@@ -215,7 +213,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def bench_throughput(args: argparse.Namespace) -> int:
     from cmd_ray import bench
-    from cmd_ray.atomic import write_json_atomic
+    from cmd_ray.storage import write_json_atomic
 
     cfg = _load(args)
     for peers in args.peers:
@@ -229,8 +227,8 @@ def bench_throughput(args: argparse.Namespace) -> int:
 
 def bench_load(args: argparse.Namespace) -> int:
     from cmd_ray import bench
-    from cmd_ray.atomic import write_json_atomic
     from cmd_ray.config import check_grid
+    from cmd_ray.storage import write_json_atomic
 
     cfg = _load(args)
     check_grid(cfg)

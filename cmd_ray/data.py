@@ -27,9 +27,9 @@ import pyarrow.parquet as pq
 import torch
 from filelock import FileLock
 
-from cmd_ray.atomic import atomic_path
 from cmd_ray.catalogue import DATASETS, DatasetInfo
 from cmd_ray.noise import NoiseSpec, apply_noise
+from cmd_ray.storage import atomic_path
 
 CACHE_FORMAT = 1
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -46,6 +46,7 @@ from cmd_ray.peer import (
     steps_per_epoch,
     test_probabilities,
 )
+from cmd_ray.storage import exists, is_uri, join, read_bytes, write_bytes
 from cmd_ray.summary import epoch_record, progress_line, summarise
 from cmd_ray.trainer import EpochStats, StepTrace, finish_record, load_run_data, train_epoch
 
@@ -172,16 +173,15 @@ def _epoch_record_across_workers(
     return record
 
 
-def _crash_hook(cfg: Config, rank: int, marker: Path) -> Optional[Callable]:
+def _crash_hook(cfg: Config, rank: int, marker: str) -> Optional[Callable]:
     """Test hook: kill this worker process once, mid-epoch, to exercise fault tolerance."""
     t = cfg.testing
     if t.crash_epoch is None or rank != t.crash_rank:
         return None
 
     def maybe_crash(epoch: int, step: int, *_):
-        if epoch == t.crash_epoch and step == t.crash_step and not marker.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(f"killed rank {rank} at epoch {epoch} step {step}\n")
+        if epoch == t.crash_epoch and step == t.crash_step and not exists(marker):
+            write_bytes(marker, f"killed rank {rank} at epoch {epoch} step {step}\n".encode())
             _console(f"[cmd-ray] testing.crash_epoch: killing worker rank {rank} at epoch {epoch}, step {step}")
             os._exit(1)
 
@@ -195,19 +195,16 @@ def _crash_hook(cfg: Config, rank: int, marker: Path) -> Optional[Callable]:
 NONFINITE_MARKER = "stopped-nonfinite.txt"
 
 
-def _record_nonfinite(run_dir: Path, err: NonFiniteLossError) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(run_dir / NONFINITE_MARKER, "x") as f:  # the first rank to fail writes it
-            f.write(str(err) + "\n")
-    except FileExistsError:
-        pass
+def _record_nonfinite(run_dir: str, err: NonFiniteLossError) -> None:
+    marker = join(run_dir, NONFINITE_MARKER)
+    if not exists(marker):  # the first rank to fail names the fault
+        write_bytes(marker, (str(err) + "\n").encode())
 
 
 def nonfinite_stop(run_dir: str | Path) -> Optional[str]:
     """The message of the numerical fault that stopped this run, if one did."""
-    marker = Path(run_dir) / NONFINITE_MARKER
-    return marker.read_text().strip() if marker.is_file() else None
+    marker = join(run_dir, NONFINITE_MARKER)
+    return read_bytes(marker).decode().strip() if exists(marker) else None
 
 
 def fit(trainer, run_dir: str | Path):
@@ -223,7 +220,7 @@ def fit(trainer, run_dir: str | Path):
     stopped = nonfinite_stop(run_dir)
     if stopped is not None:
         raise NonFiniteLossError(
-            f"{stopped} (last good checkpoint kept in {run_dir}; delete {Path(run_dir) / NONFINITE_MARKER} "
+            f"{stopped} (last good checkpoint kept in {run_dir}; delete {join(run_dir, NONFINITE_MARKER)} "
             "to resume this run with other settings)"
         )
     return result
@@ -249,7 +246,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = from_dict(loop_config["config"])
     _quiet_report_logger(cfg.ray.log_level)
     topology = Topology(cfg.peers, cfg.replicas, ray.train.get_context().get_world_rank())
-    run_dir = Path(loop_config["run_dir"])
+    run_dir = loop_config["run_dir"]
     stopped = nonfinite_stop(run_dir)
     if stopped is not None:  # a numerical fault replays identically: do not retry it
         if topology.rank == 0:
@@ -273,7 +270,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     exchange = CollectiveExchange(topology, groups.exchange, measure_wait=cfg.testing.measure_wait)
     on_step = _combine(
         StepTrace(cfg.testing.trace_dir, topology.replica) if cfg.testing.trace_dir else None,
-        _crash_hook(cfg, topology.rank, run_dir / ".crash-injected"),
+        _crash_hook(cfg, topology.rank, join(run_dir, ".crash-injected")),
     )
     if topology.rank == 0 and start_epoch:
         _console(f"[cmd-ray] resumed from the checkpoint after epoch {start_epoch}")
@@ -371,11 +368,14 @@ def check_cluster_resources(cfg: Config) -> None:
         )
 
 
-def storage_path(cfg: Config) -> Path:
-    return Path(cfg.ray.storage_path or Path(cfg.output_dir) / "ray").expanduser().resolve()
+def storage_path(cfg: Config) -> str:
+    """Where Ray Train keeps this run's state: ray.storage_path, else <output_dir>/ray; a local
+    folder (made absolute) or an object-storage URI."""
+    path = cfg.ray.storage_path or join(cfg.output_dir, "ray")
+    return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
-def build_trainer(cfg: Config, run_name: str, storage: Path, callbacks: Optional[list] = None, label: str = ""):
+def build_trainer(cfg: Config, run_name: str, storage: str, callbacks: Optional[list] = None, label: str = ""):
     """The TorchTrainer of one CMD run: P x D workers, gloo/NCCL, checkpoints, fault tolerance.
 
     Re-running a trainer with the same `run_name` and `storage` resumes that run from its
@@ -388,7 +388,7 @@ def build_trainer(cfg: Config, run_name: str, storage: Path, callbacks: Optional
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.to_dict(),
-            "run_dir": str(storage / run_name),
+            "run_dir": join(storage, run_name),
             "label": label,
             "started_at": time.time(),
         },
@@ -401,7 +401,7 @@ def build_trainer(cfg: Config, run_name: str, storage: Path, callbacks: Optional
         torch_config=TorchConfig(backend=world_backend(cfg.use_gpu, cfg.ray.gpus_per_worker)),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(storage),
+            storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
             logging_config=LoggingConfig(log_level=cfg.ray.log_level),
@@ -411,8 +411,8 @@ def build_trainer(cfg: Config, run_name: str, storage: Path, callbacks: Optional
 
 
 def read_history(checkpoint_path: str | Path) -> list[dict[str, Any]]:
-    """Per-epoch records stored with a run's checkpoint."""
-    return json.loads((Path(checkpoint_path) / HISTORY_FILE).read_text())
+    """Per-epoch records stored with a run's checkpoint (a local folder or a URI)."""
+    return json.loads(read_bytes(join(checkpoint_path, HISTORY_FILE)))
 
 
 def train_on_ray(cfg: Config, log: Callable[[str], None] = print, run_name: Optional[str] = None) -> dict[str, Any]:
@@ -432,15 +432,15 @@ def train_on_ray(cfg: Config, log: Callable[[str], None] = print, run_name: Opti
         f"[cmd-ray] Ray Train: {cfg.method} with {cfg.peers} peers x {cfg.replicas} replicas = {workers} workers "
         f"({'GPU' if cfg.use_gpu else 'CPU'}), {cfg.data.name} {len(data.train)} train / {len(data.test)} test, "
         f"noise {cfg.noise.type} {cfg.noise.rate:g} (realised {data.noise['subset_realised_rate']:.3f}), "
-        f"{cfg.epochs} epochs; run {storage / run_name}"
+        f"{cfg.epochs} epochs; run {join(storage, run_name)}"
     )
-    result = fit(build_trainer(cfg, run_name, storage), storage / run_name)
+    result = fit(build_trainer(cfg, run_name, storage), join(storage, run_name))
     with result.checkpoint.as_directory() as folder:
         history = read_history(folder)
     extra = {
         "path": "ray",
         "workers": workers,
-        "run_dir": str(storage / run_name),
+        "run_dir": join(storage, run_name),
         "checkpoint": result.checkpoint.path,
         "wall_seconds": time.perf_counter() - started,
     }

@@ -9,10 +9,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
-import pyarrow.parquet as pq
-
-from cmd_ray.atomic import save_figure
 from cmd_ray.config import point_overrides, trial_config, variant_label
+from cmd_ray.storage import exists, join, read_parquet, save_figure
 
 # Config columns every results row carries (the grid's own keys are added to these).
 CONFIG_COLUMNS = ("method", "peers", "replicas", "epochs", "seed", "data.name", "noise.type", "noise.rate")
@@ -59,10 +57,10 @@ def trial_rows(
 
 
 def read_results(folder: str | Path) -> list[dict[str, Any]]:
-    path = Path(folder).expanduser() / "results.parquet"
-    if not path.is_file():
+    path = join(folder, "results.parquet")
+    if not exists(path):
         raise FileNotFoundError(f"{path}: no results table; run a sweep into this folder first")
-    return pq.read_table(path).to_pylist()
+    return read_parquet(path).to_pylist()
 
 
 def _noise_label(row: dict[str, Any]) -> str:
@@ -176,8 +174,8 @@ def _plot_epoch_grid(
     metrics: list[tuple[str, str]],
     labels: list[str],
     colour: dict[str, Any],
-    path: Path,
-) -> Path:
+    path: str,
+) -> str:
     """One row of panels per metric, one column per noise setting, one line per run label."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
@@ -222,7 +220,7 @@ def _colours(labels: list[str]) -> dict[str, Any]:
     return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
 
 
-def _plot_final_vs_noise(finals: list[dict[str, Any]], labels: list[str], colour: dict[str, Any], path: Path) -> Path:
+def _plot_final_vs_noise(finals: list[dict[str, Any]], labels: list[str], colour: dict[str, Any], path: str) -> str:
     """Final accuracy (mean +- std over seeds) against the noise rate, one panel per noise type."""
     import matplotlib.pyplot as plt
 
@@ -256,7 +254,7 @@ SELECTION_METRICS = [
 
 def write_plots(
     rows: list[dict[str, Any]], folder: str | Path, last_epochs: int = 1, validation: bool = False
-) -> list[Path]:
+) -> list[str]:
     """PNG plots: accuracy vs epoch; selected fraction, selection precision and memorisation vs
     epoch; final accuracy (mean of the last `last_epochs` epochs) vs noise rate. One colour per
     method (or grid variant) in every panel. `validation`: accuracy on the held-out noisy labels
@@ -264,8 +262,6 @@ def write_plots(
     import matplotlib
 
     matplotlib.use("Agg")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     metric = VALIDATION if validation else ACCURACY
     finished = [r for r in rows if r.get("status") == "finished" and r.get(metric) is not None]
     if not finished:
@@ -274,21 +270,21 @@ def write_plots(
     colour = _colours(labels)
     if validation:
         accuracy = [(VALIDATION, "noisy validation accuracy (%)")]
-        return [_plot_epoch_grid(finished, accuracy, labels, colour, folder / "validation_vs_epoch.png")]
+        return [_plot_epoch_grid(finished, accuracy, labels, colour, join(folder, "validation_vs_epoch.png"))]
     accuracy = [(ACCURACY, "clean test accuracy (%)")]
     return [
-        _plot_epoch_grid(finished, accuracy, labels, colour, folder / "accuracy_vs_epoch.png"),
-        _plot_epoch_grid(finished, SELECTION_METRICS, labels, colour, folder / "selection_vs_epoch.png"),
-        _plot_final_vs_noise(trial_finals(rows, last_epochs), labels, colour, folder / "accuracy_vs_noise.png"),
+        _plot_epoch_grid(finished, accuracy, labels, colour, join(folder, "accuracy_vs_epoch.png")),
+        _plot_epoch_grid(finished, SELECTION_METRICS, labels, colour, join(folder, "selection_vs_epoch.png")),
+        _plot_final_vs_noise(trial_finals(rows, last_epochs), labels, colour, join(folder, "accuracy_vs_noise.png")),
     ]
 
 
-def report(folder: str | Path, last_epochs: int = 1, plots_dir: Optional[str | Path] = None) -> tuple[str, list[Path]]:
+def report(folder: str | Path, last_epochs: int = 1, plots_dir: Optional[str | Path] = None) -> tuple[str, list[str]]:
     """The printed table and the plot paths for the sweep in `folder`."""
     rows = read_results(folder)
     table = report_table(rows, last_epochs)
     table += "\n\nAt the last epoch, mean over seeds (%):\n" + selection_table(rows)
-    paths = write_plots(rows, plots_dir or Path(folder).expanduser() / "plots", last_epochs)
+    paths = write_plots(rows, plots_dir or join(folder, "plots"), last_epochs)
     return table, paths
 
 

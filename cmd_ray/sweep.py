@@ -1,9 +1,11 @@
 """Ray Tune sweeps: a grid over the run config, each trial one Ray Train run of P peers.
 
-Layout of a sweep, `<sweep.storage_path>/<sweep.name>/`:
+Layout of a sweep, `<sweep.storage_path>/<sweep.name>/` (a local folder or an object-storage
+prefix such as s3://bucket/sweeps/<name>):
   tune/      Ray Tune's experiment state (what `--resume` restores)
   train/     each trial's Ray Train run (checkpoints), named by trial id
-  wandb/     W&B runs (offline runs sync later with `wandb sync`)
+  wandb/     W&B runs (offline runs sync later with `wandb sync`); for a sweep on object
+             storage they stay on the driver's disk, under ~/.cache/cmd-ray/wandb/<name>/
   results.parquet  one row per trial and epoch: config columns and metrics
   plots/     PNGs written by `cmd-ray report`
 
@@ -22,17 +24,26 @@ from typing import Any, Optional
 
 import pyarrow as pa
 
-from cmd_ray.atomic import write_parquet_atomic
 from cmd_ray.config import VARIANT, Config, ConfigError, check_grid, set_path, trial_config, variant_label
 from cmd_ray.data import materialise
 from cmd_ray.noise import NoiseSpec
 from cmd_ray.results import trial_rows
+from cmd_ray.storage import exists, is_uri, join, write_parquet_atomic
 
 DRIVER_RESOURCE = "TRAIN_DRIVER"
 
 
-def sweep_dir(cfg: Config) -> Path:
-    return (Path(cfg.sweep.storage_path).expanduser() / cfg.sweep.name).resolve()
+def sweep_dir(cfg: Config) -> str:
+    """The sweep's folder or object-storage prefix: `<sweep.storage_path>/<sweep.name>`."""
+    folder = join(cfg.sweep.storage_path, cfg.sweep.name)
+    return folder if is_uri(folder) else str(Path(folder).resolve())
+
+
+def wandb_dir(cfg: Config, folder: str) -> Path:
+    """Where W&B writes its runs: inside a local sweep folder, else on the driver's disk."""
+    if is_uri(folder):
+        return Path("~/.cache/cmd-ray/wandb").expanduser() / cfg.sweep.name
+    return Path(folder) / "wandb"
 
 
 # --------------------------------------------------------------------------------------
@@ -154,14 +165,15 @@ def run_trial(params: dict[str, Any]) -> None:
 
     from cmd_ray.ray_train import build_trainer, fit
 
-    base, folder = params["base"], Path(params["folder"])
+    base, folder = params["base"], params["folder"]
     trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(set_path(base, "output_dir", str(folder / "trials" / trial_id)), grid_point(params))
+    cfg = trial_config(set_path(base, "output_dir", join(folder, "trials", trial_id)), grid_point(params))
     # The Train run is named by the trial id, which survives a sweep restore: a restored
     # trial resumes its Train run from the latest checkpoint.
     point = grid_point(params)
     label = " ".join(variant_label(point) if k == VARIANT else f"{k}={v}" for k, v in point.items())
-    fit(build_trainer(cfg, trial_id, folder / "train", [TuneReportCallback()], label), folder / "train" / trial_id)
+    train = join(folder, "train")
+    fit(build_trainer(cfg, trial_id, train, [TuneReportCallback()], label), join(train, trial_id))
 
 
 def grid_point(params: dict[str, Any]) -> dict[str, Any]:
@@ -169,13 +181,15 @@ def grid_point(params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k not in ("base", "folder")}
 
 
-def _trial_history(result) -> list[dict[str, Any]]:
+def _trial_history(result, folder: str) -> list[dict[str, Any]]:
     """A trial's per-epoch records: from its last Train checkpoint (complete across restores),
     else from the rows Tune saw."""
     from cmd_ray.ray_train import HISTORY_FILE, read_history
 
     path = (result.metrics or {}).get("checkpoint_path")
-    if path and (Path(path) / HISTORY_FILE).is_file():
+    if path and is_uri(folder):  # Ray reports the path on the store's file system, without the scheme
+        path = f"{folder.split('://', 1)[0]}://{path}"
+    if path and exists(join(path, HISTORY_FILE)):
         return read_history(path)
     frame = result.metrics_dataframe
     if frame is None or "epoch" not in frame:
@@ -189,10 +203,11 @@ def collect_results(grid) -> pa.Table:
     rows: list[dict[str, Any]] = []
     for result in grid:
         params = result.config
-        trial_id = Path(result.path).name
+        trial_id = str(result.path).rstrip("/").rsplit("/", 1)[-1]
         error = "" if result.error is None else str(result.error).strip().splitlines()[-1][:500]
         status = "failed" if result.error is not None else "finished"
-        rows += trial_rows(trial_id, grid_point(params), params["base"], _trial_history(result), status, error)
+        history = _trial_history(result, params["folder"])
+        rows += trial_rows(trial_id, grid_point(params), params["base"], history, status, error)
     return pa.Table.from_pylist(rows)
 
 
@@ -239,25 +254,25 @@ def _trial_resources(total: dict[str, float]) -> dict[str, float]:
     return {"CPU": 0.01}
 
 
-def build_tuner(cfg: Config, folder: Path, resume: bool, callback: Optional[Any]):
+def build_tuner(cfg: Config, folder: str, resume: bool, callback: Optional[Any]):
     """A new Tuner over the grid, or (resume) the one saved in `<folder>/tune`."""
     import ray
     from ray import tune
 
     total = ray.cluster_resources()
     trainable = tune.with_resources(run_trial, _trial_resources(total))
-    experiment = folder / "tune"
+    experiment = join(folder, "tune")
     if resume:
-        return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=False)
+        return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False)
     param_space = {key: tune.grid_search(values) for key, values in cfg.sweep.grid.items()}
-    param_space.update(base=cfg.to_dict(), folder=str(folder))
+    param_space.update(base=cfg.to_dict(), folder=folder)
     return tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency(cfg, total)),
         run_config=tune.RunConfig(
             name="tune",
-            storage_path=str(folder),
+            storage_path=folder,
             callbacks=[callback] if callback else [],
             failure_config=tune.FailureConfig(max_failures=0),
             verbose=0,
@@ -265,30 +280,27 @@ def build_tuner(cfg: Config, folder: Path, resume: bool, callback: Optional[Any]
     )
 
 
-def check_resume(cfg: Config, folder: Path, resume: bool) -> None:
+def check_resume(cfg: Config, folder: str, resume: bool) -> None:
     """--resume needs a saved sweep; a new sweep must not overwrite one."""
     from ray.tune import Tuner
 
-    exists = Tuner.can_restore(str(folder / "tune"))
-    if resume and not exists:
-        raise ConfigError(f"--resume: no sweep to resume at {folder / 'tune'}; run without --resume to start it")
-    if not resume and exists:
+    saved = Tuner.can_restore(join(folder, "tune"))
+    if resume and not saved:
+        raise ConfigError(f"--resume: no sweep to resume at {join(folder, 'tune')}; run without --resume to start it")
+    if not resume and saved:
         raise ConfigError(
             f"sweep.name: a sweep named {cfg.sweep.name!r} already exists at {folder}; "
             "pass --resume to continue it, or choose another sweep.name"
         )
 
 
-def run_sweep(cfg: Config, resume: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Run (or resume) the sweep's grid; write results.parquet; return the sweep folder."""
-    # Each trial's first result waits ~1 s for its W&B queue actor to start; Tune flags any
-    # callback over 0.5 s as a bottleneck. Warn only for what is slow at this scale.
-    os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "3")
+def run_sweep(cfg: Config, resume: bool = False, log: Callable[[str], None] = print) -> str:
+    """Run (or resume) the sweep's grid; write results.parquet; return the sweep folder (or URI)."""
     points = check_grid(cfg)
     folder = sweep_dir(cfg)
     check_resume(cfg, folder, resume)
     prepare_data(cfg, points)
-    callback = prepare_wandb(cfg, folder / "wandb")  # sets W&B's environment before Ray starts
+    callback = prepare_wandb(cfg, wandb_dir(cfg, folder))  # sets W&B's environment before Ray starts
     init_ray_for_sweep(cfg, slots=len(points))
     import ray
 
@@ -300,7 +312,7 @@ def run_sweep(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
     tuner = build_tuner(cfg, folder, resume, callback)
     grid = tuner.fit()
     table = collect_results(grid)
-    path = write_parquet_atomic(folder / "results.parquet", table)
+    path = write_parquet_atomic(join(folder, "results.parquet"), table)
     failed = [r for r in grid if r.error is not None]
     log(
         f"[cmd-ray] sweep done in {time.perf_counter() - started:.0f} s: {len(grid) - len(failed)} trials finished, "

@@ -106,3 +106,81 @@ def tiny_config(root: Path, **overrides):
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return from_dict(values)
+
+
+# --------------------------------------------------------------------------------------
+# Object storage: an S3-compatible server (moto) on 127.0.0.1, fake credentials
+
+FAKE_AWS_SECRET = "cmdrayFAKEsecretDoNotLeak0123456789abcdef"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_s3_server(enforce_auth: bool = False):
+    """(process, endpoint URL) of a moto S3 server on a free port; with `enforce_auth` it refuses
+    credentials it does not know (as AWS does)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    port = _free_port()
+    env = dict(os.environ)
+    if enforce_auth:
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
+    server = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen(
+        [str(server), "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the moto S3 server did not start")
+
+
+def s3_environment(endpoint: str) -> dict[str, str]:
+    """Fake credentials and the endpoint, as a user's environment would carry them."""
+    return {
+        "AWS_ACCESS_KEY_ID": "AKIACMDRAYFAKEKEY000",
+        "AWS_SECRET_ACCESS_KEY": FAKE_AWS_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_EC2_METADATA_DISABLED": "true",  # no instance-profile lookups on this machine
+    }
+
+
+@pytest.fixture(scope="module")
+def s3_bucket():
+    """s3://<bucket> on a moto server, with the credentials and endpoint in os.environ for the
+    module (set before any Ray starts, so Ray's processes inherit them)."""
+    import os
+
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("moto")
+    proc, endpoint = start_s3_server()
+    env = s3_environment(endpoint)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="cmd-ray-test")
+        yield "s3://cmd-ray-test"
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        proc.terminate()
+        proc.wait(timeout=30)

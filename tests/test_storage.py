@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cmd_ray.atomic import StorageError, atomic_path, write_json_atomic
+from cmd_ray.storage import StorageError, atomic_path, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def test_a_full_disk_keeps_the_previous_file_and_leaves_no_temporary_file(tmp_pa
     def full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr(Path, "write_bytes", full)
     with pytest.raises(StorageError, match=r"summary\.json: cannot write \(No space left on device\); its previous"):
         write_json_atomic(target, {"new": True})
     monkeypatch.undo()
@@ -40,7 +40,7 @@ def test_result_files_get_the_usual_permissions_not_a_temporary_files(tmp_path):
         path = write_json_atomic(tmp_path / "summary.json", {"a": 1})
     finally:
         os.umask(mask)
-    assert path.stat().st_mode & 0o777 == 0o644
+    assert Path(path).stat().st_mode & 0o777 == 0o644
 
 
 def test_an_error_that_is_not_about_storage_is_not_disguised(tmp_path):

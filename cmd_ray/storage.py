@@ -1,0 +1,225 @@
+"""Where results live: a local folder or object storage (s3://, gs://, whatever pyarrow.fs
+resolves), behind one small layer.
+
+Every write is atomic where the store allows: locally a temporary file beside the target is
+renamed into place, so a crash never leaves a half-written result, summary, table, plot or
+cache file in place of a good one; on object storage an object appears whole when its single
+upload completes. Credentials come from the environment, the cloud SDK's own files or an
+instance profile (pyarrow reads them); cmd-ray never takes them as settings and writes them
+nowhere. `AWS_ENDPOINT_URL` points s3:// at an S3-compatible server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+# Write failures that mean "the storage is full or refuses this much", not a bug.
+STORAGE_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class StorageError(OSError):
+    """A result could not be written (storage full, over quota, read-only); the message is one
+    line naming the file, and the previous version of that file is untouched."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _errno(err: OSError) -> Optional[int]:
+    """The errno of an OSError; pyarrow's IO errors carry it only in the message ('[Errno 28] ...')."""
+    if err.errno is not None:
+        return err.errno
+    found = re.search(r"\[Errno (\d+)\]", str(err))
+    return int(found.group(1)) if found else None
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; on success rename it onto `path`.
+
+    If writing fails because the storage is full (or over quota, or the file too large), the
+    temporary file is removed, `path` keeps its previous content and StorageError is raised.
+    """
+    path = Path(path).expanduser()
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results get the usual permissions
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        code = _errno(err)
+        if isinstance(err, StorageError) or code not in (*STORAGE_FULL_ERRNOS, errno.EROFS, errno.EACCES):
+            raise
+        kept = "its previous version is kept" if path.exists() else "nothing was written there"
+        raise StorageError(code, f"{path}: cannot write ({os.strerror(code)}); {kept}") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def is_uri(path: str | Path) -> bool:
+    """True for object storage (s3://bucket/key, gs://...); False for a local path or file://."""
+    text = str(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def join(base: str | Path, *parts: str) -> str:
+    """`base`/part/...: a URI stays a URI (pathlib would fold its "//"); a local path is expanded."""
+    if is_uri(base):
+        return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(str(base).removeprefix("file://")).expanduser().joinpath(*parts))
+
+
+def local(path: str | Path) -> Path:
+    """A local path, expanded; refuses a URI (for what only a local folder can hold)."""
+    if is_uri(path):
+        raise ValueError(f"{path}: a local path is needed here")
+    return Path(str(path).removeprefix("file://")).expanduser()
+
+
+def filesystem(path: str | Path):
+    """(pyarrow FileSystem, path on it) for a URI or a local path."""
+    import pyarrow.fs as pafs
+
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(str(path))
+    return pafs.LocalFileSystem(), str(local(path).resolve())
+
+
+def write_bytes(path: str | Path, data: bytes) -> str:
+    """Write `data` to `path` atomically (see the module docstring); return the path written."""
+    if not is_uri(path):
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+        return str(local(path))
+    fs, where = filesystem(path)
+    try:
+        with fs.open_output_stream(where) as stream:
+            stream.write(data)
+    except OSError as err:
+        raise StorageError(errno.EIO, f"{path}: cannot write ({_first_line(err)}); nothing was written there") from None
+    return str(path)
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """The whole content of a local file or an object; FileNotFoundError when there is none."""
+    if not is_uri(path):
+        return local(path).read_bytes()
+    fs, where = filesystem(path)
+    if not exists(path):
+        raise FileNotFoundError(f"{path}: no such object")
+    with fs.open_input_stream(where) as stream:
+        return stream.read()
+
+
+def exists(path: str | Path) -> bool:
+    import pyarrow.fs as pafs
+
+    if not is_uri(path):
+        return local(path).exists()
+    fs, where = filesystem(path)
+    return fs.get_file_info(where).type != pafs.FileType.NotFound
+
+
+def list_files(path: str | Path) -> list[str]:
+    """Every file under a folder or prefix, as full paths or URIs (recursive)."""
+    import pyarrow.fs as pafs
+
+    if not is_uri(path):
+        return sorted(str(p) for p in local(path).rglob("*") if p.is_file())
+    fs, where = filesystem(path)
+    scheme = str(path).split("://", 1)[0]
+    infos = fs.get_file_info(pafs.FileSelector(where, recursive=True, allow_not_found=True))
+    return sorted(f"{scheme}://{i.path}" for i in infos if i.type == pafs.FileType.File)
+
+
+def check_writable(field: str, path: str | Path) -> None:
+    """Refuse a folder or prefix that cannot be created or written, before any work (ValueError,
+    one line naming the field): a read-only folder, a missing bucket, missing credentials."""
+    if not is_uri(path):
+        folder = local(path)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / ".cmd-ray-write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise ValueError(
+                f"{field}: cannot write to {folder} ({err.strerror or err}); allowed: a writable folder"
+            ) from None
+        return
+    probe = join(path, f".cmd-ray-write-test-{os.getpid()}")
+    try:
+        fs, where = filesystem(probe)
+        with fs.open_output_stream(where) as stream:
+            stream.write(b"ok")
+        fs.delete_file(where)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{field}: cannot write to {path} ({_first_line(err)}); allowed: an existing bucket this machine's "
+            "credentials (environment, cloud SDK files or instance profile) may write to"
+        ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text[:300]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: str | Path, data: dict[str, Any]) -> str:
+    """Write JSON (NaN -> null) to a local file or an object, atomically."""
+    return write_bytes(path, (json.dumps(_jsonable(data), indent=2) + "\n").encode())
+
+
+def write_parquet_atomic(path: str | Path, table) -> str:
+    """Write a pyarrow Table as Parquet to a local file or an object, atomically."""
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return write_bytes(path, buffer.getvalue())
+
+
+def read_parquet(path: str | Path):
+    """A Parquet file (local or an object) as a pyarrow Table."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(read_bytes(path)))
+
+
+def save_figure(fig, path: str | Path) -> str:
+    """Save a matplotlib figure as PNG to a local file or an object, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+    return write_bytes(path, buffer.getvalue())
