@@ -164,6 +164,7 @@ class TestingConfig:
     nan_step: Optional[int] = None  # make peer `nan_peer`'s logits NaN at this global step (0-based)
     nan_peer: int = 1
     measure_wait: bool = False  # time waiting on the slower peer apart from the exchange (one more collective)
+    step_sleep: float = 0.0  # seconds to sleep after each step: slows a tiny run so a test can act mid-run
 
 
 @dataclass

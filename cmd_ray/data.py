@@ -23,13 +23,12 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from filelock import FileLock
 
 from cmd_ray.catalogue import DATASETS, DatasetInfo
 from cmd_ray.noise import NoiseSpec, apply_noise
-from cmd_ray.storage import atomic_path
+from cmd_ray.storage import exists, is_uri, join, local, read_parquet, write_parquet_atomic
 
 CACHE_FORMAT = 1
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -206,16 +205,17 @@ def cache_key(name: str, spec: NoiseSpec, seed: int) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def cache_paths(name: str, root: Path, spec: NoiseSpec, seed: int) -> tuple[Path, Path]:
-    folder = root / "cmd-ray-cache"
+def cache_paths(name: str, root: str | Path, spec: NoiseSpec, seed: int) -> tuple[str, str]:
+    """(train, test) cache files under `<root>/cmd-ray-cache/`: local paths or object-storage URIs."""
+    folder = join(root, "cmd-ray-cache")
     tag = "clean" if spec.type == "none" else f"{spec.type}-{spec.rate:g}"
     return (
-        folder / f"{name}-train-{tag}-seed{seed}-{cache_key(name, spec, seed)}.parquet",
-        folder / f"{name}-test.parquet",
+        join(folder, f"{name}-train-{tag}-seed{seed}-{cache_key(name, spec, seed)}.parquet"),
+        join(folder, f"{name}-test.parquet"),
     )
 
 
-def _write_parquet_atomic(path: Path, images: np.ndarray, clean: np.ndarray, noisy: np.ndarray, meta: dict) -> None:
+def _write_parquet_atomic(path: str, images: np.ndarray, clean: np.ndarray, noisy: np.ndarray, meta: dict) -> None:
     flat = np.ascontiguousarray(images).reshape(len(images), -1)
     width = flat.shape[1]
     image_col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(flat), [None, pa.py_buffer(flat.tobytes())])
@@ -227,8 +227,7 @@ def _write_parquet_atomic(path: Path, images: np.ndarray, clean: np.ndarray, noi
             "noisy_label": pa.array(noisy.astype(np.int64)),
         }
     ).replace_schema_metadata({b"cmd_ray": json.dumps(meta).encode()})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    write_parquet_atomic(path, table)
 
 
 @dataclass
@@ -254,12 +253,13 @@ class Split:
         )
 
 
-def read_parquet_split(path: Path) -> Split:
-    """Read a cached split; a missing or corrupt file raises DataError naming the path."""
-    if not path.is_file():
+def read_parquet_split(path: str | Path) -> Split:
+    """Read a cached split (a local file or an object); a missing or corrupt one raises DataError
+    naming the path."""
+    if not exists(path):
         raise DataError(f"{path}: cache file missing; run `cmd-ray prepare` (or any run) to build it")
     try:
-        table = pq.read_table(path)
+        table = read_parquet(path)
         meta = json.loads(table.schema.metadata[b"cmd_ray"])
         images = table.column("image").combine_chunks()
         if not pa.types.is_fixed_size_binary(images.type):
@@ -286,33 +286,40 @@ def read_parquet_split(path: Path) -> Split:
     return split
 
 
-def materialise(name: str, root: str | Path, spec: NoiseSpec, seed: int) -> tuple[Path, Path]:
-    """Write the Parquet cache for (data set, noise spec, seed) if absent; return (train, test) paths."""
+# Where the raw files are looked for (and downloaded) when the cache lives on object storage.
+LOCAL_DATA_ROOT = "~/.cache/cmd-ray/data"
+
+
+def materialise(name: str, root: str | Path, spec: NoiseSpec, seed: int) -> tuple[str, str]:
+    """Write the Parquet cache for (data set, noise spec, seed) if absent; return (train, test) paths.
+
+    `root` may be an object-storage URI: the cache is then written there (the raw files are
+    read from this machine: Debian's package, or LOCAL_DATA_ROOT)."""
     if name not in DATASETS:
         raise DataError(f"data.name: got {name!r}; allowed: one of {', '.join(DATASETS)}")
-    root = Path(root).expanduser()
     train_path, test_path = cache_paths(name, root, spec, seed)
-    if train_path.is_file() and test_path.is_file():
+    if exists(train_path) and exists(test_path):
         return train_path, test_path
-    root.mkdir(parents=True, exist_ok=True)
+    raw_root = local(LOCAL_DATA_ROOT if is_uri(root) else root)
+    raw_root.mkdir(parents=True, exist_ok=True)
     # Workers of one node may all arrive here at once: one downloads and writes, the rest wait.
-    with FileLock(str(root / ".cmd-ray.lock")):
-        if not (train_path.is_file() and test_path.is_file()):
-            _materialise(name, root, spec, seed, train_path, test_path)
+    with FileLock(str(raw_root / ".cmd-ray.lock")):
+        if not (exists(train_path) and exists(test_path)):
+            _materialise(name, raw_root, spec, seed, train_path, test_path)
     return train_path, test_path
 
 
-def _materialise(name: str, root: Path, spec: NoiseSpec, seed: int, train_path: Path, test_path: Path) -> None:
+def _materialise(name: str, raw_root: Path, spec: NoiseSpec, seed: int, train_path: str, test_path: str) -> None:
     info = DATASETS[name]
-    raw = load_raw(name, root)
+    raw = load_raw(name, raw_root)
     if raw["train_images"].shape[1:] != info.shape:
         raise DataError(f"{name}: images have shape {raw['train_images'].shape[1:]}, expected {info.shape}")
     base = {"dataset": name, "shape": list(info.shape), "num_classes": info.num_classes, "format": CACHE_FORMAT}
-    if not train_path.is_file():
+    if not exists(train_path):
         noisy, report = apply_noise(raw["train_labels"], spec, info.num_classes, name, seed)
         meta = {**base, "split": "train", "noise": spec.describe(), "seed": seed, **report.to_dict()}
         _write_parquet_atomic(train_path, raw["train_images"], raw["train_labels"], noisy, meta)
-    if not test_path.is_file():
+    if not exists(test_path):
         labels = raw["test_labels"]
         _write_parquet_atomic(test_path, raw["test_images"], labels, labels, {**base, "split": "test"})
 
@@ -355,6 +362,17 @@ def load_data(
     noise = {k: train.meta[k] for k in ("noise", "realised_rate", "asked_matrix", "realised_matrix")}
     noise["subset_realised_rate"] = float((train.noisy_labels != train.clean_labels).float().mean())
     return DataBundle(train=train, test=test, info=DATASETS[name], noise=noise, validation=validation)
+
+
+def labels_digest(data: DataBundle) -> str:
+    """SHA-256 of what the peers learn from: sample ids and noisy labels of the training and
+    validation splits. Workers compare it with the driver's before training."""
+    digest = hashlib.sha256()
+    for split in (data.train, data.validation):
+        if split is not None:
+            digest.update(split.index.numpy().tobytes())
+            digest.update(split.noisy_labels.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def split_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Optional[Split]]:

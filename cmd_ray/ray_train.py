@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from cmd_ray.config import Config, ConfigError, from_dict
-from cmd_ray.data import DataBundle, DatasetInfo, Split
+from cmd_ray.data import DataBundle, DatasetInfo, Split, labels_digest
 from cmd_ray.exchange import (
     CollectiveExchange,
     Placement,
@@ -46,12 +46,13 @@ from cmd_ray.peer import (
     steps_per_epoch,
     test_probabilities,
 )
-from cmd_ray.storage import exists, is_uri, join, read_bytes, write_bytes
+from cmd_ray.storage import exists, is_uri, join, read_bytes, write_bytes, write_json_atomic
 from cmd_ray.summary import epoch_record, progress_line, summarise
 from cmd_ray.trainer import EpochStats, StepTrace, finish_record, load_run_data, train_epoch
 
 EPOCH_COUNT_KEYS = (*COUNT_KEYS, "tau_sum")
 HISTORY_FILE = "history.json"
+PLACEMENT_FILE = "placement.json"  # in the run folder: the node (and GPUs) of every worker
 
 
 # --------------------------------------------------------------------------------------
@@ -74,6 +75,23 @@ def _quiet_report_logger(level: str) -> None:
     from ray.train.v2._internal.execution import context
 
     logging.getLogger(context.__file__).setLevel(level)
+
+
+class DataMismatchError(RuntimeError):
+    """A worker's training data differ from the driver's: never train on other labels."""
+
+
+def _received_data(loop_config: dict[str, Any], topology: Topology) -> DataBundle:
+    """The run's data from Ray's object store, checked against the driver's label digest."""
+    import ray
+
+    data = ray.get(loop_config["data"])
+    if labels_digest(data) != loop_config["labels_digest"]:
+        raise DataMismatchError(
+            f"worker {topology.rank}: its noisy labels differ from the driver's (digest "
+            f"{labels_digest(data)[:12]} vs {loop_config['labels_digest'][:12]}); refusing to train"
+        )
+    return data
 
 
 def _placement(device: torch.device) -> Placement:
@@ -252,15 +270,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if topology.rank == 0:
             _console(f"[cmd-ray] not retrying after a non-finite loss: {stopped}")
         return
+    data = _received_data(loop_config, topology)
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(cfg.seed)
     placements = gather_placements(_placement(device))
     groups = make_groups(topology, placements)
-    if topology.rank == 0 and cfg.use_gpu:
-        _console(f"[cmd-ray] {_describe_backends(topology, placements)}")
-    data = load_run_data(cfg)
+    if topology.rank == 0:
+        # Which node and GPU each worker got (this attempt's; a restart rewrites it).
+        placement = [{"rank": r, "node": w.node, "devices": list(w.devices)} for r, w in enumerate(placements)]
+        write_json_atomic(join(run_dir, PLACEMENT_FILE), {"workers": placement})
+        if cfg.use_gpu:
+            _console(f"[cmd-ray] {_describe_backends(topology, placements)}")
     peer = build_peer(cfg, topology.peer, data.info, steps_per_epoch(cfg, data) * cfg.epochs, device)
     start_epoch, history = _restore(peer, topology)
     if cfg.replicas > 1:
@@ -375,12 +397,22 @@ def storage_path(cfg: Config) -> str:
     return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
-def build_trainer(cfg: Config, run_name: str, storage: str, callbacks: Optional[list] = None, label: str = ""):
+def build_trainer(
+    cfg: Config,
+    run_name: str,
+    storage: str,
+    data: DataBundle,
+    callbacks: Optional[list] = None,
+    label: str = "",
+):
     """The TorchTrainer of one CMD run: P x D workers, gloo/NCCL, checkpoints, fault tolerance.
 
-    Re-running a trainer with the same `run_name` and `storage` resumes that run from its
-    latest checkpoint instead of starting over (how Tune restores a trial).
+    `data` travels to the workers through Ray's object store (no node needs a data folder), with
+    the digest of its noisy labels for the workers to check. Re-running a trainer with the same
+    `run_name` and `storage` resumes that run from its latest checkpoint instead of starting
+    over (how Tune restores a trial).
     """
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -391,6 +423,8 @@ def build_trainer(cfg: Config, run_name: str, storage: str, callbacks: Optional[
             "run_dir": join(storage, run_name),
             "label": label,
             "started_at": time.time(),
+            "data": ray.put(data),
+            "labels_digest": labels_digest(data),
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.peers * cfg.replicas,
@@ -434,7 +468,7 @@ def train_on_ray(cfg: Config, log: Callable[[str], None] = print, run_name: Opti
         f"noise {cfg.noise.type} {cfg.noise.rate:g} (realised {data.noise['subset_realised_rate']:.3f}), "
         f"{cfg.epochs} epochs; run {join(storage, run_name)}"
     )
-    result = fit(build_trainer(cfg, run_name, storage), join(storage, run_name))
+    result = fit(build_trainer(cfg, run_name, storage, data), join(storage, run_name))
     with result.checkpoint.as_directory() as folder:
         history = read_history(folder)
     extra = {

@@ -164,6 +164,7 @@ def run_trial(params: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from cmd_ray.ray_train import build_trainer, fit
+    from cmd_ray.trainer import load_run_data
 
     base, folder = params["base"], params["folder"]
     trial_id = tune.get_context().get_trial_id()
@@ -173,7 +174,8 @@ def run_trial(params: dict[str, Any]) -> None:
     point = grid_point(params)
     label = " ".join(variant_label(point) if k == VARIANT else f"{k}={v}" for k, v in point.items())
     train = join(folder, "train")
-    fit(build_trainer(cfg, trial_id, train, [TuneReportCallback()], label), join(train, trial_id))
+    data = load_run_data(cfg)  # the cache the sweep driver built (under data.root)
+    fit(build_trainer(cfg, trial_id, train, data, [TuneReportCallback()], label), join(train, trial_id))
 
 
 def grid_point(params: dict[str, Any]) -> dict[str, Any]:

@@ -100,6 +100,8 @@ def train_epoch(
             add_counts(total, result.counts)
         if on_step is not None:
             on_step(epoch, step, peers, results)
+        if cfg.testing.step_sleep:
+            time.sleep(cfg.testing.step_sleep)
     return EpochStats(counts, time.perf_counter() - start, exchange_seconds, first_step_at)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -78,7 +79,7 @@ def test_different_noise_specs_get_different_cache_files(fake_fmnist_root):
 
 def test_corrupt_cache_file_gives_a_clear_error(fake_fmnist_root):
     train_path, _ = materialise("fashion-mnist", fake_fmnist_root, NoiseSpec("symmetric", 0.2), 0)
-    train_path.write_bytes(train_path.read_bytes()[:200])
+    Path(train_path).write_bytes(Path(train_path).read_bytes()[:200])
     with pytest.raises(DataError, match=r"cache file is corrupt .*delete it and rerun"):
         load_data("fashion-mnist", fake_fmnist_root, NoiseSpec("symmetric", 0.2), 0)
 
@@ -191,3 +192,14 @@ def test_real_fashion_mnist_has_60000_train_and_10000_test(real_data_root):
     assert len(bundle.train) == 10_000 and len(bundle.test) == 10_000
     assert bundle.noise["realised_rate"] == pytest.approx(0.4, abs=0.01)
     assert sorted(torch.unique(bundle.test.clean_labels).tolist()) == list(range(10))
+
+
+def test_labels_digest_changes_with_any_noisy_label_or_sample_id(fake_fmnist_root):
+    from cmd_ray.data import labels_digest
+
+    bundle = load_data("fashion-mnist", fake_fmnist_root, NoiseSpec("symmetric", 0.4), 0, validation_fraction=0.2)
+    before = labels_digest(bundle)
+    again = load_data("fashion-mnist", fake_fmnist_root, NoiseSpec("symmetric", 0.4), 0, validation_fraction=0.2)
+    assert labels_digest(again) == before
+    bundle.validation.noisy_labels[3] = (bundle.validation.noisy_labels[3] + 1) % 10
+    assert labels_digest(bundle) != before

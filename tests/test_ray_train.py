@@ -162,6 +162,20 @@ def test_checkpoint_holds_every_peer_and_loads_safely(fake_fmnist_root, tmp_path
     assert {"model", "optimizer", "scheduler", "rng_state"} <= state.keys()
 
 
+def test_workers_get_the_data_through_the_object_store_and_refuse_other_labels(fake_fmnist_root, local_ray):
+    from cmd_ray.data import labels_digest
+    from cmd_ray.exchange import Topology
+    from cmd_ray.ray_train import DataMismatchError, _received_data
+    from cmd_ray.trainer import load_run_data
+
+    data = load_run_data(tiny_config(fake_fmnist_root))
+    config = {"data": ray.put(data), "labels_digest": labels_digest(data)}
+    received = _received_data(config, Topology(2, 1, 0))
+    assert torch.equal(received.train.noisy_labels, data.train.noisy_labels)
+    with pytest.raises(DataMismatchError, match=r"worker 1: its noisy labels differ from the driver's"):
+        _received_data({**config, "labels_digest": "0" * 64}, Topology(2, 1, 1))
+
+
 def test_gpu_asked_on_a_cluster_without_gpus_is_refused(fake_fmnist_root, local_ray):
     from cmd_ray.ray_train import check_cluster_resources
 
