@@ -125,9 +125,12 @@ def _wandb_callback_class() -> type:
 
         def _start_logging_actor(self, trial, exclude_results, **wandb_init_kwargs):
             if not self._remote_logger_class:
-                # As Ray does, but without restarts. The key travels as Ray passes it (an
-                # environment variable of the actor), never as an argument.
-                env_vars = {WANDB_ENV_VAR: os.environ[WANDB_ENV_VAR]} if WANDB_ENV_VAR in os.environ else {}
+                # As Ray does, but without restarts, and with the W&B settings the driver chose:
+                # on a cluster Ray's processes do not inherit the driver's environment. The key
+                # travels as Ray passes it (an environment variable of the actor), never as an
+                # argument.
+                names = (WANDB_ENV_VAR, "WANDB_MODE", "WANDB_DIR", "WANDB_SILENT", "WANDB_INIT_TIMEOUT")
+                env_vars = {name: os.environ[name] for name in names if name in os.environ}
                 self._remote_logger_class = ray.remote(
                     num_cpus=0, **_force_on_current_node(), runtime_env={"env_vars": env_vars}, max_restarts=0
                 )(self._logger_actor_cls)
