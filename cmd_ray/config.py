@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -487,7 +489,32 @@ def load_config(
     nested = apply_overrides(read_yaml(path) if path else {}, overrides or [])
     for key, value in (values or {}).items():
         nested = set_path(nested, key, value)
-    return from_dict(nested)
+    return from_dict(expand_environment(nested))
+
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_environment(values: Any, where: str = "") -> Any:
+    """Replace `${NAME}` in string values with the environment variable NAME (e.g. the cloud
+    presets' s3://${CMD_RAY_BUCKET}/...); an unset NAME is a ConfigError naming the key."""
+    if isinstance(values, dict):
+        return {k: expand_environment(v, f"{where}.{k}" if where else str(k)) for k, v in values.items()}
+    if isinstance(values, list):
+        return [expand_environment(v, f"{where}[{i}]") for i, v in enumerate(values)]
+    if not isinstance(values, str):
+        return values
+
+    def replace(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise ConfigError(
+                f"{where}: ${{{name}}} is not set in the environment; allowed: export {name}=... "
+                "(cluster.yaml sets CMD_RAY_BUCKET on every node) or write the value itself"
+            )
+        return os.environ[name]
+
+    return _ENV_REFERENCE.sub(replace, values)
 
 
 # --------------------------------------------------------------------------------------

@@ -41,6 +41,15 @@ def test_cluster_yaml_holds_no_credentials_and_opens_only_ssh():
     assert "--dashboard-host=127.0.0.1" in head
 
 
+def test_cluster_yaml_defaults_to_s3_through_an_instance_profile_with_one_bucket_to_set():
+    config = yaml.safe_load(CLUSTER.read_text())
+    exports = [c for c in config["setup_commands"] if "export CMD_RAY_BUCKET=" in c]
+    assert len(exports) == 1  # the one setting
+    worker = config["available_node_types"]["gpu_worker"]["node_config"]
+    assert worker["IamInstanceProfile"] == {"Name": "ray-autoscaler-v1"}
+    assert not any("mount" in c for c in config["setup_commands"])  # the EFS line stays a comment
+
+
 def test_loopback_cluster_template_passes_rays_schema_validator():
     from ray.autoscaler._private.util import prepare_config, validate_config
 

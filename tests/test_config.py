@@ -19,8 +19,21 @@ def test_defaults_are_valid_and_cmd_p():
 
 
 @pytest.mark.parametrize("preset", sorted((ROOT / "launch" / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_preset_loads(preset):
-    load_config(preset)
+def test_every_preset_loads(preset, monkeypatch):
+    monkeypatch.setenv("CMD_RAY_BUCKET", "my-bucket")  # what cluster.yaml exports on every node
+    cfg = load_config(preset)
+    for path in (cfg.output_dir, cfg.data.root, cfg.sweep.storage_path):
+        assert "${" not in path
+
+
+def test_cloud_presets_keep_to_object_storage_and_name_the_unset_bucket(monkeypatch):
+    monkeypatch.setenv("CMD_RAY_BUCKET", "my-bucket")
+    cfg = load_config(ROOT / "launch/configs/cifar10-paper.yaml")
+    assert cfg.sweep.storage_path == "s3://my-bucket/cmd-ray/sweeps"
+    assert cfg.data.root == "s3://my-bucket/cmd-ray/data" and cfg.output_dir == "s3://my-bucket/cmd-ray/runs"
+    monkeypatch.delenv("CMD_RAY_BUCKET")
+    with pytest.raises(ConfigError, match=r"^output_dir: \$\{CMD_RAY_BUCKET\} is not set in the environment"):
+        load_config(ROOT / "launch/configs/cifar10-paper.yaml")
 
 
 def test_overrides_reach_nested_keys_and_parse_types():
