@@ -22,10 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
 from cmd_ray.config import Config, check_grid, trial_config
-from cmd_ray.results import trial_rows
+from cmd_ray.results import rows_table, trial_rows
 from cmd_ray.storage import write_parquet_atomic
 
 
@@ -182,7 +180,7 @@ def _write_table(base: dict[str, Any], entries, folder: Path) -> Path:
         rows += [
             {**row, "point": point} for row in trial_rows(e["trial_id"], e["point"], base, e["history"], "finished", "")
         ]
-    return write_parquet_atomic(folder / "results.parquet", pa.Table.from_pylist(rows))
+    return write_parquet_atomic(folder / "results.parquet", rows_table(rows))
 
 
 # --------------------------------------------------------------------------------------

@@ -57,6 +57,9 @@ def _run_config(device: str, precision: str, data_root: str, quick: bool) -> dic
         "data": {"root": data_root, "train_subset": 1280 if quick else 6400, "test_subset": 1000},
         "noise": {"type": "symmetric", "rate": 0.4},
         "labels": {"trust": "small_loss"},
+        # A check of devices and numerics, not of tuning: a light distillation weight learns
+        # within the few steps the check takes.
+        "distill": {"weight": 1.0},
     }
 
 

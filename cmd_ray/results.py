@@ -32,6 +32,17 @@ def _clean(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+def rows_table(rows: list[dict[str, Any]]):
+    """A pyarrow Table of result rows with every column any row has (pyarrow alone would keep
+    only the first row's keys, dropping e.g. a key that only some grid variants set)."""
+    import pyarrow as pa
+
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    return pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows])
+
+
 def trial_rows(
     trial_id: str, point: dict[str, Any], base: dict[str, Any], history: list[dict[str, Any]], status: str, error: str
 ) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ import pyarrow as pa
 from cmd_ray.config import VARIANT, Config, ConfigError, check_grid, set_path, trial_config, variant_label
 from cmd_ray.data import materialise
 from cmd_ray.noise import NoiseSpec
-from cmd_ray.results import trial_rows
+from cmd_ray.results import rows_table, trial_rows
 from cmd_ray.storage import exists, is_uri, join, write_parquet_atomic
 
 DRIVER_RESOURCE = "TRAIN_DRIVER"
@@ -213,7 +213,7 @@ def collect_results(grid) -> pa.Table:
         status = "failed" if result.error is not None else "finished"
         history = _trial_history(result, params["folder"])
         rows += trial_rows(trial_id, grid_point(params), params["base"], history, status, error)
-    return pa.Table.from_pylist(rows)
+    return rows_table(rows)
 
 
 def concurrency(cfg: Config, total: dict[str, float]) -> int:

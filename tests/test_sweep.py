@@ -257,3 +257,11 @@ def test_load_bench_bounds_concurrency_by_resources_and_reports_peak_memory(fake
     assert 2 <= figures["peak_train_workers"] <= 4 and figures["peak_trial_drivers"] <= 2
     assert 0.1 < figures["peak_tree_pss_gib"] < 64
     assert "[cmd-ray] load: 4/4 trials finished" in proc.stdout
+
+
+def test_a_results_table_keeps_every_column_any_trial_has():
+    from cmd_ray.results import rows_table
+
+    table = rows_table([{"trial_id": "a", "method": "ce"}, {"trial_id": "b", "method": "ce", "testing.nan_step": 8}])
+    assert table.column_names == ["trial_id", "method", "testing.nan_step"]
+    assert table.column("testing.nan_step").to_pylist() == [None, 8]
