@@ -12,7 +12,7 @@ from typing import Optional
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """A built-in data set: class count, image shape and the per-channel normalisation."""
+    """A data set: class count, image shape and the per-channel normalisation."""
 
     num_classes: int
     shape: tuple[int, int, int]  # H, W, C
@@ -26,6 +26,11 @@ DATASETS = {
     "cifar100": DatasetInfo(100, (32, 32, 3), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 DATASET_NAMES = tuple(DATASETS)
+# A user's own data set by layout (cmd_ray.user_data); its classes, shape and statistics come
+# from the data at import.
+USER_DATASETS = ("image_folder", "parquet")
+DATA_NAMES = DATASET_NAMES + USER_DATASETS
+NOISE_TYPES = ("none", "symmetric", "pairflip", "asymmetric", "matrix", "labels")
 
 # Image side each peer architecture takes (None = any).
 MODEL_INPUT_SIZE = {"small_cnn": 28, "mlp": None, "preact_resnet18": 32}

@@ -279,8 +279,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         json.dumps(
             {
                 "dataset": cfg.data.name,
+                "classes": data.train.meta.get("classes"),
+                "shape": data.train.meta.get("shape"),
+                "source": data.train.meta.get("source"),
                 "train_samples": len(data.train),
-                "test_samples": len(data.test),
+                "test_samples": len(data.test) if data.test is not None else 0,
+                "validation_samples": len(data.validation) if data.validation is not None else 0,
+                "clean_labels": data.train.clean_labels is not None,
                 "noise": noise["noise"],
                 "realised_rate": noise["realised_rate"],
                 "subset_realised_rate": noise["subset_realised_rate"],

@@ -18,7 +18,16 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from cmd_ray.catalogue import DATASET_NAMES, DATASETS, METHOD_SCHEDULE, METHODS, MODELS, model_fit_error
+from cmd_ray.catalogue import (
+    DATA_NAMES,
+    DATASETS,
+    METHOD_SCHEDULE,
+    METHODS,
+    MODELS,
+    NOISE_TYPES,
+    USER_DATASETS,
+    model_fit_error,
+)
 
 
 class ConfigError(ValueError):
@@ -27,9 +36,25 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: Literal[DATASET_NAMES] = "fashion-mnist"
+    # A built-in data set, or your own: image_folder (one sub-folder per class) | parquet (a file
+    # of encoded images and labels). See the README, "Your own noisy data".
+    name: Literal[DATA_NAMES] = "fashion-mnist"
     # Where raw data is looked for / downloaded, and where the Parquet cache is written.
     root: str = "~/.cache/cmd-ray/data"
+    # Your own data: the training image folder, or the Parquet file (local or s3://...).
+    path: Optional[str] = None
+    # image_folder only: a test folder with the same class sub-folders (null = no test split).
+    test_path: Optional[str] = None
+    # Your own data: resize every image to this square side on import (null = keep the size; the
+    # images must then all be square and of one size).
+    image_size: Optional[int] = None
+    # parquet only: the column of encoded images (bytes, or a {bytes, path} struct), the label
+    # column (integers 0..C-1 or class names) and an optional split column (train / test).
+    image_column: str = "image"
+    label_column: str = "label"
+    split_column: str = "split"
+    # parquet with integer labels: the class count C (null = the largest label + 1).
+    num_classes: Optional[int] = None
     # Train on a seeded random subset of this many training images (None = all of them).
     train_subset: Optional[int] = None
     # Evaluate on the first N test images (None = the full clean test set; use for smoke tests only).
@@ -37,20 +62,28 @@ class DataConfig:
     # Hold out this fraction of the (noisy) training set for choosing hyper-parameters: the peers
     # never train on it, and accuracy against its *noisy* labels is reported each epoch as
     # val_accuracy. 0 = no validation split. Choose settings on this, never on the test set.
+    # Your own data without a test split needs it: val_accuracy is then the headline.
     validation_fraction: float = 0.0
-    # Random crop (padding 4) + horizontal flip; "auto" = on for CIFAR, off for Fashion-MNIST.
+    # Random crop (padding 4) + horizontal flip; "auto" = off for Fashion-MNIST, on otherwise.
     augment: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass
 class NoiseConfig:
     # none | symmetric (to one of the C-1 other classes, uniformly) | pairflip (y -> y+1 mod C)
-    # | asymmetric (documented class map per data set) | matrix (a user's C x C file).
-    type: Literal["none", "symmetric", "pairflip", "asymmetric", "matrix"] = "symmetric"
-    # Flip probability r in [0, 1]; ignored for none and matrix.
+    # | asymmetric (documented class map per built-in data set) | matrix (a user's C x C file)
+    # | labels (a file of real noisy labels, one per training image, e.g. CIFAR-10N's).
+    # With your own data, `none` trains on your labels as they are (no clean labels exist); any
+    # other type takes your labels as the clean reference and measures the noise against them.
+    type: Literal[NOISE_TYPES] = "symmetric"
+    # Flip probability r in [0, 1]; ignored for none, matrix and labels.
     rate: float = 0.4
     # Path to a C x C row-stochastic matrix (.npy, .csv or .txt) when type = matrix.
     matrix: Optional[str] = None
+    # Path to the noisy labels (.npy, .csv: one per line, or .pt: a dictionary) when type = labels.
+    labels: Optional[str] = None
+    # The .pt dictionary's entry, e.g. worse_label, aggre_label, random_label1 (CIFAR-10N).
+    labels_key: Optional[str] = None
 
 
 @dataclass
@@ -368,16 +401,17 @@ def _check_method(cfg: Config) -> None:
 
 def _check_models_and_data(cfg: Config) -> None:
     """Each peer's architecture fits the images; a noise matrix file is readable and C x C."""
-    size = DATASETS[cfg.data.name].shape[0]
+    own = cfg.data.name in USER_DATASETS
+    size = cfg.data.image_size if own else DATASETS[cfg.data.name].shape[0]
     for i, name in enumerate(cfg.model.per_peer or [cfg.model.name]):
-        problem = model_fit_error(name, size, cfg.data.name) if name in MODELS else None
+        problem = model_fit_error(name, size, cfg.data.name) if name in MODELS and size else None
         if problem:
             raise ConfigError(f"{f'model.per_peer[{i}]' if cfg.model.per_peer else 'model.name'}: {problem}")
     if cfg.noise.type == "matrix" and cfg.noise.matrix:
         from cmd_ray.noise import NoiseError, read_matrix_file
 
-        try:
-            read_matrix_file(cfg.noise.matrix, DATASETS[cfg.data.name].num_classes)
+        try:  # a user's class count is known once the data are read: the file's own shape for now
+            read_matrix_file(cfg.noise.matrix, None if own else DATASETS[cfg.data.name].num_classes)
         except NoiseError as err:
             raise ConfigError(str(err)) from None
     if cfg.model.per_peer is not None:
@@ -388,6 +422,63 @@ def _check_models_and_data(cfg: Config) -> None:
         for i, name in enumerate(cfg.model.per_peer):
             if name not in MODELS:
                 raise ConfigError(f"model.per_peer[{i}]: got {name!r}; allowed: one of {', '.join(MODELS)}")
+
+
+# The data.* keys only a user's data set reads, and the layouts that read them.
+OWN_DATA_KEYS = {
+    "path": USER_DATASETS,
+    "image_size": USER_DATASETS,
+    "test_path": ("image_folder",),
+    "image_column": ("parquet",),
+    "label_column": ("parquet",),
+    "split_column": ("parquet",),
+    "num_classes": ("parquet",),
+}
+
+
+def _check_own_data(cfg: Config) -> None:
+    """The data.* keys of a user's data set, and noise settings that need a built-in one or a
+    known noise rate; keys that only a user's data set reads are refused for a built-in one."""
+    d, own = cfg.data, cfg.data.name in USER_DATASETS
+    if own and not d.path:
+        raise ConfigError(f"data.path: got null; allowed with data.name {d.name!r}: a path to your data")
+    defaults = DataConfig()
+    for key, readers in OWN_DATA_KEYS.items():
+        if d.name not in readers and getattr(d, key) != getattr(defaults, key):
+            raise ConfigError(
+                f"data.{key}: got {getattr(d, key)!r}; allowed only with data.name {' or '.join(readers)}"
+            )
+    if d.image_size is not None and d.image_size < 1:
+        raise ConfigError(f"data.image_size: got {d.image_size}; allowed: an integer >= 1 or null")
+    if d.num_classes is not None and d.num_classes < 2:
+        raise ConfigError(f"data.num_classes: got {d.num_classes}; allowed: an integer >= 2 or null")
+    if own and cfg.noise.type == "asymmetric":
+        raise ConfigError(
+            f"noise.type: got 'asymmetric', which has class maps for built-in data sets only; allowed with "
+            f"data.name {d.name!r}: none, symmetric, pairflip, matrix, labels"
+        )
+    if cfg.noise.type == "labels":
+        from cmd_ray.noise import LABEL_FILE_SUFFIXES
+
+        path = cfg.noise.labels
+        if not path or Path(path).suffix not in LABEL_FILE_SUFFIXES or not Path(path).expanduser().is_file():
+            raise ConfigError(
+                f"noise.labels: got {path!r}; allowed with noise.type 'labels': an existing "
+                f"{', '.join(LABEL_FILE_SUFFIXES)} file"
+            )
+    elif cfg.noise.labels is not None or cfg.noise.labels_key is not None:
+        key = "noise.labels" if cfg.noise.labels is not None else "noise.labels_key"
+        raise ConfigError(
+            f"{key}: got {getattr(cfg.noise, key.split('.')[1])!r}; allowed only with noise.type 'labels'"
+        )
+    small_loss = cfg.method == "coteaching" or (cfg.method in ("cmd-s", "cmd-p") and cfg.labels.trust == "small_loss")
+    unknown_rate = cfg.noise.type == "labels" or (own and cfg.noise.type == "none")
+    if small_loss and unknown_rate and cfg.coteaching.forget_rate is None:
+        raise ConfigError(
+            "coteaching.forget_rate: got null, but the noise rate of these labels is unknown (the small-loss rule "
+            f"of {cfg.method} needs it); allowed: your estimate of the share of wrong labels in [0, 1]"
+            + (", or labels.trust: all" if cfg.method != "coteaching" else "")
+        )
 
 
 def _check_cluster(cfg: Config) -> None:
@@ -419,6 +510,7 @@ def validate(cfg: Config) -> Config:
     _check_run_shape(cfg)
     _check_method(cfg)
     _check_models_and_data(cfg)
+    _check_own_data(cfg)
     _check_cluster(cfg)
     return cfg
 

@@ -1,12 +1,18 @@
-"""Data sets with synthetic label noise, materialised once as Parquet and read back as tensors.
+"""Data sets with label noise, materialised once as Parquet and read back as tensors.
 
 Raw sources: Fashion-MNIST from its original IDX files (Debian's `dataset-fashion-mnist`
 under /usr/share/datasets/fashion-mnist, else `<root>`, else torchvision's download);
 CIFAR-10/100 from the Python-pickle batches in CIFAR's own layout under `<root>` (else
-torchvision's download). Each (data set, noise spec, seed) is written once to
-`<root>/cmd-ray-cache/*.parquet` with columns index, image (raw HWC uint8 bytes),
-clean_label and noisy_label, and the noise spec and realised noise in the file metadata.
-Later runs read the cache. Batching helpers give every peer the same batches in the same order.
+torchvision's download); a user's image folder or Parquet file (`cmd_ray.user_data`). Each
+(data set, noise spec, seed) is written once to `<root>/cmd-ray-cache/*.parquet` with columns
+index, image (raw HWC uint8 bytes), clean_label and noisy_label, and the noise spec, the
+realised noise and (for a user's data) the source's identity in the file metadata. Later runs
+read the cache. Batching helpers give every peer the same batches in the same order.
+
+Clean labels: the built-in data sets have them. A user's data set has them only when cmd-ray
+applies the noise (synthetic, or a `noise.labels` file): its own labels are then the
+reference. With `noise.type: none` a user's labels *are* the noisy ones, no clean labels
+exist (`Split.clean_labels` is None), and the metrics that need them are not computed.
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ import hashlib
 import json
 import pickle
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +36,9 @@ from filelock import FileLock
 from cmd_ray.catalogue import DATASETS, DatasetInfo
 from cmd_ray.noise import NoiseSpec, apply_noise
 from cmd_ray.storage import exists, is_uri, join, local, read_parquet, write_parquet_atomic
+
+if TYPE_CHECKING:
+    from cmd_ray.user_data import UserSource
 
 CACHE_FORMAT = 1
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -196,46 +206,63 @@ def load_raw(name: str, root: Path) -> dict[str, np.ndarray]:
 # Parquet cache
 
 
-def cache_key(name: str, spec: NoiseSpec, seed: int) -> str:
-    """Stable short key of (data set, noise spec, seed); a matrix file counts by its contents."""
+def cache_key(name: str, spec: NoiseSpec, seed: int, source: Optional[UserSource] = None) -> str:
+    """Stable short key of (data set, noise spec, seed); a matrix or labels file counts by its
+    contents, a user's data set by its fingerprint (files, sizes, modification times)."""
     payload = {"dataset": name, "noise": spec.describe(), "seed": seed, "format": CACHE_FORMAT}
-    if spec.type == "matrix" and spec.matrix:
-        path = Path(spec.matrix).expanduser()
-        payload["noise"]["matrix"] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else str(path)
+    for kind, key in (("matrix", "matrix"), ("labels", "labels")):
+        file = getattr(spec, key)
+        if spec.type == kind and file:
+            path = Path(file).expanduser()
+            payload["noise"][key] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else str(path)
+    if source is not None:
+        payload["source"] = source.fingerprint()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def cache_paths(name: str, root: str | Path, spec: NoiseSpec, seed: int) -> tuple[str, str]:
+def cache_paths(
+    name: str, root: str | Path, spec: NoiseSpec, seed: int, source: Optional[UserSource] = None
+) -> tuple[str, str]:
     """(train, test) cache files under `<root>/cmd-ray-cache/`: local paths or object-storage URIs."""
     folder = join(root, "cmd-ray-cache")
     tag = "clean" if spec.type == "none" else f"{spec.type}-{spec.rate:g}"
+    key = cache_key(name, spec, seed, source)
+    if source is None:
+        return join(folder, f"{name}-train-{tag}-seed{seed}-{key}.parquet"), join(folder, f"{name}-test.parquet")
+    source_key = cache_key(name, NoiseSpec("none"), 0, source)
     return (
-        join(folder, f"{name}-train-{tag}-seed{seed}-{cache_key(name, spec, seed)}.parquet"),
-        join(folder, f"{name}-test.parquet"),
+        join(folder, f"{source.tag}-train-{tag}-seed{seed}-{key}.parquet"),
+        join(folder, f"{source.tag}-test-{source_key}.parquet"),
     )
 
 
-def _write_parquet_atomic(path: str, images: np.ndarray, clean: np.ndarray, noisy: np.ndarray, meta: dict) -> None:
-    flat = np.ascontiguousarray(images).reshape(len(images), -1)
-    width = flat.shape[1]
+def _write_parquet_atomic(
+    path: str, images: np.ndarray, clean: Optional[np.ndarray], noisy: np.ndarray, meta: dict
+) -> None:
+    """One split as a cache file; `clean` None (no clean labels) is stored as -1 and
+    meta["clean_labels"] = False."""
+    width = int(np.prod(images.shape[1:]))
+    flat = np.ascontiguousarray(images).reshape(len(images), width)
     image_col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(flat), [None, pa.py_buffer(flat.tobytes())])
+    clean_col = np.full(len(noisy), -1, dtype=np.int64) if clean is None else clean.astype(np.int64)
     table = pa.table(
         {
             "index": pa.array(np.arange(len(flat), dtype=np.int64)),
             "image": image_col,
-            "clean_label": pa.array(clean.astype(np.int64)),
+            "clean_label": pa.array(clean_col),
             "noisy_label": pa.array(noisy.astype(np.int64)),
         }
-    ).replace_schema_metadata({b"cmd_ray": json.dumps(meta).encode()})
+    ).replace_schema_metadata({b"cmd_ray": json.dumps({**meta, "clean_labels": clean is not None}).encode()})
     write_parquet_atomic(path, table)
 
 
 @dataclass
 class Split:
-    """One split in memory. images: uint8 (N, C, H, W); labels int64 (N,)."""
+    """One split in memory. images: uint8 (N, C, H, W); labels int64 (N,); clean_labels None
+    where none exist (a user's own labels, taken as they are)."""
 
     images: torch.Tensor
-    clean_labels: torch.Tensor
+    clean_labels: Optional[torch.Tensor]
     noisy_labels: torch.Tensor
     index: torch.Tensor
     meta: dict = field(default_factory=dict)
@@ -246,7 +273,7 @@ class Split:
     def subset(self, positions: torch.Tensor) -> Split:
         return Split(
             self.images[positions],
-            self.clean_labels[positions],
+            None if self.clean_labels is None else self.clean_labels[positions],
             self.noisy_labels[positions],
             self.index[positions],
             self.meta,
@@ -269,9 +296,10 @@ def read_parquet_split(path: str | Path) -> Split:
         start = images.offset * images.type.byte_width
         array = buffer[start : start + len(images) * images.type.byte_width]
         array = array.reshape(len(images), height, width, channels).transpose(0, 3, 1, 2)
+        clean = torch.from_numpy(table.column("clean_label").to_numpy().astype(np.int64))
         split = Split(
             images=torch.from_numpy(np.ascontiguousarray(array)),
-            clean_labels=torch.from_numpy(table.column("clean_label").to_numpy().astype(np.int64)),
+            clean_labels=clean if meta.get("clean_labels", True) else None,
             noisy_labels=torch.from_numpy(table.column("noisy_label").to_numpy().astype(np.int64)),
             index=torch.from_numpy(table.column("index").to_numpy().astype(np.int64)),
             meta=meta,
@@ -290,14 +318,17 @@ def read_parquet_split(path: str | Path) -> Split:
 LOCAL_DATA_ROOT = "~/.cache/cmd-ray/data"
 
 
-def materialise(name: str, root: str | Path, spec: NoiseSpec, seed: int) -> tuple[str, str]:
+def materialise(
+    name: str, root: str | Path, spec: NoiseSpec, seed: int, source: Optional[UserSource] = None
+) -> tuple[str, str]:
     """Write the Parquet cache for (data set, noise spec, seed) if absent; return (train, test) paths.
 
     `root` may be an object-storage URI: the cache is then written there (the raw files are
-    read from this machine: Debian's package, or LOCAL_DATA_ROOT)."""
-    if name not in DATASETS:
+    read from this machine: Debian's package, or LOCAL_DATA_ROOT). `source` is a user's data
+    set (`data.name` image_folder or parquet); a test cache with no rows means it has no test split."""
+    if source is None and name not in DATASETS:
         raise DataError(f"data.name: got {name!r}; allowed: one of {', '.join(DATASETS)}")
-    train_path, test_path = cache_paths(name, root, spec, seed)
+    train_path, test_path = cache_paths(name, root, spec, seed, source)
     if exists(train_path) and exists(test_path):
         return train_path, test_path
     raw_root = local(LOCAL_DATA_ROOT if is_uri(root) else root)
@@ -305,7 +336,10 @@ def materialise(name: str, root: str | Path, spec: NoiseSpec, seed: int) -> tupl
     # Workers of one node may all arrive here at once: one downloads and writes, the rest wait.
     with FileLock(str(raw_root / ".cmd-ray.lock")):
         if not (exists(train_path) and exists(test_path)):
-            _materialise(name, raw_root, spec, seed, train_path, test_path)
+            if source is None:
+                _materialise(name, raw_root, spec, seed, train_path, test_path)
+            else:
+                _materialise_user(source, spec, seed, train_path, test_path)
     return train_path, test_path
 
 
@@ -324,12 +358,67 @@ def _materialise(name: str, raw_root: Path, spec: NoiseSpec, seed: int, train_pa
         _write_parquet_atomic(test_path, raw["test_images"], labels, labels, {**base, "split": "test"})
 
 
+UNKNOWN_NOISE = {"asked_matrix": None, "realised_matrix": None, "realised_rate": None}
+
+
+def _materialise_user(source: UserSource, spec: NoiseSpec, seed: int, train_path: str, test_path: str) -> None:
+    """Import a user's data set (decode every image once) and write its cache files."""
+    from cmd_ray.user_data import channel_stats, read_user_data
+
+    print(f"[cmd-ray] importing {source.kind} {source.path} into the cache (once) ...", flush=True)
+    started = time.perf_counter()
+    raw = read_user_data(source)
+    mean, std = channel_stats(raw.train_images)
+    seconds = time.perf_counter() - started
+    base = {
+        "dataset": source.kind,
+        "shape": list(raw.train_images.shape[1:]),
+        "num_classes": len(raw.classes),
+        "classes": raw.classes,
+        "mean": mean,
+        "std": std,
+        "format": CACHE_FORMAT,
+        "source": {
+            "path": source.path,
+            "test_path": source.test_path,
+            "bytes": raw.source_bytes,
+            "sha256": raw.content_sha256,
+            "fingerprint": source.fingerprint(),
+            "import_seconds": round(seconds, 3),
+        },
+    }
+    train_count, test_count = len(raw.train_labels), 0 if raw.test_labels is None else len(raw.test_labels)
+    print(
+        f"[cmd-ray] imported {train_count} training and {test_count} test images "
+        f"({'x'.join(map(str, base['shape']))}, {len(raw.classes)} classes) in {seconds:.1f} s",
+        flush=True,
+    )
+    if spec.type == "none":  # the user's labels are the noisy ones; no clean labels exist
+        clean, noisy, report = None, raw.train_labels, UNKNOWN_NOISE
+    else:  # cmd-ray applies the noise: the user's labels are the clean reference
+        noisy, noise_report = apply_noise(raw.train_labels, spec, len(raw.classes), source.kind, seed)
+        clean, report = raw.train_labels, noise_report.to_dict()
+    meta = {**base, "split": "train", "noise": spec.describe(), "seed": seed, **report}
+    _write_parquet_atomic(train_path, raw.train_images, clean, noisy, meta)
+    if not exists(test_path):
+        images = raw.test_images if raw.test_images is not None else raw.train_images[:0]
+        labels = raw.test_labels if raw.test_labels is not None else raw.train_labels[:0]
+        _write_parquet_atomic(test_path, images, labels, labels, {**base, "split": "test"})
+
+
+def dataset_info(meta: dict) -> DatasetInfo:
+    """A cache file's data set: a built-in's catalogue entry, or what a user's import measured."""
+    if meta["dataset"] in DATASETS:
+        return DATASETS[meta["dataset"]]
+    return DatasetInfo(meta["num_classes"], tuple(meta["shape"]), tuple(meta["mean"]), tuple(meta["std"]))
+
+
 @dataclass
 class DataBundle:
     """What a run trains and evaluates on."""
 
     train: Split
-    test: Split
+    test: Optional[Split]  # None: a user's data set without a test split (validation is the headline)
     info: DatasetInfo
     noise: dict  # realised rate, asked and realised matrices, spec
     validation: Optional[Split] = None  # held out from the noisy training set (noisy labels)
@@ -343,25 +432,37 @@ def load_data(
     train_subset: Optional[int] = None,
     test_subset: Optional[int] = None,
     validation_fraction: float = 0.0,
+    source: Optional[UserSource] = None,
 ) -> DataBundle:
-    """Materialise (once) and read the noisy train split and clean test split.
+    """Materialise (once) and read the noisy train split and the test split.
 
     `train_subset` keeps a seeded random subset of the training set; `test_subset` the first
     N test images (smoke tests only: reported accuracy is then not on the full test set).
     `validation_fraction` moves a seeded share of the (subset) training set, noisy labels
-    and all, into `validation`; the peers do not train on it.
+    and all, into `validation`; the peers do not train on it. `source`: a user's data set.
     """
-    train_path, test_path = materialise(name, root, spec, seed)
+    train_path, test_path = materialise(name, root, spec, seed, source)
     train, test = read_parquet_split(train_path), read_parquet_split(test_path)
+    if len(test) == 0:
+        if validation_fraction == 0:
+            raise DataError(
+                f"data.validation_fraction: got 0, but {source.path if source else name} has no test split; "
+                "allowed: a share in (0, 0.5] held out as the noisy validation split that is then reported "
+                "(or give a test split)"
+            )
+        test = None
     if train_subset is not None and train_subset < len(train):
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:train_subset]
         train = train.subset(torch.sort(keep).values)
-    if test_subset is not None and test_subset < len(test):
+    if test is not None and test_subset is not None and test_subset < len(test):
         test = test.subset(torch.arange(test_subset))
     train, validation = split_validation(train, validation_fraction, seed)
     noise = {k: train.meta[k] for k in ("noise", "realised_rate", "asked_matrix", "realised_matrix")}
-    noise["subset_realised_rate"] = float((train.noisy_labels != train.clean_labels).float().mean())
-    return DataBundle(train=train, test=test, info=DATASETS[name], noise=noise, validation=validation)
+    noise["subset_realised_rate"] = (
+        None if train.clean_labels is None else float((train.noisy_labels != train.clean_labels).float().mean())
+    )
+    info = dataset_info(train.meta)
+    return DataBundle(train=train, test=test, info=info, noise=noise, validation=validation)
 
 
 def labels_digest(data: DataBundle) -> str:

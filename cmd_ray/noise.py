@@ -4,7 +4,9 @@ A noise model is a C x C row-stochastic matrix T with T[i, j] = P(noisy = j | cl
 rows are the clean class and each row sums to 1 (a `noise.matrix` file must follow this
 convention). cleanlab's `noise_matrix` is the transpose, P(noisy = i | clean = j), whose
 columns sum to 1. Labels are corrupted once, with a seed, by sampling each noisy label from
-the row of its clean label. Pure NumPy; no torch.
+the row of its clean label. Real noisy labels (`labels`: a file with one label per training
+image, e.g. CIFAR-10N's human annotations) replace the labels instead, and the realised
+matrix is measured against the clean ones. Pure NumPy; torch only to read a `.pt` file.
 
 Asymmetric class maps (clean class -> the class it flips to with probability r):
 
@@ -23,9 +25,9 @@ from typing import Optional
 
 import numpy as np
 
-from cmd_ray.catalogue import DATASETS
+from cmd_ray.catalogue import DATASETS, NOISE_TYPES
 
-NOISE_TYPES = ("none", "symmetric", "pairflip", "asymmetric", "matrix")
+LABEL_FILE_SUFFIXES = (".npy", ".csv", ".pt")
 
 
 class NoiseError(ValueError):
@@ -79,14 +81,20 @@ ASYMMETRIC_MAPS = {
 
 @dataclass(frozen=True)
 class NoiseSpec:
-    """What noise to apply: type, rate, and for `matrix` the file holding T."""
+    """What noise to apply: type, rate, for `matrix` the file holding T, for `labels` the file
+    of noisy labels (and, for a `.pt` dictionary, the key to read)."""
 
     type: str = "symmetric"
     rate: float = 0.0
     matrix: Optional[str] = None
+    labels: Optional[str] = None
+    labels_key: Optional[str] = None
 
     def describe(self) -> dict:
-        return {"type": self.type, "rate": self.rate, "matrix": self.matrix}
+        out = {"type": self.type, "rate": self.rate, "matrix": self.matrix}
+        if self.type == "labels":  # only then, so older cache keys stay valid
+            out.update(labels=self.labels, labels_key=self.labels_key)
+        return out
 
 
 def _check_rate(rate: float) -> None:
@@ -146,8 +154,9 @@ def check_matrix(matrix: np.ndarray, num_classes: int, name: str = "noise.matrix
     return matrix
 
 
-def read_matrix_file(path: str | Path, num_classes: int) -> np.ndarray:
-    """Read a transition matrix from .npy, or from text (.csv: commas, .txt: whitespace)."""
+def read_matrix_file(path: str | Path, num_classes: Optional[int]) -> np.ndarray:
+    """Read a transition matrix from .npy, or from text (.csv: commas, .txt: whitespace);
+    `num_classes` None takes C from the file (a user's data set, before its import)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise NoiseError(f"noise.matrix: file {path} does not exist; allowed: a .npy, .csv or .txt file")
@@ -158,7 +167,7 @@ def read_matrix_file(path: str | Path, num_classes: int) -> np.ndarray:
             matrix = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2)
     except (ValueError, OSError) as err:
         raise NoiseError(f"noise.matrix: cannot read {path} as a matrix: {str(err).splitlines()[0]}") from None
-    return check_matrix(matrix, num_classes)
+    return check_matrix(matrix, len(matrix) if num_classes is None else num_classes)
 
 
 def transition_matrix(spec: NoiseSpec, num_classes: int, dataset: str) -> np.ndarray:
@@ -178,11 +187,22 @@ def transition_matrix(spec: NoiseSpec, num_classes: int, dataset: str) -> np.nda
     raise NoiseError(f"noise.type: got {spec.type!r}; allowed: one of {', '.join(NOISE_TYPES)}")
 
 
-def expected_flip_rate(spec: NoiseSpec, num_classes: int, dataset: str) -> float:
+def expected_flip_rate(spec: NoiseSpec, num_classes: Optional[int], dataset: str) -> float:
     """The share of labels the noise model flips with balanced classes: 1 - mean_i T[i, i].
 
-    noise.rate for symmetric and pair-flip, rate x (mapped classes / C) for asymmetric, 0 for none.
+    noise.rate for symmetric and pair-flip, rate x (mapped classes / C) for asymmetric, 0 for
+    none. A labels file has no model: its rate is unknown to training (measuring it would read
+    the clean labels), so asking raises NoiseError.
     """
+    if spec.type == "labels":
+        raise NoiseError(
+            "coteaching.forget_rate: got null; allowed with noise.type 'labels': a number in [0, 1], "
+            "your estimate of the share of wrong labels"
+        )
+    if spec.type in ("symmetric", "pairflip"):
+        return float(spec.rate)
+    if spec.type == "matrix":
+        return float(1.0 - np.diag(read_matrix_file(spec.matrix, num_classes)).mean())
     return float(1.0 - np.diag(transition_matrix(spec, num_classes, dataset)).mean())
 
 
@@ -224,12 +244,101 @@ class NoiseReport:
 def apply_noise(
     clean: np.ndarray, spec: NoiseSpec, num_classes: int, dataset: str, seed: int
 ) -> tuple[np.ndarray, NoiseReport]:
-    """Corrupt `clean` labels (shape (N,)) under `spec`; return noisy labels and a report."""
-    matrix = transition_matrix(spec, num_classes, dataset)
-    noisy = corrupt_labels(clean, matrix, seed)
+    """Corrupt `clean` labels (shape (N,)) under `spec`, or read them from a labels file;
+    return noisy labels and a report (a labels file asked for no matrix: `asked` is the realised one)."""
+    if spec.type == "labels":
+        noisy = read_labels_file(spec.labels, spec.labels_key, len(clean), num_classes)
+        matrix = None
+    else:
+        matrix = transition_matrix(spec, num_classes, dataset)
+        noisy = corrupt_labels(clean, matrix, seed)
+    realised = realised_matrix(clean, noisy, num_classes)
     report = NoiseReport(
-        asked=matrix,
-        realised=realised_matrix(clean, noisy, num_classes),
+        asked=realised if matrix is None else matrix,
+        realised=realised,
         realised_rate=float(np.mean(noisy != clean)) if len(clean) else 0.0,
     )
     return noisy, report
+
+
+CIFAR_N_KEYS = "e.g. worse_label, aggre_label, random_label1 (CIFAR-10N) or noisy_label (CIFAR-100N)"
+
+
+def _load_pt(path: Path, key: Optional[str]) -> np.ndarray:
+    """One entry of a `.pt` dictionary (CIFAR-10N / CIFAR-100N's layout) or a saved tensor/array."""
+    import torch
+
+    try:
+        # CIFAR-N's files hold NumPy arrays: allow exactly those, never arbitrary objects.
+        with torch.serialization.safe_globals(_numpy_globals()):
+            value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure becomes one clear line
+        raise NoiseError(f"noise.labels: cannot read {path} as a .pt file: {str(err).splitlines()[0]}") from None
+    if isinstance(value, dict):
+        keys = ", ".join(sorted(str(k) for k in value))
+        if key is None:
+            raise NoiseError(f"noise.labels_key: got null; allowed for {path.name}: one of {keys} ({CIFAR_N_KEYS})")
+        if key not in value:
+            raise NoiseError(f"noise.labels_key: got {key!r}; allowed for {path.name}: one of {keys}")
+        value = value[key]
+    elif key is not None:
+        raise NoiseError(
+            f"noise.labels_key: got {key!r}; allowed: null ({path.name} holds one array, not a dictionary)"
+        )
+    return value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+def _numpy_globals() -> list:
+    """What unpickling a NumPy array needs, under NumPy 2's names and NumPy 1's (CIFAR-N's files)."""
+    from numpy._core import multiarray
+
+    kinds = (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.float32, np.float64)
+    return [
+        multiarray._reconstruct,
+        (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+        np.ndarray,
+        np.dtype,
+        *{type(np.dtype(kind)) for kind in kinds},
+    ]
+
+
+def read_labels_file(path: Optional[str], key: Optional[str], count: int, num_classes: int) -> np.ndarray:
+    """Noisy labels (count,) int64 in [0, num_classes) from `.npy`, `.csv` (one label per line,
+    or one column) or a `.pt` dictionary entry; anything else raises NoiseError naming the field."""
+    if not path:
+        raise NoiseError("noise.labels: got null; allowed: a .npy, .csv or .pt file when noise.type is 'labels'")
+    file = Path(path).expanduser()
+    if file.suffix not in LABEL_FILE_SUFFIXES:
+        raise NoiseError(f"noise.labels: got {path!r}; allowed: a {', '.join(LABEL_FILE_SUFFIXES)} file")
+    if not file.is_file():
+        raise NoiseError(f"noise.labels: file {file} does not exist; allowed: a {', '.join(LABEL_FILE_SUFFIXES)} file")
+    if file.suffix == ".pt":
+        raw = _load_pt(file, key)
+    else:
+        if key is not None:
+            raise NoiseError(f"noise.labels_key: got {key!r}; allowed: null for a {file.suffix} file")
+        try:
+            raw = np.load(file, allow_pickle=False) if file.suffix == ".npy" else np.loadtxt(file, delimiter=",")
+        except (ValueError, OSError) as err:
+            raise NoiseError(f"noise.labels: cannot read {file}: {str(err).splitlines()[0]}") from None
+    labels = np.asarray(raw)
+    if labels.ndim == 2 and 1 in labels.shape:  # a column or row vector
+        labels = labels.reshape(-1)
+    what = "allowed: one integer label per image"
+    if labels.ndim != 1 or labels.dtype.kind not in "iuf" or not np.all(np.isfinite(labels)):
+        raise NoiseError(f"noise.labels: {file} holds {labels.dtype} of shape {labels.shape}; {what}")
+    if labels.dtype.kind == "f" and np.any(labels != np.round(labels)):
+        raise NoiseError(f"noise.labels: {file} holds fractional labels; {what}")
+    labels = labels.astype(np.int64)
+    if len(labels) != count:
+        raise NoiseError(
+            f"noise.labels: {file} has {len(labels)} labels, the training set {count} images; "
+            "allowed: exactly one per image, in the data set's order"
+        )
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise NoiseError(
+            f"noise.labels: label {int(labels[bad[0]])} at position {int(bad[0])} of {file} is out of range; "
+            f"allowed: 0 to {num_classes - 1}"
+        )
+    return labels

@@ -109,7 +109,7 @@ class Batch:
 
     images: torch.Tensor  # float (B, C, H, W), normalised, augmented if asked
     noisy_labels: torch.Tensor  # (B,)
-    clean_labels: torch.Tensor  # (B,) metrics only
+    clean_labels: Optional[torch.Tensor]  # (B,) metrics only; None where no clean labels exist
     index: torch.Tensor  # (B,) sample ids, for checking that peers agree
 
 
@@ -127,7 +127,7 @@ def make_batch(
     return Batch(
         images=normalise(images.to(device, non_blocking=True), info),
         noisy_labels=split.noisy_labels[positions].to(device),
-        clean_labels=split.clean_labels[positions].to(device),
+        clean_labels=None if split.clean_labels is None else split.clean_labels[positions].to(device),
         index=split.index[positions].to(device),
     )
 
@@ -186,7 +186,8 @@ class StepSchedule:
 @functools.lru_cache(maxsize=64)
 def _expected_flip_rate(noise_type: str, rate: float, matrix: Optional[str], dataset: str) -> float:
     """Co-teaching's known noise rate, from the noise model (read once per run, not per step)."""
-    return expected_flip_rate(NoiseSpec(noise_type, rate, matrix), DATASETS[dataset].num_classes, dataset)
+    num_classes = DATASETS[dataset].num_classes if dataset in DATASETS else None  # a user's: from the file
+    return expected_flip_rate(NoiseSpec(noise_type, rate, matrix), num_classes, dataset)
 
 
 def formulation(cfg: Config) -> Formulation:
@@ -248,6 +249,9 @@ COUNT_KEYS = (
 )
 
 
+CLEAN_COUNT_KEYS = ("selected_correct", "noisy", "corrected", "memorised", "train_correct", "trusted_clean")
+
+
 def step_counts(parts: LossParts, logits: torch.Tensor, batch: Batch) -> dict[str, float]:
     """Sums over one batch, to be added up over an epoch (clean labels used here only).
 
@@ -255,29 +259,35 @@ def step_counts(parts: LossParts, logits: torch.Tensor, batch: Batch) -> dict[st
     label; for co-teaching, kept samples whose noisy label is clean. corrected: noisy-labelled
     samples whose selected knowledge names the clean label. memorised: noisy-labelled samples
     the peer predicts with their noisy label. trusted / trusted_clean: labels the label term
-    kept, and those of them that are clean.
+    kept, and those of them that are clean. Without clean labels these counts are NaN, so
+    every rate built on them is NaN ("not available"), never a rate against the noisy labels.
     """
     n = batch.noisy_labels.shape[0]
-    prediction = logits.detach().argmax(-1)
-    is_noisy = batch.noisy_labels != batch.clean_labels
     selected = parts.selected
     trusted = parts.trusted if parts.trusted is not None else torch.ones_like(selected)
-    if parts.target is not None:
-        knowledge_right = parts.target.argmax(-1) == batch.clean_labels
-    else:
-        knowledge_right = ~is_noisy
-    return {
+    counts = {
         "samples": float(n),
         "loss_sum": float(parts.total.detach()) * n,
         "ce_sum": float(parts.ce) * n,
         "distill_sum": float(parts.distill) * n,
         "selected": float(selected.sum()),
+        "trusted": float(trusted.sum()),
+    }
+    if batch.clean_labels is None:
+        return {**counts, **dict.fromkeys(CLEAN_COUNT_KEYS, float("nan"))}
+    prediction = logits.detach().argmax(-1)
+    is_noisy = batch.noisy_labels != batch.clean_labels
+    if parts.target is not None:
+        knowledge_right = parts.target.argmax(-1) == batch.clean_labels
+    else:
+        knowledge_right = ~is_noisy
+    return {
+        **counts,
         "selected_correct": float((selected & knowledge_right).sum()),
         "noisy": float(is_noisy.sum()),
         "corrected": float((selected & is_noisy & knowledge_right).sum()),
         "memorised": float((is_noisy & (prediction == batch.noisy_labels)).sum()),
         "train_correct": float((prediction == batch.clean_labels).sum()),
-        "trusted": float(trusted.sum()),
         "trusted_clean": float((trusted & ~is_noisy).sum()),
     }
 

@@ -48,7 +48,7 @@ from cmd_ray.peer import (
 )
 from cmd_ray.storage import exists, is_uri, join, read_bytes, write_bytes, write_json_atomic
 from cmd_ray.summary import epoch_record, progress_line, summarise
-from cmd_ray.trainer import EpochStats, StepTrace, finish_record, load_run_data, train_epoch
+from cmd_ray.trainer import EpochStats, StepTrace, describe_data, finish_record, load_run_data, train_epoch
 
 EPOCH_COUNT_KEYS = (*COUNT_KEYS, "tau_sum")
 HISTORY_FILE = "history.json"
@@ -170,9 +170,10 @@ def _epoch_record_across_workers(
     all_reduce_sum(table)
     peer_counts = [dict(zip(EPOCH_COUNT_KEYS, row.tolist())) for row in table.cpu()]
 
-    accuracy = _accuracy_across_workers(
-        cfg, topology, peer, data.test, data.info, data.test.clean_labels, exchange_group
-    )
+    accuracy = {}
+    if data.test is not None:
+        labels = data.test.clean_labels
+        accuracy.update(_accuracy_across_workers(cfg, topology, peer, data.test, data.info, labels, exchange_group))
     if data.validation is not None:
         labels = data.validation.noisy_labels  # model selection sees noisy labels only
         val = _accuracy_across_workers(cfg, topology, peer, data.validation, data.info, labels, exchange_group, "val")
@@ -464,8 +465,7 @@ def train_on_ray(cfg: Config, log: Callable[[str], None] = print, run_name: Opti
     workers = cfg.peers * cfg.replicas
     log(
         f"[cmd-ray] Ray Train: {cfg.method} with {cfg.peers} peers x {cfg.replicas} replicas = {workers} workers "
-        f"({'GPU' if cfg.use_gpu else 'CPU'}), {cfg.data.name} {len(data.train)} train / {len(data.test)} test, "
-        f"noise {cfg.noise.type} {cfg.noise.rate:g} (realised {data.noise['subset_realised_rate']:.3f}), "
+        f"({'GPU' if cfg.use_gpu else 'CPU'}), {cfg.data.name} {describe_data(cfg, data)}, "
         f"{cfg.epochs} epochs; run {join(storage, run_name)}"
     )
     result = fit(build_trainer(cfg, run_name, storage, data), join(storage, run_name))

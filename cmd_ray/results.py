@@ -89,17 +89,24 @@ def run_label(row: dict[str, Any]) -> str:
     return row.get("variant") or row["method"]
 
 
-def trial_finals(rows: list[dict[str, Any]], last_epochs: int = 1) -> list[dict[str, Any]]:
+def headline_metric(rows: list[dict[str, Any]]) -> str:
+    """The accuracy a sweep reports: clean test accuracy, or — for a user's data set without a
+    test split — accuracy on the held-out noisy labels."""
+    has_test = any(r.get(ACCURACY) is not None for r in rows)
+    return VALIDATION if not has_test and any(r.get(VALIDATION) is not None for r in rows) else ACCURACY
+
+
+def trial_finals(rows: list[dict[str, Any]], last_epochs: int = 1, metric: str = ACCURACY) -> list[dict[str, Any]]:
     """Per finished trial: method (or variant label), noise, seed, final (mean of the last
-    `last_epochs` epochs) and best accuracy."""
+    `last_epochs` epochs) and best `metric` (mean of the peers' accuracy)."""
     by_trial: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        if row.get("status") == "finished" and row.get(ACCURACY) is not None:
+        if row.get("status") == "finished" and row.get(metric) is not None:
             by_trial[row["trial_id"]].append(row)
     out = []
     for trial_rows_ in by_trial.values():
         trial_rows_.sort(key=lambda r: r["epoch"])
-        tail = [r[ACCURACY] for r in trial_rows_[-last_epochs:]]
+        tail = [r[metric] for r in trial_rows_[-last_epochs:]]
         first = trial_rows_[0]
         out.append(
             {
@@ -109,13 +116,17 @@ def trial_finals(rows: list[dict[str, Any]], last_epochs: int = 1) -> list[dict[
                 "noise.rate": first["noise.rate"],
                 "seed": first["seed"],
                 "final": sum(tail) / len(tail),
-                "best": max(r[ACCURACY] for r in trial_rows_),
-                "ensemble_final": trial_rows_[-1].get("ensemble/test_accuracy"),
+                "best": max(r[metric] for r in trial_rows_),
+                "ensemble_final": trial_rows_[-1].get(metric.replace("mean/", "ensemble/")),
                 "selection_precision": trial_rows_[-1].get("mean/selection_precision"),
                 "memorisation": trial_rows_[-1].get("mean/memorisation"),
             }
         )
     return out
+
+
+def _known(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
 def _format_mean(values: list[float]) -> str:
@@ -124,9 +135,10 @@ def _format_mean(values: list[float]) -> str:
     return f"{mean:.2f}±{std:.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
-def report_table(rows: list[dict[str, Any]], last_epochs: int = 1) -> str:
-    """Method x noise table: final and best clean test accuracy, mean +- std over seeds (%)."""
-    finals = trial_finals(rows, last_epochs)
+def report_table(rows: list[dict[str, Any]], last_epochs: int = 1, metric: str = ACCURACY) -> str:
+    """Method x noise table: final and best clean test accuracy (or another `metric`), mean +-
+    std over seeds (%)."""
+    finals = trial_finals(rows, last_epochs, metric)
     cells: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for f in finals:
         cells[(f["method"], f["noise"])].append(f)
@@ -293,15 +305,18 @@ def write_plots(
 def report(folder: str | Path, last_epochs: int = 1, plots_dir: Optional[str | Path] = None) -> tuple[str, list[str]]:
     """The printed table and the plot paths for the sweep in `folder`."""
     rows = read_results(folder)
-    table = report_table(rows, last_epochs)
-    table += "\n\nAt the last epoch, mean over seeds (%):\n" + selection_table(rows)
-    paths = write_plots(rows, plots_dir or join(folder, "plots"), last_epochs)
+    metric = headline_metric(rows)
+    table = "" if metric == ACCURACY else "No test split: accuracy on the held-out noisy labels (%).\n"
+    table += report_table(rows, last_epochs, metric)
+    table += "\n\nAt the last epoch, mean over seeds (%):\n" + selection_table(rows, metric)
+    paths = write_plots(rows, plots_dir or join(folder, "plots"), last_epochs, validation=metric == VALIDATION)
     return table, paths
 
 
-def selection_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: last-epoch selection precision and memorisation per method and noise (mean over seeds, %)."""
-    finals = trial_finals(rows)
+def selection_table(rows: list[dict[str, Any]], metric: str = ACCURACY) -> str:
+    """Markdown: last-epoch selection precision and memorisation per method and noise (mean over
+    seeds, %; '-' where no clean labels exist)."""
+    finals = trial_finals(rows, metric=metric)
     methods = sorted({f["method"] for f in finals}, key=_method_order)
     noises = sorted({f["noise"] for f in finals})
     lines = ["| method | " + " | ".join(f"{n}: selection precision / memorisation" for n in noises) + " |"]
@@ -310,8 +325,8 @@ def selection_table(rows: list[dict[str, Any]]) -> str:
         cells = []
         for noise in noises:
             group = [f for f in finals if f["method"] == method and f["noise"] == noise]
-            prec = [100 * f["selection_precision"] for f in group if f["selection_precision"] is not None]
-            mem = [100 * f["memorisation"] for f in group if f["memorisation"] is not None]
+            prec = [100 * f["selection_precision"] for f in group if _known(f["selection_precision"])]
+            mem = [100 * f["memorisation"] for f in group if _known(f["memorisation"])]
             p = f"{_mean_std(prec)[0]:.1f}" if prec else "-"
             m = f"{_mean_std(mem)[0]:.1f}" if mem else "-"
             cells.append(f"{p} / {m}")

@@ -128,6 +128,18 @@ def read_bytes(path: str | Path) -> bytes:
         return stream.read()
 
 
+def file_info(path: str | Path) -> tuple[int, Optional[int]]:
+    """(size in bytes, modification time in ns or None where the store keeps none) of one file
+    or object; FileNotFoundError when there is no such file."""
+    import pyarrow.fs as pafs
+
+    fs, where = filesystem(path)
+    info = fs.get_file_info(where)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"{path}: no such file")
+    return int(info.size), (int(info.mtime_ns) if info.mtime_ns is not None else None)
+
+
 def exists(path: str | Path) -> bool:
     import pyarrow.fs as pafs
 

@@ -56,13 +56,25 @@ def _fmt(value: float, pct: bool = True) -> str:
     return f"{100 * value:5.1f}" if pct else f"{value:.3f}"
 
 
+def headline_split(record: dict[str, Any]) -> str:
+    """'test' when the run has a test split, else 'val' (a user's data set without one: the
+    accuracy on the held-out noisy labels is then what a run reports)."""
+    return "test" if "peer0/test_accuracy" in record else "val"
+
+
 def progress_line(record: dict[str, Any], peers: int, epochs: int, label: str = "") -> str:
     """One readable line per epoch for the console (`label` tells concurrent runs apart)."""
-    accs = " ".join(_fmt(record[f"peer{k}/test_accuracy"]) for k in range(peers))
-    val = f"  val (noisy) {_fmt(record['mean/val_accuracy'])}" if "mean/val_accuracy" in record else ""
+    split = headline_split(record)
+    accs = " ".join(_fmt(record[f"peer{k}/{split}_accuracy"]) for k in range(peers))
+    name = "test acc" if split == "test" else "val (noisy) acc"
+    val = (
+        f"  val (noisy) {_fmt(record['mean/val_accuracy'])}"
+        if split == "test" and "mean/val_accuracy" in record
+        else ""
+    )
     return (
         (f"[{label}] " if label else "")
-        + f"epoch {record['epoch'] + 1:>3}/{epochs}  test acc % [{accs}] ens {_fmt(record['ensemble/test_accuracy'])}"
+        + f"epoch {record['epoch'] + 1:>3}/{epochs}  {name} % [{accs}] ens {_fmt(record[f'ensemble/{split}_accuracy'])}"
         + val
         + f"  loss {record['peer0/loss']:.3f}  tau {_fmt(record['mean/tau'], pct=False)}"
         f"  sel {_fmt(record['mean/selected_fraction'])}% prec {_fmt(record['mean/selection_precision'])}%"
@@ -72,14 +84,17 @@ def progress_line(record: dict[str, Any], peers: int, epochs: int, label: str = 
 
 
 def summarise(cfg: Config, history: list[dict[str, Any]], noise: dict, extra: dict | None = None) -> dict[str, Any]:
-    """Run summary: final and best clean test accuracy per peer and ensemble, selection, speed."""
+    """Run summary: final and best accuracy per peer and ensemble on the clean test set (or, with
+    no test split, on the noisy validation split: `<split>_accuracy`, named by `headline`),
+    selection, speed."""
     last = history[-1]
+    split = headline_split(last)
     names = [f"peer{k}" for k in range(cfg.peers)] + ["ensemble"]
     accuracy = {
         name: {
-            "final": last[f"{name}/test_accuracy"],
-            "best": max(r[f"{name}/test_accuracy"] for r in history),
-            "best_epoch": max(range(len(history)), key=lambda i: history[i][f"{name}/test_accuracy"]) + 1,
+            "final": last[f"{name}/{split}_accuracy"],
+            "best": max(r[f"{name}/{split}_accuracy"] for r in history),
+            "best_epoch": max(range(len(history)), key=lambda i: history[i][f"{name}/{split}_accuracy"]) + 1,
         }
         for name in names
     }
@@ -93,7 +108,8 @@ def summarise(cfg: Config, history: list[dict[str, Any]], noise: dict, extra: di
         "train_samples": int(last.get("train_samples", 0)),
         "test_samples": int(last.get("test_samples", 0)),
         "noise": {"type": cfg.noise.type, "rate": cfg.noise.rate, **{k: v for k, v in noise.items() if k != "noise"}},
-        "test_accuracy": accuracy,
+        f"{split}_accuracy": accuracy,
+        "headline": f"mean/{split}_accuracy",
         "selected_fraction": {f"peer{k}": last[f"peer{k}/selected_fraction"] for k in range(cfg.peers)},
         "selection_precision": {f"peer{k}": last[f"peer{k}/selection_precision"] for k in range(cfg.peers)},
         "label_correction_rate": {f"peer{k}": last[f"peer{k}/label_correction_rate"] for k in range(cfg.peers)},

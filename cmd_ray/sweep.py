@@ -25,8 +25,6 @@ from typing import Any, Optional
 import pyarrow as pa
 
 from cmd_ray.config import VARIANT, Config, ConfigError, check_grid, set_path, trial_config, variant_label
-from cmd_ray.data import materialise
-from cmd_ray.noise import NoiseSpec
 from cmd_ray.results import rows_table, trial_rows
 from cmd_ray.storage import exists, is_uri, join, write_parquet_atomic
 
@@ -230,15 +228,18 @@ def concurrency(cfg: Config, total: dict[str, float]) -> int:
 
 
 def prepare_data(cfg: Config, points: list[dict[str, Any]]) -> None:
-    """Build every Parquet cache the grid needs on the driver, so bad data fails before Tune starts."""
+    """Build and check every Parquet cache the grid needs on the driver, so bad data (or images
+    no peer can take) fail before Tune starts."""
+    from cmd_ray.trainer import load_run_data
+
     base = cfg.to_dict()
     seen = set()
     for point in points:
         c = trial_config(base, point)
-        key = (c.data.name, c.noise.type, c.noise.rate, c.noise.matrix, c.seed)
+        key = repr((c.data, c.noise, c.seed, c.peer_models()))
         if key not in seen:
             seen.add(key)
-            materialise(c.data.name, c.data.root, NoiseSpec(c.noise.type, c.noise.rate, c.noise.matrix), c.seed)
+            load_run_data(c)
 
 
 def init_ray_for_sweep(cfg: Config, slots: int) -> None:

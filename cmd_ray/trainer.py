@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 import torch
 
-from cmd_ray.config import Config
+from cmd_ray.catalogue import USER_DATASETS, model_fit_error
+from cmd_ray.config import Config, ConfigError
 from cmd_ray.data import DataBundle, epoch_batches, load_data, shard
 from cmd_ray.noise import NoiseSpec
 from cmd_ray.peer import (
@@ -36,17 +37,52 @@ from cmd_ray.peer import (
     test_probabilities,
 )
 from cmd_ray.summary import epoch_record, progress_line, summarise
+from cmd_ray.user_data import UserSource
 
 # exchange(local peers' logits with graph, batch) -> every peer's detached logits (P, B, C)
 Exchange = Callable[[list[torch.Tensor], Batch], torch.Tensor]
 StepHook = Callable[[int, int, list[Peer], list[StepResult]], None]
 
 
-def load_run_data(cfg: Config) -> DataBundle:
-    """The noisy train split and clean test split a config asks for (cached as Parquet)."""
-    spec = NoiseSpec(cfg.noise.type, cfg.noise.rate, cfg.noise.matrix)
+def noise_spec(cfg: Config) -> NoiseSpec:
+    """The noise a config asks for."""
+    n = cfg.noise
+    return NoiseSpec(n.type, n.rate, n.matrix, n.labels, n.labels_key)
+
+
+def data_source(cfg: Config) -> Optional[UserSource]:
+    """A user's data set as the config names it, or None for a built-in one."""
     d = cfg.data
-    return load_data(d.name, d.root, spec, cfg.seed, d.train_subset, d.test_subset, d.validation_fraction)
+    if d.name not in USER_DATASETS:
+        return None
+    return UserSource(
+        d.name, d.path, d.test_path, d.image_size, d.image_column, d.label_column, d.split_column, d.num_classes
+    )
+
+
+def load_run_data(cfg: Config) -> DataBundle:
+    """The noisy train split and the test split a config asks for (cached as Parquet); a user's
+    images that no peer architecture can take are refused here, before any training."""
+    d = cfg.data
+    spec, source = noise_spec(cfg), data_source(cfg)
+    data = load_data(d.name, d.root, spec, cfg.seed, d.train_subset, d.test_subset, d.validation_fraction, source)
+    height, width, _ = data.info.shape
+    for i, name in enumerate(cfg.peer_models()):
+        problem = model_fit_error(name, height, f"{d.path or d.name}") if height == width else None
+        if problem:
+            raise ConfigError(f"{f'model.per_peer[{i}]' if cfg.model.per_peer else 'model.name'}: {problem}")
+    return data
+
+
+def describe_data(cfg: Config, data: DataBundle) -> str:
+    """'3000 train / 10000 test, noise symmetric 0.5 (realised 0.497)' for the start-up line."""
+    test = f"{len(data.test)} test" if data.test is not None else f"no test split, {len(data.validation)} validation"
+    rate = data.noise["subset_realised_rate"]
+    noise = {"none": "noise none", "labels": f"noisy labels from {cfg.noise.labels}"}.get(
+        cfg.noise.type, f"noise {cfg.noise.type} {cfg.noise.rate:g}"
+    )
+    realised = f"realised {rate:.3f}" if rate is not None else "no clean labels: noise rate unknown"
+    return f"{len(data.train)} train / {test}, {noise} ({realised})"
 
 
 def in_process_exchange(logits: list[torch.Tensor], batch: Batch) -> torch.Tensor:
@@ -110,7 +146,7 @@ def finish_record(
 ) -> dict[str, Any]:
     """The bookkeeping both paths add to an epoch's record: data sizes, and for a run's first
     epoch (`started_at` = when the run started) the time from start to the first step."""
-    record.update(train_samples=len(data.train), test_samples=len(data.test))
+    record.update(train_samples=len(data.train), test_samples=len(data.test) if data.test is not None else 0)
     if started_at is not None:
         record["startup_seconds"] = stats.first_step_at - started_at
     return record
@@ -149,13 +185,15 @@ def train_in_process(
         on_step = StepTrace(cfg.testing.trace_dir)
     log(
         f"[cmd-ray] in-process: {cfg.method} with {cfg.peers} peers on {cfg.data.name}, "
-        f"{len(data.train)} train / {len(data.test)} test, noise {cfg.noise.type} {cfg.noise.rate:g} "
-        f"(realised {data.noise['subset_realised_rate']:.3f}), {cfg.epochs} epochs, device {device}"
+        f"{describe_data(cfg, data)}, {cfg.epochs} epochs, device {device}"
     )
     history = []
     for epoch in range(cfg.epochs):
         stats = train_epoch(cfg, peers, data, epoch, on_step=on_step)
-        accuracy = evaluate([test_probabilities(p, data.test, data.info) for p in peers], data.test.clean_labels)
+        accuracy = {}
+        if data.test is not None:
+            test_probs = [test_probabilities(p, data.test, data.info) for p in peers]
+            accuracy.update(evaluate(test_probs, data.test.clean_labels))
         if data.validation is not None:
             val_probs = [test_probabilities(p, data.validation, data.info) for p in peers]
             accuracy.update(evaluate(val_probs, data.validation.noisy_labels, "val"))

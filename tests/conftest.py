@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import io
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -64,6 +66,71 @@ def write_fake_cifar(root: Path, name: str, n_train: int = 100, n_test: int = 40
             with open(folder / f, "wb") as fh:
                 pickle.dump(batch, fh)
     return folder
+
+
+def class_image(label: int, size: int, rng: np.random.Generator, colour: bool = False) -> np.ndarray:
+    """A noisy image whose class (0, 1, 2) is easy to learn: a bright top half, left half or diagonal."""
+    image = rng.integers(0, 60, (size, size), dtype=np.uint8)
+    if label == 0:
+        image[: size // 2] += 150
+    elif label == 1:
+        image[:, : size // 2] += 150
+    else:
+        image[np.arange(size), np.arange(size)] = 255
+    return np.stack([image, image // 2, 255 - image], axis=-1) if colour else image
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
+CLASS_NAMES = ("ankle", "bag", "coat")
+
+
+def write_image_folder(folder: Path, per_class: int, size: int = 28, colour: bool = False, seed: int = 0) -> Path:
+    """`folder/<class>/<nnnn>.png` for 3 classes in ImageFolder's layout."""
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(CLASS_NAMES):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            (folder / name / f"{i:04d}.png").write_bytes(png_bytes(class_image(label, size, rng, colour)))
+    return folder
+
+
+def write_image_parquet(path: Path, n_train: int, n_test: int, size: int = 28, names: bool = False, seed: int = 0):
+    """A Parquet file of PNG bytes with `image`, `label` (ints, or class names) and `split` columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    labels = [i % 3 for i in range(n_train + n_test)]
+    table = pa.table(
+        {
+            "image": pa.array([png_bytes(class_image(y, size, rng)) for y in labels], pa.binary()),
+            "label": [CLASS_NAMES[y] for y in labels] if names else labels,
+            "split": ["train"] * n_train + ["test"] * n_test,
+        }
+    )
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the module; 4 logical CPUs so 4 workers fit on a 2-core machine."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Ray Train registers a reported checkpoint when its controller next polls the workers
+    # (every 2 s by default); poll often so a kill soon after a report finds it registered.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, logging_level="WARNING", include_dashboard=True)
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture

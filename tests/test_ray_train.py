@@ -19,19 +19,6 @@ from .conftest import needs_fmnist, tiny_config
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for the module; 4 logical CPUs so 4 workers fit on a 2-core machine."""
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # Ray Train registers a reported checkpoint when its controller next polls the workers
-    # (every 2 s by default); poll often so a kill soon after a report finds it registered.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, logging_level="WARNING", include_dashboard=True)
-    yield
-    ray.shutdown()
-
-
 def _read_trace(folder: Path, peer: int) -> list[dict]:
     return [json.loads(line) for line in (folder / f"peer{peer}.jsonl").read_text().splitlines()]
 

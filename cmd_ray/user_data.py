@@ -1,0 +1,365 @@
+"""A user's own data set — an image folder or a Parquet file of encoded images — read into arrays.
+
+Two layouts (`data.name`):
+
+- `image_folder`: torchvision's ImageFolder layout, `<path>/<class name>/<image>` (PNG, JPEG,
+  BMP, GIF, WebP, TIFF). Classes are the sub-folders in sorted order; the data set's order is
+  class by class, files sorted by name within a class (the order a `noise.labels` file
+  follows). An optional `data.test_path` folder with the same class names is the test split.
+- `parquet`: one Parquet file (local or object storage) with an image column of encoded
+  bytes (or Hugging Face's {bytes, path} struct), a label column (integers 0..C-1, or class
+  names, numbered in sorted order) and an optional split column (`train` / `test`). The
+  data set's order is the row order of the training rows.
+
+Images keep their colour as found (every image grey: 1 channel; any colour image: all RGB)
+and are resized to `data.image_size` x `data.image_size` when it is set; without it every
+image must already be square and of one size. An image that cannot be decoded is refused,
+not skipped: a labels file is matched to images by position, and dropping one would shift
+every later label onto the wrong image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+
+from cmd_ray import storage
+from cmd_ray.data import DataError
+from cmd_ray.storage import is_uri
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+SPLITS = ("train", "test")
+GREY_MODES = ("1", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+@dataclass(frozen=True)
+class UserSource:
+    """Where a user's data set lives and how to read it (the `data.*` keys that matter)."""
+
+    kind: str  # image_folder | parquet
+    path: str
+    test_path: Optional[str] = None  # image_folder only
+    image_size: Optional[int] = None
+    image_column: str = "image"
+    label_column: str = "label"
+    split_column: str = "split"
+    num_classes: Optional[int] = None
+
+    @property
+    def tag(self) -> str:
+        """A readable part of cache file names: the layout and the source's stem."""
+        stem = Path(self.path.rstrip("/")).stem or "data"
+        return f"{self.kind}-{''.join(c if c.isalnum() or c in '-_' else '_' for c in stem)}"
+
+    def fingerprint(self) -> str:
+        """SHA-256 of what identifies the source cheaply — every file's relative path, size and
+        modification time, and the reading options — so a changed source gets a new cache."""
+        options = {k: v for k, v in self.__dict__.items() if k not in ("path", "test_path")}
+        payload = {"options": options, "train": _listing(self, self.path), "test": None}
+        if self.test_path:
+            payload["test"] = _listing(self, self.test_path)
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _listing(source: UserSource, path: str) -> list:
+    if source.kind == "parquet":
+        size, mtime = _source_call(storage.file_info, path)
+        return [path, size, mtime]
+    return [[str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns] for folder, p in _folder_files(path)]
+
+
+def _source_call(read, path: str):
+    """`read(path)` for a Parquet source, its failures as one line naming data.path."""
+    try:
+        return read(path)
+    except FileNotFoundError:
+        raise DataError(
+            f"data.path: {path} does not exist; allowed: a Parquet file (local or object storage)"
+        ) from None
+    except OSError as err:
+        raise DataError(f"data.path: cannot read {path} ({str(err).splitlines()[0]})") from None
+
+
+def _folder_files(path: str, field: str = "data.path") -> list[tuple[Path, Path]]:
+    """(folder, image file) pairs of an ImageFolder tree in the data set's order."""
+    if is_uri(path):
+        raise DataError(f"{field}: got {path!r}; allowed: a local folder (for object storage, use a Parquet file)")
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"{field}: {folder} is not a readable folder; allowed: a folder with one sub-folder per class")
+    out = []
+    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        out += [(folder, f) for f in sorted(class_dir.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Decoding
+
+
+def _decode(blob: bytes, where: str) -> Image:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(blob))
+        image.load()  # decode now: a truncated file fails here, not later
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise _BadImage(f"{where}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    if image.mode in ("L", "RGB"):
+        return image
+    # Grey stays grey (high bit depths scaled to 8 bits); anything else (palette, alpha, CMYK) is colour.
+    return image.convert("L" if image.mode in GREY_MODES else "RGB")
+
+
+class _BadImage(Exception):
+    """One image could not be decoded; collected and reported together."""
+
+
+def decode_images(blobs: Iterable[tuple[bytes, str]], image_size: Optional[int], field: str) -> np.ndarray:
+    """Decode (encoded bytes, where) pairs into uint8 (N, H, W, C): resized to `image_size`
+    if given, else all of one square size; grey stays 1 channel unless any image has colour."""
+    from PIL import Image
+
+    images, bad, where_of = [], [], []
+    for blob, where in blobs:
+        try:
+            image = _decode(blob, where)
+        except _BadImage as err:
+            bad.append(str(err))
+            continue
+        if image_size is not None and image.size != (image_size, image_size):
+            image = image.resize((image_size, image_size), Image.BILINEAR)
+        images.append(image)
+        where_of.append(where)
+    if bad:
+        raise DataError(
+            f"{field}: {len(bad)} image(s) cannot be decoded (first: {bad[0]}); fix or remove them "
+            "(refused, not skipped: labels files are matched to images by position)"
+        )
+    if not images:
+        raise DataError(f"{field}: no images found; allowed: PNG or JPEG images ({', '.join(IMAGE_SUFFIXES)})")
+    sizes = {im.size for im in images}
+    if len(sizes) > 1:
+        first = where_of[0]
+        other = next(w for im, w in zip(images, where_of) if im.size != images[0].size)
+        size_of = {w: im.size for im, w in zip(images, where_of) if w in (first, other)}
+        raise DataError(
+            f"data.image_size: got null, but images differ in size ({first} is {_size(size_of[first])}, "
+            f"{other} is {_size(size_of[other])}); allowed: a side in pixels to resize every image to"
+        )
+    (size,) = sizes
+    if size[0] != size[1]:
+        raise DataError(
+            f"data.image_size: got null, but the images are {_size(size)} (not square); "
+            "allowed: a side in pixels to resize every image to"
+        )
+    colour = any(im.mode == "RGB" for im in images)
+    arrays = [np.asarray(im.convert("RGB") if colour else im, dtype=np.uint8) for im in images]
+    stacked = np.stack(arrays)
+    return stacked if colour else stacked[..., None]
+
+
+def _size(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+# --------------------------------------------------------------------------------------
+# Reading the two layouts
+
+
+@dataclass
+class UserRaw:
+    """A user's data set in memory: images uint8 (N, H, W, C), labels int64 (N,), class names."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    classes: list[str]
+    test_images: Optional[np.ndarray]
+    test_labels: Optional[np.ndarray]
+    content_sha256: str  # of every source byte read, in order
+    source_bytes: int
+
+
+def read_user_data(source: UserSource) -> UserRaw:
+    """Decode the whole source once; raise DataError with one line naming the field on bad input."""
+    return _read_folder(source) if source.kind == "image_folder" else _read_parquet(source)
+
+
+def _read_folder_split(path: str, field: str, classes: Optional[list[str]], digest, size: int, image_size):
+    files = _folder_files(path, field)
+    folder = Path(path).expanduser()
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not found:
+        raise DataError(
+            f"{field}: {folder} has no class sub-folders; allowed: ImageFolder layout <path>/<class>/<image>"
+        )
+    empty = [name for name in found if not any(f.parent.name == name for _, f in files)]
+    if empty:
+        raise DataError(
+            f"{field}: class folder {folder / empty[0]} has no images; allowed: {', '.join(IMAGE_SUFFIXES)} files"
+        )
+    classes = classes or found
+    unknown = [name for name in found if name not in classes]
+    if unknown:
+        raise DataError(f"{field}: class folder {unknown[0]!r} is not a training class; allowed: {', '.join(classes)}")
+    blobs = []
+    for _, file in files:
+        try:
+            blob = file.read_bytes()
+        except OSError as err:
+            raise DataError(f"{field}: cannot read {file} ({err.strerror})") from None
+        digest.update(str(file.relative_to(folder)).encode() + b"\0" + blob)
+        size += len(blob)
+        blobs.append((blob, str(file)))
+    labels = np.array([classes.index(f.parent.name) for _, f in files], dtype=np.int64)
+    return decode_images(blobs, image_size, field), labels, classes, size
+
+
+def _read_folder(source: UserSource) -> UserRaw:
+    digest = hashlib.sha256()
+    images, labels, classes, size = _read_folder_split(source.path, "data.path", None, digest, 0, source.image_size)
+    _check_class_count(source, len(classes))
+    test_images = test_labels = None
+    if source.test_path:
+        test_images, test_labels, _, size = _read_folder_split(
+            source.test_path, "data.test_path", classes, digest, size, source.image_size
+        )
+        _check_same_shape(images, test_images)
+    return UserRaw(images, labels, classes, test_images, test_labels, digest.hexdigest(), size)
+
+
+def _check_class_count(source: UserSource, found: int) -> None:
+    if source.num_classes is not None and source.num_classes != found:
+        raise DataError(f"data.num_classes: got {source.num_classes}, but {source.path} has {found} classes")
+
+
+def _check_same_shape(train: np.ndarray, test: np.ndarray) -> None:
+    if train.shape[1:] != test.shape[1:]:
+        raise DataError(
+            f"data.image_size: got null, but training images are {train.shape[1:]} and test images "
+            f"{test.shape[1:]} (H, W, C); allowed: a side in pixels to resize every image to"
+        )
+
+
+def _read_parquet(source: UserSource) -> UserRaw:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    blob = _source_call(storage.read_bytes, source.path)
+    try:
+        table = pq.read_table(pa.BufferReader(blob))
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(
+            f"data.path: {source.path} is not a readable Parquet file ({str(err).splitlines()[0]})"
+        ) from None
+    columns = table.column_names
+    for field_name, column in (("data.image_column", source.image_column), ("data.label_column", source.label_column)):
+        if column not in columns:
+            raise DataError(
+                f"{field_name}: {column!r} is not a column of {source.path}; allowed: one of {', '.join(columns)}"
+            )
+    if table.num_rows == 0:
+        raise DataError(f"data.path: {source.path} has no rows")
+    splits = _parquet_splits(table, source)
+    labels, classes = _parquet_labels(table.column(source.label_column), source)
+    blobs = _parquet_images(table.column(source.image_column), source)
+    images = decode_images(
+        zip(blobs, (f"{source.path} row {i}" for i in range(len(blobs)))), source.image_size, "data.path"
+    )
+    train, test = splits == "train", splits == "test"
+    if not train.any():
+        raise DataError(f"data.split_column: {source.path} has no 'train' rows; allowed values: {', '.join(SPLITS)}")
+    has_test = bool(test.any())
+    return UserRaw(
+        images[train],
+        labels[train],
+        classes,
+        images[test] if has_test else None,
+        labels[test] if has_test else None,
+        hashlib.sha256(blob).hexdigest(),
+        len(blob),
+    )
+
+
+def _parquet_splits(table, source: UserSource) -> np.ndarray:
+    if source.split_column not in table.column_names:
+        return np.full(table.num_rows, "train", dtype=object)
+    values = np.asarray(table.column(source.split_column).to_pylist(), dtype=object)
+    bad = [v for v in values if v not in SPLITS]
+    if bad:
+        raise DataError(
+            f"data.split_column: {source.split_column!r} holds {bad[0]!r}; allowed values: {', '.join(SPLITS)} "
+            "(cmd-ray holds out validation itself: data.validation_fraction)"
+        )
+    return values
+
+
+def _parquet_labels(column, source: UserSource) -> tuple[np.ndarray, list[str]]:
+    """Integer labels as they are, class names numbered in sorted order; (labels, class names)."""
+    import pyarrow as pa
+
+    where = f"data.label_column: {source.label_column!r} of {source.path}"
+    if column.null_count:
+        raise DataError(f"{where} has {column.null_count} empty label(s); allowed: a label on every row")
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        names = column.to_pylist()
+        classes = sorted(set(names))
+        _check_class_count(source, len(classes))
+        index = {name: i for i, name in enumerate(classes)}
+        return np.array([index[n] for n in names], dtype=np.int64), classes
+    if not pa.types.is_integer(column.type):
+        raise DataError(f"{where} is {column.type}; allowed: integers 0..C-1 or class names (strings)")
+    labels = column.to_numpy().astype(np.int64)
+    count = source.num_classes if source.num_classes is not None else int(labels.max()) + 1
+    bad = np.flatnonzero((labels < 0) | (labels >= count))
+    if bad.size:
+        raise DataError(
+            f"{where}: label {int(labels[bad[0]])} on row {int(bad[0])} is out of range; allowed: 0 to {count - 1}"
+        )
+    if count < 2:
+        raise DataError(f"{where}: only one class; allowed: at least 2 classes")
+    return labels, [str(c) for c in range(count)]
+
+
+def _parquet_images(column, source: UserSource) -> list[bytes]:
+    import pyarrow as pa
+
+    where = f"data.image_column: {source.image_column!r} of {source.path}"
+    if pa.types.is_struct(column.type):  # Hugging Face's Image feature: {bytes, path}
+        if column.type.get_field_index("bytes") < 0:
+            raise DataError(f"{where} is {column.type}; allowed: encoded image bytes, or a struct with 'bytes'")
+        column = column.combine_chunks().field("bytes")
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        raise DataError(f"{where} is {column.type}; allowed: encoded image bytes (PNG, JPEG, ...)")
+    values = column.to_pylist()
+    missing = [i for i, v in enumerate(values) if v is None]
+    if missing:
+        raise DataError(
+            f"{where}: row {missing[0]} has no image ({len(missing)} empty); allowed: an image on every row"
+        )
+    return values
+
+
+def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 (N, H, W, C) images, scaled to [0, 1]
+    (in chunks, so a large data set needs no float copy of itself)."""
+    channels = images.shape[-1]
+    total, squares, count = np.zeros(channels), np.zeros(channels), 0
+    for start in range(0, len(images), chunk):
+        part = images[start : start + chunk].reshape(-1, channels).astype(np.float64) / 255.0
+        total += part.sum(axis=0)
+        squares += (part**2).sum(axis=0)
+        count += len(part)
+    mean = total / max(count, 1)
+    std = np.sqrt(np.maximum(squares / max(count, 1) - mean**2, 0.0))
+    return tuple(float(m) for m in mean), tuple(float(s) if s > 1e-6 else 1.0 for s in std)
