@@ -4,7 +4,6 @@ fault tolerance. Real TorchTrainer runs on a local Ray with CPU workers (gloo)."
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -144,7 +144,7 @@ def test_a_labels_file_replaces_the_labels_and_its_noise_is_measured(tmp_path, s
     assert full.noisy_labels.tolist() == noisy.tolist() and full.clean_labels.tolist() == clean.tolist()
     assert data.noise["realised_rate"] == pytest.approx(8 / 30)
     realised = np.array(data.noise["realised_matrix"])
-    assert realised[0, 1] == pytest.approx(3 / 10) and realised[1, 2] == pytest.approx(2 / 10)  # positions 0, 4, ..., 28
+    assert realised[0, 1] == pytest.approx(3 / 10) and realised[1, 2] == pytest.approx(2 / 10)
 
 
 def test_cifar_n_style_file_without_a_key_names_the_keys_it_has(tmp_path):
