@@ -319,13 +319,19 @@ LOCAL_DATA_ROOT = "~/.cache/cmd-ray/data"
 
 
 def materialise(
-    name: str, root: str | Path, spec: NoiseSpec, seed: int, source: Optional[UserSource] = None
+    name: str,
+    root: str | Path,
+    spec: NoiseSpec,
+    seed: int,
+    source: Optional[UserSource] = None,
+    require_test: bool = False,
 ) -> tuple[str, str]:
     """Write the Parquet cache for (data set, noise spec, seed) if absent; return (train, test) paths.
 
     `root` may be an object-storage URI: the cache is then written there (the raw files are
     read from this machine: Debian's package, or LOCAL_DATA_ROOT). `source` is a user's data
-    set (`data.name` image_folder or parquet); a test cache with no rows means it has no test split."""
+    set (`data.name` image_folder or parquet); a test cache with no rows means it has no test split,
+    refused before anything is written when `require_test`."""
     if source is None and name not in DATASETS:
         raise DataError(f"data.name: got {name!r}; allowed: one of {', '.join(DATASETS)}")
     train_path, test_path = cache_paths(name, root, spec, seed, source)
@@ -339,7 +345,7 @@ def materialise(
             if source is None:
                 _materialise(name, raw_root, spec, seed, train_path, test_path)
             else:
-                _materialise_user(source, spec, seed, train_path, test_path)
+                _materialise_user(source, spec, seed, train_path, test_path, require_test)
     return train_path, test_path
 
 
@@ -361,13 +367,17 @@ def _materialise(name: str, raw_root: Path, spec: NoiseSpec, seed: int, train_pa
 UNKNOWN_NOISE = {"asked_matrix": None, "realised_matrix": None, "realised_rate": None}
 
 
-def _materialise_user(source: UserSource, spec: NoiseSpec, seed: int, train_path: str, test_path: str) -> None:
+def _materialise_user(
+    source: UserSource, spec: NoiseSpec, seed: int, train_path: str, test_path: str, require_test: bool
+) -> None:
     """Import a user's data set (decode every image once) and write its cache files."""
     from cmd_ray.user_data import channel_stats, read_user_data
 
     print(f"[cmd-ray] importing {source.kind} {source.path} into the cache (once) ...", flush=True)
     started = time.perf_counter()
     raw = read_user_data(source)
+    if require_test and raw.test_images is None:
+        raise no_test_split(source.path)
     mean, std = channel_stats(raw.train_images)
     seconds = time.perf_counter() - started
     base = {
@@ -406,6 +416,13 @@ def _materialise_user(source: UserSource, spec: NoiseSpec, seed: int, train_path
         _write_parquet_atomic(test_path, images, labels, labels, {**base, "split": "test"})
 
 
+def no_test_split(where: str) -> DataError:
+    return DataError(
+        f"data.validation_fraction: got 0, but {where} has no test split; allowed: a share in (0, 0.5] "
+        "held out as the noisy validation split that is then reported (or give a test split)"
+    )
+
+
 def dataset_info(meta: dict) -> DatasetInfo:
     """A cache file's data set: a built-in's catalogue entry, or what a user's import measured."""
     if meta["dataset"] in DATASETS:
@@ -441,15 +458,11 @@ def load_data(
     `validation_fraction` moves a seeded share of the (subset) training set, noisy labels
     and all, into `validation`; the peers do not train on it. `source`: a user's data set.
     """
-    train_path, test_path = materialise(name, root, spec, seed, source)
+    train_path, test_path = materialise(name, root, spec, seed, source, require_test=validation_fraction == 0)
     train, test = read_parquet_split(train_path), read_parquet_split(test_path)
     if len(test) == 0:
         if validation_fraction == 0:
-            raise DataError(
-                f"data.validation_fraction: got 0, but {source.path if source else name} has no test split; "
-                "allowed: a share in (0, 0.5] held out as the noisy validation split that is then reported "
-                "(or give a test split)"
-            )
+            raise no_test_split(source.path if source else name)
         test = None
     if train_subset is not None and train_subset < len(train):
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:train_subset]

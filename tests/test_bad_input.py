@@ -11,6 +11,8 @@ import pytest
 
 from cmd_ray.cli import main
 
+from .conftest import png_bytes, write_image_folder, write_image_parquet
+
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = str(ROOT / "launch/configs/fmnist.yaml")
 
@@ -44,6 +46,51 @@ def _truncated_fmnist(tmp_path: Path) -> str:
     ):
         (folder / f"{stem}.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03" + b"\x00\x00\x00\x05" * 3 + b"xx"))
     return str(tmp_path / "bad-data")
+
+
+def _own(t: Path, kind: str = "folder") -> Path:
+    """A small data set of the user's under t/bad-data (the cache root of the cases below)."""
+    root = t / "bad-data"
+    if kind == "parquet":
+        root.mkdir(parents=True, exist_ok=True)
+        return write_image_parquet(root / "own.parquet", n_train=6, n_test=0)
+    return write_image_folder(root / "own", per_class=2)
+
+
+def _folder_args(t: Path, folder: Path, *extra: str) -> list[str]:
+    return ["prepare", "--set", "data.name=image_folder", "--set", f"data.path={folder}",
+            "--set", f"data.root={t / 'bad-data'}", "--set", "data.validation_fraction=0.5", *extra]
+
+
+def _empty_class(t: Path) -> list[str]:
+    folder = _own(t)
+    (folder / "dress").mkdir()
+    return _folder_args(t, folder)
+
+
+def _corrupt_image(t: Path) -> list[str]:
+    folder = _own(t)
+    (folder / "bag" / "0001.png").write_bytes(b"\x89PNG not really")
+    return _folder_args(t, folder)
+
+
+def _mixed_sizes(t: Path) -> list[str]:
+    folder = _own(t)
+    (folder / "bag" / "big.png").write_bytes(png_bytes(np.zeros((32, 32), dtype=np.uint8)))
+    return _folder_args(t, folder)
+
+
+def _labels_file(t: Path, labels: list[int]) -> list[str]:
+    folder = _own(t)
+    path = t / "bad-data" / "noisy.npy"
+    np.save(path, np.array(labels))
+    return _folder_args(t, folder, "--set", "noise.type=labels", "--set", f"noise.labels={path}",
+                        "--set", "coteaching.forget_rate=0.2")
+
+
+def _parquet_args(t: Path, *extra: str) -> list[str]:
+    return ["prepare", "--set", "data.name=parquet", "--set", f"data.path={_own(t, 'parquet')}",
+            "--set", f"data.root={t / 'bad-data'}", "--set", "data.validation_fraction=0.5", *extra]
 
 
 CASES = [
@@ -88,6 +135,30 @@ CASES = [
      "sweep.storage_path: cannot write to"),
     ("resume nothing", lambda t: ["sweep", "--set", f"sweep.storage_path={t}", "--resume"], "--resume: no sweep"),
     ("report nothing", lambda t: ["report", str(t)], "folder: "),
+    # A user's own data
+    ("own data without a path", lambda t: ["train", "--set", "data.name=image_folder"], "data.path: got null"),
+    ("unreadable folder", lambda t: _folder_args(t, t / "nowhere"), "data.path: "),
+    ("folder without classes", lambda t: _folder_args(t, (t / "bad-data" / "flat").mkdir(parents=True) or
+                                                      t / "bad-data" / "flat"), "data.path: "),
+    ("class folder without images", _empty_class, "data.path: class folder"),
+    ("corrupt image", _corrupt_image, "data.path: 1 image(s) cannot be decoded"),
+    ("mixed sizes", _mixed_sizes, "data.image_size: got null, but images differ in size"),
+    ("label out of range", lambda t: _labels_file(t, [0, 1, 2, 3, 0, 1]), "noise.labels: label 3 at position 3"),
+    ("labels file too short", lambda t: _labels_file(t, [0, 1, 2]), "noise.labels: "),
+    ("labels file missing", lambda t: _folder_args(t, _own(t), "--set", "noise.type=labels", "--set",
+                                                   f"noise.labels={t / 'none.npy'}"), "noise.labels: got"),
+    ("parquet without the column", lambda t: _parquet_args(t, "--set", "data.image_column=pixels"),
+     "data.image_column: 'pixels' is not a column"),
+    ("parquet label out of range", lambda t: _parquet_args(t, "--set", "data.num_classes=2"),
+     "data.label_column: 'label' of "),
+    ("no test and no validation", lambda t: _parquet_args(t, "--set", "data.validation_fraction=0"),
+     "data.validation_fraction: got 0, but"),
+    ("asymmetric on own data", lambda t: _folder_args(t, _own(t), "--set", "noise.type=asymmetric"),
+     "noise.type: got 'asymmetric'"),
+    ("unknown noise rate for small-loss", lambda t: _folder_args(t, _own(t), "--set", "noise.type=none"),
+     "coteaching.forget_rate: got null, but the noise rate"),
+    ("own-data key on a built-in set", lambda t: ["train", "--set", "data.image_size=28"],
+     "data.image_size: got 28; allowed only with data.name image_folder or parquet"),
 ]  # fmt: skip
 
 
