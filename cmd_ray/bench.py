@@ -10,6 +10,8 @@
 - `accuracy`: methods x noise settings x seeds with the in-process trainer (the Ray path
   computes the same numbers, as the equivalence test shows), resumable, written as a
   sweep-style `results.parquet` so `cmd-ray report` makes the table and plots.
+- `import`: a generated folder of N PNG images imported into the Parquet cache (decoding,
+  resizing, the content hash), then read back: images per second of each.
 """
 
 from __future__ import annotations
@@ -397,3 +399,37 @@ def plot_load(figures: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"{figures['trials']}-trial sweep on this machine")
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def import_speed(folder: Path, images: int, size: int, colour: bool, log: Callable[[str], None] = print) -> dict:
+    """Write `images` random PNGs (10 classes) under `folder/images`, import them into a fresh
+    cache under `folder/cache`, read the cache back; log and return the seconds of each."""
+    import numpy as np
+    from PIL import Image
+
+    from cmd_ray.data import load_data
+    from cmd_ray.noise import NoiseSpec
+    from cmd_ray.user_data import UserSource
+
+    rng = np.random.default_rng(0)
+    shape = (size, size, 3) if colour else (size, size)
+    started = time.perf_counter()
+    for i in range(images):
+        class_dir = folder / "images" / f"class{i % 10}"
+        class_dir.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(class_dir / f"{i:06d}.png")
+    written = time.perf_counter() - started
+    source = UserSource("image_folder", str(folder / "images"))
+    args = ("image_folder", folder / "cache", NoiseSpec("symmetric", 0.4), 0)
+    started = time.perf_counter()
+    load_data(*args, validation_fraction=0.1, source=source)
+    imported = time.perf_counter() - started
+    started = time.perf_counter()
+    load_data(*args, validation_fraction=0.1, source=source)
+    cached = time.perf_counter() - started
+    kind = f"{size}x{size} {'RGB' if colour else 'grey'}"
+    log(
+        f"[import] {images} {kind} PNGs (written in {written:.1f} s): first import {imported:.1f} s "
+        f"({images / imported:.0f} images/s); later runs read the cache in {cached:.2f} s"
+    )
+    return {"images": images, "size": size, "colour": colour, "import_seconds": imported, "cached_seconds": cached}

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="rank each method's swept knowledge/distill settings by noisy-validation accuracy (no test figures)",
     )
 
-    bench = sub.add_parser("bench", help="benchmarks that print figures: throughput, load, accuracy")
+    bench = sub.add_parser("bench", help="benchmarks that print figures: throughput, load, accuracy, import")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     tp = bench_sub.add_parser("throughput", help="Ray workers vs in-process peers, side by side")
     _add_config_args(tp)
@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--jobs", type=int, default=1, help="runs at once, each in its own process (an even share of the cores)"
     )
     acc.add_argument("--last-epochs", type=int, default=5, help="final accuracy = mean of the last N epochs")
+
+    imp = bench_sub.add_parser("import", help="import a generated image folder into the cache: images per second")
+    imp.add_argument("--images", type=int, default=10000, help="how many PNG images to generate and import")
+    imp.add_argument("--size", type=int, default=32, help="their side in pixels")
+    imp.add_argument("--grey", action="store_true", help="grey images (default: RGB)")
+    imp.add_argument("--folder", help="where to write the images and the cache (default: a temporary folder)")
 
     prepare = sub.add_parser("prepare", help="build the Parquet data cache for a config and report the noise")
     _add_config_args(prepare)
@@ -262,7 +268,23 @@ def bench_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = {"throughput": bench_throughput, "load": bench_load, "accuracy": bench_accuracy}
+def bench_import(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from cmd_ray import bench
+
+    for name, value in (("--images", args.images), ("--size", args.size)):
+        if value < 1:
+            raise ConfigError(f"{name}: got {value}; allowed: an integer >= 1")
+    if args.folder:
+        bench.import_speed(Path(args.folder), args.images, args.size, not args.grey)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="cmd-ray-import-") as folder:
+        bench.import_speed(Path(folder), args.images, args.size, not args.grey)
+    return 0
+
+
+BENCHMARKS = {"throughput": bench_throughput, "load": bench_load, "accuracy": bench_accuracy, "import": bench_import}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

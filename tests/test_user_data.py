@@ -183,6 +183,16 @@ def test_no_test_split_and_no_validation_split_is_refused(tmp_path):
         _load(tmp_path, train)
 
 
+def test_import_benchmark_times_a_generated_folder_and_its_cache(tmp_path):
+    from cmd_ray.bench import import_speed
+
+    lines = []
+    figures = import_speed(tmp_path, images=40, size=12, colour=True, log=lines.append)
+    assert len(list((tmp_path / "images").rglob("*.png"))) == 40
+    assert figures["import_seconds"] > 0 and figures["cached_seconds"] > 0
+    assert lines[0].startswith("[import] 40 12x12 RGB PNGs") and "images/s" in lines[0]
+
+
 # --------------------------------------------------------------------------------------
 # End to end: both training paths and a sweep
 
