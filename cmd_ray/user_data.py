@@ -234,6 +234,7 @@ def _read_folder(source: UserSource) -> UserRaw:
         test_images, test_labels, _, size = _read_folder_split(
             source.test_path, "data.test_path", classes, digest, size, source.image_size
         )
+        images, test_images = _same_channels(images, like=test_images), _same_channels(test_images, like=images)
         _check_same_shape(images, test_images)
     return UserRaw(images, labels, classes, test_images, test_labels, digest.hexdigest(), size)
 
@@ -241,6 +242,13 @@ def _read_folder(source: UserSource) -> UserRaw:
 def _check_class_count(source: UserSource, found: int) -> None:
     if source.num_classes is not None and source.num_classes != found:
         raise DataError(f"data.num_classes: got {source.num_classes}, but {source.path} has {found} classes")
+
+
+def _same_channels(images: np.ndarray, like: Optional[np.ndarray] = None) -> np.ndarray:
+    """Grey images as RGB where `like` has colour (one colour image in either split makes both RGB)."""
+    if like is not None and like.shape[-1] == 3 and images.shape[-1] == 1:
+        return np.repeat(images, 3, axis=-1)
+    return images
 
 
 def _check_same_shape(train: np.ndarray, test: np.ndarray) -> None:

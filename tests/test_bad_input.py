@@ -59,7 +59,7 @@ def _own(t: Path, kind: str = "folder") -> Path:
 
 def _folder_args(t: Path, folder: Path, *extra: str) -> list[str]:
     return ["prepare", "--set", "data.name=image_folder", "--set", f"data.path={folder}",
-            "--set", f"data.root={t / 'bad-data'}", "--set", "data.validation_fraction=0.5", *extra]
+            "--set", f"data.root={t / 'bad-data'}", "--set", "data.validation_fraction=0.5", *extra]  # fmt: skip
 
 
 def _empty_class(t: Path) -> list[str]:
@@ -85,12 +85,12 @@ def _labels_file(t: Path, labels: list[int]) -> list[str]:
     path = t / "bad-data" / "noisy.npy"
     np.save(path, np.array(labels))
     return _folder_args(t, folder, "--set", "noise.type=labels", "--set", f"noise.labels={path}",
-                        "--set", "coteaching.forget_rate=0.2")
+                        "--set", "coteaching.forget_rate=0.2")  # fmt: skip
 
 
 def _parquet_args(t: Path, *extra: str) -> list[str]:
     return ["prepare", "--set", "data.name=parquet", "--set", f"data.path={_own(t, 'parquet')}",
-            "--set", f"data.root={t / 'bad-data'}", "--set", "data.validation_fraction=0.5", *extra]
+            "--set", f"data.root={t / 'bad-data'}", "--set", "data.validation_fraction=0.5", *extra]  # fmt: skip
 
 
 CASES = [

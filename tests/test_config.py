@@ -71,7 +71,10 @@ BAD = [
         {"knowledge": {"certainty": "margin"}},
         r"^knowledge\.certainty: got 'margin'; allowed: one of 'entropy', 'max_prob'$",
     ),
-    ({"data": {"name": "mnist"}}, r"^data\.name: got 'mnist'; allowed: one of 'fashion-mnist', 'cifar10', 'cifar100'$"),
+    (
+        {"data": {"name": "mnist"}},
+        r"^data\.name: got 'mnist'; allowed: one of 'fashion-mnist', 'cifar10', 'cifar100', 'image_folder', 'parquet'$",
+    ),
     ({"data": {"colour": 1}}, r"^data\.colour: unknown key; allowed at this level:"),
     ({"lr": 0.1}, r"^lr: unknown key; allowed at this level:"),
     ({"model": {"name": "vgg"}}, r"^model\.name: got 'vgg'"),
