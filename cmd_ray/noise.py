@@ -290,7 +290,10 @@ def _load_pt(path: Path, key: Optional[str]) -> np.ndarray:
 
 def _numpy_globals() -> list:
     """What unpickling a NumPy array needs, under NumPy 2's names and NumPy 1's (CIFAR-N's files)."""
-    from numpy._core import multiarray
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # NumPy 1
+        from numpy.core import multiarray
 
     kinds = (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.float32, np.float64)
     return [
