@@ -83,6 +83,16 @@ def progress_line(record: dict[str, Any], peers: int, epochs: int, label: str = 
     )
 
 
+def _noise_settings(cfg: Config) -> dict[str, Any]:
+    """The settings that define the run's noise (noise.rate only where a rate is asked for)."""
+    n = cfg.noise
+    return {
+        "none": {},
+        "matrix": {"matrix": n.matrix},
+        "labels": {"labels": n.labels, "labels_key": n.labels_key},
+    }.get(n.type, {"rate": n.rate})
+
+
 def summarise(cfg: Config, history: list[dict[str, Any]], noise: dict, extra: dict | None = None) -> dict[str, Any]:
     """Run summary: final and best accuracy per peer and ensemble on the clean test set (or, with
     no test split, on the noisy validation split: `<split>_accuracy`, named by `headline`),
@@ -107,7 +117,7 @@ def summarise(cfg: Config, history: list[dict[str, Any]], noise: dict, extra: di
         "dataset": cfg.data.name,
         "train_samples": int(last.get("train_samples", 0)),
         "test_samples": int(last.get("test_samples", 0)),
-        "noise": {"type": cfg.noise.type, "rate": cfg.noise.rate, **{k: v for k, v in noise.items() if k != "noise"}},
+        "noise": {"type": cfg.noise.type, **_noise_settings(cfg), **{k: v for k, v in noise.items() if k != "noise"}},
         f"{split}_accuracy": accuracy,
         "headline": f"mean/{split}_accuracy",
         "selected_fraction": {f"peer{k}": last[f"peer{k}/selected_fraction"] for k in range(cfg.peers)},

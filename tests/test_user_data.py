@@ -182,7 +182,7 @@ def test_own_labels_train_without_clean_label_metrics_and_report_validation_with
     for key in ("selection_precision", "memorisation", "label_correction_rate", "train_clean_accuracy"):
         assert math.isnan(record[f"peer0/{key}"]), key  # not available, never computed on noisy labels
     assert record["peer0/selected_fraction"] > 0  # what needs no clean labels is still there
-    assert summary["noise"]["realised_rate"] is None
+    assert summary["noise"]["realised_rate"] is None and "rate" not in summary["noise"]  # no rate was asked for
 
 
 def test_no_test_split_and_no_validation_split_is_refused(tmp_path):
@@ -230,6 +230,7 @@ def test_cli_trains_an_image_folder_with_cifar_n_labels_in_process_and_on_ray(tm
     for summary in summaries.values():
         assert summary["dataset"] == "image_folder" and summary["test_samples"] == 30
         assert summary["noise"]["realised_rate"] == pytest.approx(24 / 120)
+        assert summary["noise"]["labels"] == str(labels) and summary["noise"]["labels_key"] == "worse_label"
         assert summary["test_accuracy"]["ensemble"]["final"] > 0.6
         assert not math.isnan(summary["history"][-1]["mean/memorisation"])  # clean labels known here
 
