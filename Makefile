@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # This machine's pip.conf names local wheel folders that may be absent: drop those warnings.
-# editable_mode=compat: a plain .pth entry for the project folder (setuptools' default finder
-# prints an "Editable installation" notice a user cannot act on).
+# The build backend is hatchling: its editable install is a plain .pth entry for the project
+# folder, installed without notices (setuptools prints an "Editable installation" warning in
+# every editable mode).
 PIP_FILTER := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: setup data run test lint clean loopback
@@ -14,7 +15,7 @@ PIP_FILTER := { grep -v "is ignored: it is neither a file nor a directory" || tr
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | $(PIP_FILTER)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=compat 2>&1 | $(PIP_FILTER)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | $(PIP_FILTER)
 	$(PY) -c "import cmd_ray, ray, torch, torchvision, pyarrow, wandb"
 	touch $@
 
