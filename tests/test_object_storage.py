@@ -76,3 +76,18 @@ def test_report_reads_a_sweep_on_object_storage_and_writes_its_plots_there(s3_bu
     ]
     assert all(len(storage.read_bytes(p)) > 5000 for p in plots)
     assert os.environ["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
+
+
+def test_a_users_parquet_data_set_is_read_from_object_storage(s3_bucket, tmp_path):
+    from cmd_ray.data import load_data
+    from cmd_ray.noise import NoiseSpec
+    from cmd_ray.user_data import UserSource
+
+    from .conftest import write_image_parquet
+
+    local_file = write_image_parquet(tmp_path / "own.parquet", n_train=12, n_test=6)
+    uri = storage.write_bytes(storage.join(s3_bucket, "own", "shapes.parquet"), local_file.read_bytes())
+    cache = storage.join(s3_bucket, "own-cache")
+    data = load_data("parquet", cache, NoiseSpec("symmetric", 0.25), 0, source=UserSource("parquet", uri))
+    assert len(data.train) == 12 and len(data.test) == 6 and data.train.meta["source"]["path"] == uri
+    assert any("parquet-shapes-train-symmetric" in p for p in storage.list_files(cache))
