@@ -392,6 +392,7 @@ def _materialise_user(
             "path": source.path,
             "test_path": source.test_path,
             "bytes": raw.source_bytes,
+            "modified": source.modified(),
             "sha256": raw.content_sha256,
             "fingerprint": source.fingerprint(),
             "import_seconds": round(seconds, 3),

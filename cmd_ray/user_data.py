@@ -25,6 +25,7 @@ import io
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -70,11 +71,20 @@ class UserSource:
             payload["test"] = _listing(self, self.test_path)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
+    def modified(self) -> Optional[str]:
+        """When the source last changed: its newest file's modification time (UTC, ISO 8601)."""
+        times = [entry[-1] for path in (self.path, self.test_path) if path for entry in _listing(self, path)]
+        times = [t for t in times if t is not None]
+        if not times:
+            return None
+        return datetime.fromtimestamp(max(times) / 1e9, tz=timezone.utc).isoformat(timespec="seconds")
 
-def _listing(source: UserSource, path: str) -> list:
+
+def _listing(source: UserSource, path: str) -> list[list]:
+    """[name, size, mtime_ns] of each file of a source (a Parquet source is one file)."""
     if source.kind == "parquet":
         size, mtime = _source_call(storage.file_info, path)
-        return [path, size, mtime]
+        return [[path, size, mtime]]
     return [[str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns] for folder, p in _folder_files(path)]
 
 

@@ -110,6 +110,7 @@ def test_a_changed_source_is_rebuilt_and_the_cache_records_its_identity(tmp_path
     assert capsys.readouterr().out.count("importing image_folder") == 1
     source = first.train.meta["source"]
     assert source["path"] == str(train) and source["bytes"] > 0 and len(source["sha256"]) == 64
+    assert source["modified"].startswith("20")  # ISO 8601, the newest file's time
     image = train / "bag" / "0001.png"
     image.write_bytes(png_bytes(class_image(0, 28, np.random.default_rng(9))))
     os.utime(image, ns=(1, 1))  # a new size or modification time, whichever
