@@ -340,6 +340,11 @@ def init_ray(cfg: Config, extra_resources: Optional[dict[str, float]] = None) ->
     # A local embedded Ray has no preemptible nodes: skip Ray Train's preemption watcher,
     # whose actor logs a restart warning at every start.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Ray >= 2.60 turns token authentication on for a new local cluster (kept: the secure
+    # default) and says so in a WARNING at every start; that notice asks nothing of a user.
+    import logging
+
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(num_cpus=cfg.ray.num_cpus, resources=extra_resources, logging_level="WARNING", include_dashboard=True)
 
 
