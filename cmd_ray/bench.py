@@ -88,9 +88,9 @@ def _train_point(base: dict[str, Any], point: dict[str, Any], threads: int = 0) 
 def _done_from_table(path: Path, base: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Finished runs rebuilt from a results.parquet that carries each row's grid point (the
     trials log is not kept in git for long benchmarks; the table is)."""
-    import pyarrow.parquet as pq
+    from cmd_ray.storage import read_parquet
 
-    table = pq.read_table(path)
+    table = read_parquet(path)
     if "point" not in table.column_names:
         return {}
     done: dict[str, dict[str, Any]] = {}

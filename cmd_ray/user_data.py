@@ -275,7 +275,7 @@ def _read_parquet(source: UserSource) -> UserRaw:
 
     blob = _source_call(storage.read_bytes, source.path)
     try:
-        table = pq.read_table(pa.BufferReader(blob))
+        table = pq.read_table(pa.BufferReader(blob), use_threads=False)  # see storage.read_parquet
     except (pa.ArrowException, OSError) as err:
         raise DataError(
             f"data.path: {source.path} is not a readable Parquet file ({str(err).splitlines()[0]})"
