@@ -399,14 +399,21 @@ def _check_method(cfg: Config) -> None:
     _check_range("optim.momentum", cfg.optim.momentum, 0.0, 1.0)
 
 
+def check_models_fit(cfg: Config, image_size: int, images: str) -> None:
+    """Every peer's architecture takes square images of side `image_size` (`images` names them
+    in the message); raise ConfigError naming model.name or model.per_peer[i] if one does not."""
+    for i, name in enumerate(cfg.model.per_peer or [cfg.model.name]):
+        problem = model_fit_error(name, image_size, images) if name in MODELS else None
+        if problem:
+            raise ConfigError(f"{f'model.per_peer[{i}]' if cfg.model.per_peer else 'model.name'}: {problem}")
+
+
 def _check_models_and_data(cfg: Config) -> None:
     """Each peer's architecture fits the images; a noise matrix file is readable and C x C."""
     own = cfg.data.name in USER_DATASETS
     size = cfg.data.image_size if own else DATASETS[cfg.data.name].shape[0]
-    for i, name in enumerate(cfg.model.per_peer or [cfg.model.name]):
-        problem = model_fit_error(name, size, cfg.data.name) if name in MODELS and size else None
-        if problem:
-            raise ConfigError(f"{f'model.per_peer[{i}]' if cfg.model.per_peer else 'model.name'}: {problem}")
+    if size:  # a user's images without data.image_size are checked once imported
+        check_models_fit(cfg, size, cfg.data.name)
     if cfg.noise.type == "matrix" and cfg.noise.matrix:
         from cmd_ray.noise import NoiseError, read_matrix_file
 

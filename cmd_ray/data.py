@@ -38,7 +38,7 @@ from cmd_ray.noise import NoiseSpec, apply_noise
 from cmd_ray.storage import exists, is_uri, join, local, read_parquet, write_parquet_atomic
 
 if TYPE_CHECKING:
-    from cmd_ray.user_data import UserSource
+    from cmd_ray.user_data import SourceIdentity, UserSource
 
 CACHE_FORMAT = 1
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -206,30 +206,37 @@ def load_raw(name: str, root: Path) -> dict[str, np.ndarray]:
 # Parquet cache
 
 
-def cache_key(name: str, spec: NoiseSpec, seed: int, source: Optional[UserSource] = None) -> str:
+def cache_key(name: str, spec: NoiseSpec, seed: int, fingerprint: Optional[str] = None) -> str:
     """Stable short key of (data set, noise spec, seed); a matrix or labels file counts by its
-    contents, a user's data set by its fingerprint (files, sizes, modification times)."""
+    contents, a user's data set by its fingerprint (`UserSource.identity`)."""
     payload = {"dataset": name, "noise": spec.describe(), "seed": seed, "format": CACHE_FORMAT}
     for kind, key in (("matrix", "matrix"), ("labels", "labels")):
         file = getattr(spec, key)
         if spec.type == kind and file:
             path = Path(file).expanduser()
             payload["noise"][key] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else str(path)
-    if source is not None:
-        payload["source"] = source.fingerprint()
+    if fingerprint is not None:
+        payload["source"] = fingerprint
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def cache_paths(
-    name: str, root: str | Path, spec: NoiseSpec, seed: int, source: Optional[UserSource] = None
+    name: str,
+    root: str | Path,
+    spec: NoiseSpec,
+    seed: int,
+    source: Optional[UserSource] = None,
+    identity: Optional[SourceIdentity] = None,
 ) -> tuple[str, str]:
-    """(train, test) cache files under `<root>/cmd-ray-cache/`: local paths or object-storage URIs."""
+    """(train, test) cache files under `<root>/cmd-ray-cache/`: local paths or object-storage URIs.
+    A user's `source` is keyed by its `identity` (listed here if not given)."""
     folder = join(root, "cmd-ray-cache")
     tag = "clean" if spec.type == "none" else f"{spec.type}-{spec.rate:g}"
-    key = cache_key(name, spec, seed, source)
     if source is None:
+        key = cache_key(name, spec, seed)
         return join(folder, f"{name}-train-{tag}-seed{seed}-{key}.parquet"), join(folder, f"{name}-test.parquet")
-    source_key = cache_key(name, NoiseSpec("none"), 0, source)
+    fingerprint = (identity or source.identity()).fingerprint
+    key, source_key = cache_key(name, spec, seed, fingerprint), cache_key(name, NoiseSpec("none"), 0, fingerprint)
     return (
         join(folder, f"{source.tag}-train-{tag}-seed{seed}-{key}.parquet"),
         join(folder, f"{source.tag}-test-{source_key}.parquet"),
@@ -334,7 +341,8 @@ def materialise(
     refused before anything is written when `require_test`."""
     if source is None and name not in DATASETS:
         raise DataError(f"data.name: got {name!r}; allowed: one of {', '.join(DATASETS)}")
-    train_path, test_path = cache_paths(name, root, spec, seed, source)
+    identity = source.identity() if source is not None else None  # one listing of the source
+    train_path, test_path = cache_paths(name, root, spec, seed, source, identity)
     if exists(train_path) and exists(test_path):
         return train_path, test_path
     raw_root = local(LOCAL_DATA_ROOT if is_uri(root) else root)
@@ -345,7 +353,7 @@ def materialise(
             if source is None:
                 _materialise(name, raw_root, spec, seed, train_path, test_path)
             else:
-                _materialise_user(source, spec, seed, train_path, test_path, require_test)
+                _materialise_user(source, identity, spec, seed, train_path, test_path, require_test)
     return train_path, test_path
 
 
@@ -368,7 +376,13 @@ UNKNOWN_NOISE = {"asked_matrix": None, "realised_matrix": None, "realised_rate":
 
 
 def _materialise_user(
-    source: UserSource, spec: NoiseSpec, seed: int, train_path: str, test_path: str, require_test: bool
+    source: UserSource,
+    identity: SourceIdentity,
+    spec: NoiseSpec,
+    seed: int,
+    train_path: str,
+    test_path: str,
+    require_test: bool,
 ) -> None:
     """Import a user's data set (decode every image once) and write its cache files."""
     from cmd_ray.user_data import channel_stats, read_user_data
@@ -392,9 +406,9 @@ def _materialise_user(
             "path": source.path,
             "test_path": source.test_path,
             "bytes": raw.source_bytes,
-            "modified": source.modified(),
+            "modified": identity.modified,
             "sha256": raw.content_sha256,
-            "fingerprint": source.fingerprint(),
+            "fingerprint": identity.fingerprint,
             "import_seconds": round(seconds, 3),
         },
     }

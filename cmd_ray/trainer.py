@@ -17,8 +17,8 @@ from typing import Any, Optional
 
 import torch
 
-from cmd_ray.catalogue import USER_DATASETS, model_fit_error
-from cmd_ray.config import Config, ConfigError
+from cmd_ray.catalogue import USER_DATASETS
+from cmd_ray.config import Config, check_models_fit
 from cmd_ray.data import DataBundle, epoch_batches, load_data, shard
 from cmd_ray.noise import NoiseSpec
 from cmd_ray.peer import (
@@ -66,11 +66,7 @@ def load_run_data(cfg: Config) -> DataBundle:
     d = cfg.data
     spec, source = noise_spec(cfg), data_source(cfg)
     data = load_data(d.name, d.root, spec, cfg.seed, d.train_subset, d.test_subset, d.validation_fraction, source)
-    height, width, _ = data.info.shape
-    for i, name in enumerate(cfg.peer_models()):
-        problem = model_fit_error(name, height, f"{d.path or d.name}") if height == width else None
-        if problem:
-            raise ConfigError(f"{f'model.per_peer[{i}]' if cfg.model.per_peer else 'model.name'}: {problem}")
+    check_models_fit(cfg, data.info.shape[0], d.path or d.name)  # images are square once imported
     return data
 
 

@@ -62,22 +62,28 @@ class UserSource:
         stem = Path(self.path.rstrip("/")).stem or "data"
         return f"{self.kind}-{''.join(c if c.isalnum() or c in '-_' else '_' for c in stem)}"
 
-    def fingerprint(self) -> str:
-        """SHA-256 of what identifies the source cheaply — every file's relative path, size and
-        modification time, and the reading options — so a changed source gets a new cache."""
+    def identity(self) -> SourceIdentity:
+        """What identifies the source cheaply, from one listing of its files (path, size and
+        modification time of each), so a changed source gets a new cache."""
         options = {k: v for k, v in self.__dict__.items() if k not in ("path", "test_path")}
-        payload = {"options": options, "train": _listing(self, self.path), "test": None}
-        if self.test_path:
-            payload["test"] = _listing(self, self.test_path)
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        train = _listing(self, self.path)
+        test = _listing(self, self.test_path) if self.test_path else None
+        payload = {"options": options, "train": train, "test": test}
+        fingerprint = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        times = [entry[-1] for entry in train + (test or []) if entry[-1] is not None]
+        if not times:  # an empty folder (refused when read) or a store that keeps no times
+            return SourceIdentity(fingerprint, None)
+        modified = datetime.fromtimestamp(max(times) / 1e9, tz=timezone.utc).isoformat(timespec="seconds")
+        return SourceIdentity(fingerprint, modified)
 
-    def modified(self) -> Optional[str]:
-        """When the source last changed: its newest file's modification time (UTC, ISO 8601)."""
-        times = [entry[-1] for path in (self.path, self.test_path) if path for entry in _listing(self, path)]
-        times = [t for t in times if t is not None]
-        if not times:
-            return None
-        return datetime.fromtimestamp(max(times) / 1e9, tz=timezone.utc).isoformat(timespec="seconds")
+
+@dataclass(frozen=True)
+class SourceIdentity:
+    """A user's source as listed once: the fingerprint the cache is keyed by, and when it last
+    changed (its newest file's modification time, UTC, ISO 8601)."""
+
+    fingerprint: str
+    modified: Optional[str]
 
 
 def _listing(source: UserSource, path: str) -> list[list]:
