@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cmd_ray.config import Config, check_grid, trial_config
-from cmd_ray.results import rows_table, trial_rows
-from cmd_ray.storage import write_parquet_atomic
+from cmd_ray.storage import join, write_parquet_atomic
 
 
 def _steady(history: list[dict[str, Any]], key: str) -> float:
@@ -72,117 +71,182 @@ def throughput(cfg: Config, peer_counts: list[int], log: Callable[[str], None] =
     return rows
 
 
-def _train_point(base: dict[str, Any], point: dict[str, Any], threads: int = 0) -> tuple[list[dict[str, Any]], float]:
-    """Train one grid point in-process (with `threads` torch threads when > 0); (history, seconds)."""
-    from cmd_ray import trainer  # looked up at call time, so tests can replace it
+def accuracy(cfg: Config, folder: Path, resume: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Run the grid through `cmd-ray sweep` (Ray Tune, the product's path) and copy its
+    results.parquet into `folder`, where the table and plots are kept; return the copy.
 
-    if threads > 0:
-        import torch
-
-        torch.set_num_threads(threads)
-    started = time.perf_counter()
-    history = trainer.train_in_process(trial_config(base, point), log=lambda _: None)["history"]
-    return history, time.perf_counter() - started
-
-
-def _done_from_table(path: Path, base: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Finished runs rebuilt from a results.parquet that carries each row's grid point (the
-    trials log is not kept in git for long benchmarks; the table is)."""
-    from cmd_ray.storage import read_parquet
-
-    table = read_parquet(path)
-    if "point" not in table.column_names:
-        return {}
-    done: dict[str, dict[str, Any]] = {}
-    head_keys: dict[str, set[str]] = {}
-    for row in table.to_pylist():
-        key = row["point"]
-        if key not in done:
-            point = json.loads(key)
-            done[key] = {"trial_id": row["trial_id"], "point": point, "history": []}
-            head_keys[key] = set(trial_rows(row["trial_id"], point, base, [], "finished", "")[0]) | {"point"}
-        done[key]["history"].append({k: v for k, v in row.items() if k not in head_keys[key]})
-    return done
-
-
-def _read_done(done_path: Path, log: Callable[[str], None], base: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Finished runs of an earlier invocation, by grid point; a line cut short is skipped.
-    Without a trials log, from the folder's results.parquet."""
-    done = {}
-    table = done_path.with_name("results.parquet")
-    if not done_path.is_file() and table.is_file():
-        return _done_from_table(table, base)
-    if done_path.is_file():
-        for number, line in enumerate(done_path.read_text().splitlines(), 1):
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:  # cut short by a crash or a full disk: that run reruns
-                log(f"{done_path}:{number}: skipping an unfinished line; that run will be repeated")
-                continue
-            done[json.dumps(entry["point"], sort_keys=True)] = entry
-    return done
-
-
-def accuracy(cfg: Config, folder: Path, log: Callable[[str], None] = print, jobs: int = 1) -> Path:
-    """Run every grid point of `cfg.sweep.grid` in-process; skip points already done (resume).
-
-    Finished trials are appended to `<folder>/trials.jsonl` as they end, so an interrupted
-    benchmark loses at most the trials in flight; results.parquet is rewritten after each.
-    `jobs` > 1 trains that many points at once, each in its own process with an even share
-    of this machine's cores as torch threads (small models use cores better this way).
+    The sweep itself lives in `<sweep.storage_path>/<sweep.name>` (checkpoints, W&B runs);
+    `resume` continues it after an interruption, keeping the trials that had finished.
     """
-    points = check_grid(cfg)
+    from cmd_ray.storage import read_parquet
+    from cmd_ray.sweep import run_sweep
+
+    swept = run_sweep(cfg, resume=resume, log=log)
     folder.mkdir(parents=True, exist_ok=True)
-    done_path = folder / "trials.jsonl"
-    base = cfg.to_dict()
-    done = _read_done(done_path, log, base)
-    todo = [(i, p) for i, p in enumerate(points) if json.dumps(p, sort_keys=True) not in done]
+    return Path(write_parquet_atomic(folder / "results.parquet", read_parquet(join(swept, "results.parquet"))))
 
-    def finish(i: int, point: dict[str, Any], history: list[dict[str, Any]], seconds: float) -> None:
-        key = json.dumps(point, sort_keys=True)
-        entry = {"trial_id": f"bench_{i:05d}", "point": point, "history": history}
-        _append_line(done_path, json.dumps(entry))
-        done[key] = entry
-        last = history[-1]
-        # A hyper-parameter sweep (validation split) shows only the validation figure.
-        shown = ("noisy-validation", "val") if "mean/val_accuracy" in last else ("clean test", "test")
-        log(
-            f"[{len(done)}/{len(points)}] {key}: last-epoch {shown[0]} accuracy "
-            f"{100 * last[f'mean/{shown[1]}_accuracy']:.2f}% (mean of peers) ({seconds:.0f} s)"
-        )
-        _write_table(base, done.values(), folder)
 
-    if jobs <= 1:
-        for i, point in todo:
-            finish(i, point, *_train_point(base, point))
-        return _write_table(base, done.values(), folder)
+# --------------------------------------------------------------------------------------
+# Sweep: where a trial's wall time goes, each placement beside plain in-process runs
+
+
+def _in_process_point(base: dict[str, Any], point: dict[str, Any], threads: int) -> float:
+    """Train one grid point in this (pool) process with `threads` torch threads; its seconds."""
+    import torch
+
+    from cmd_ray.trainer import train_in_process
+
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    train_in_process(trial_config(base, point), log=lambda _: None)
+    return time.perf_counter() - started
+
+
+def _in_process_pool(cfg: Config, points: list[dict[str, Any]], jobs: int) -> float:
+    """Wall seconds of the grid as in-process runs, `jobs` at a time (what a user would script)."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import ProcessPoolExecutor
 
+    from cmd_ray.trainer import load_run_data
+
+    base = cfg.to_dict()
+    for point in points:  # the data caches exist before the clock starts, as for the sweeps
+        load_run_data(trial_config(base, point))
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    started = time.perf_counter()
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_train_point, base, point, threads): (i, point) for i, point in todo}
-        for future in as_completed(futures):
-            finish(*futures[future], *future.result())
-    return _write_table(base, done.values(), folder)
+        list(pool.map(_in_process_point, [base] * len(points), points, [threads] * len(points)))
+    return time.perf_counter() - started
 
 
-def _append_line(path: Path, line: str) -> None:
-    """Append one line; a line cut short by a crash is skipped on resume (and can be followed)."""
-    text = path.read_text() if path.is_file() else ""
-    prefix = "\n" if text and not text.endswith("\n") else ""
-    with open(path, "a") as f:
-        f.write(prefix + line + "\n")
+def _trial_clock():
+    """A Tune callback recording, on the driver, when each trial started and completed."""
+    from ray import tune
+
+    class TrialClock(tune.Callback):
+        def __init__(self):
+            self.started: dict[str, float] = {}
+            self.completed: dict[str, float] = {}
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started.setdefault(trial.trial_id, time.time())
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.completed[trial.trial_id] = time.time()
+
+    return TrialClock()
 
 
-def _write_table(base: dict[str, Any], entries, folder: Path) -> Path:
-    rows = []
-    for e in entries:
-        point = json.dumps(e["point"], sort_keys=True)  # lets a run resume from the table alone
-        rows += [
-            {**row, "point": point} for row in trial_rows(e["trial_id"], e["point"], base, e["history"], "finished", "")
-        ]
-    return write_parquet_atomic(folder / "results.parquet", rows_table(rows))
+# Phases of a trial, from the driver's Tune callback and the trial's timeline.json: (name,
+# start mark, end mark); "sum:<key>" sums a per-epoch record key instead.
+TRIAL_PHASES = {
+    "trial": (
+        ("Tune: trial scheduled -> trial function runs (process start or reuse)", "scheduled", "trial_start"),
+        ("imports in the trial", "trial_start", "imported"),
+        ("data from the Parquet cache", "imported", "data_loaded"),
+        ("peers built -> first step", "data_loaded", "first_step"),
+        ("training steps", "sum:train_seconds", None),
+        ("evaluation (test set each epoch)", "sum:eval_seconds", None),
+        ("checkpoint + report to Tune", "report_seconds", None),
+        ("trial returns -> Tune marks it complete (W&B run closed)", "trial_end", "completed"),
+    ),
+    "workers": (
+        ("Tune: trial scheduled -> trial function runs (process start or reuse)", "scheduled", "trial_start"),
+        ("imports in the trial", "trial_start", "imported"),
+        ("data from the Parquet cache", "imported", "data_loaded"),
+        ("TorchTrainer built, data into the object store", "data_loaded", "fit_start"),
+        ("Train controller + placement group + worker group + process group", "fit_start", "worker_loop_start"),
+        ("worker: data from the object store", "worker_loop_start", "worker_data_received"),
+        ("worker: peer groups (placements gathered)", "worker_data_received", "worker_groups_ready"),
+        ("worker: peer built -> first step", "worker_groups_ready", "worker_first_step"),
+        ("training steps", "sum:train_seconds", None),
+        ("evaluation (test set each epoch)", "sum:eval_seconds", None),
+        ("checkpoint + report (Train -> Tune)", "worker_report_seconds", None),
+        ("worker loop ends -> fit() returns (Train teardown)", "worker_loop_end", "fit_end"),
+        ("trial returns -> Tune marks it complete (W&B run closed)", "trial_end", "completed"),
+    ),
+}
+
+
+def trial_breakdown(marks: dict[str, float], history: list[dict[str, Any]], placement: str) -> dict[str, float]:
+    """Seconds of each phase of one trial (see TRIAL_PHASES), plus its whole span and what the
+    phases leave unexplained; a phase whose marks are missing is left out."""
+    out: dict[str, float] = {}
+    for name, start, end in TRIAL_PHASES[placement]:
+        if start.startswith("sum:"):
+            out[name] = sum(r.get(start[4:], 0.0) for r in history)
+        elif end is None:
+            if start in marks:
+                out[name] = marks[start]
+        elif start in marks and end in marks:
+            out[name] = marks[end] - marks[start]
+    if "scheduled" in marks and "completed" in marks:
+        out["whole trial (scheduled -> complete)"] = marks["completed"] - marks["scheduled"]
+        out["unexplained (between the phases above)"] = 2 * out["whole trial (scheduled -> complete)"] - sum(
+            out.values()
+        )
+    return out
+
+
+def _sweep_breakdown(folder: str, clock, placement: str) -> dict[str, float]:
+    """Mean seconds of each phase over a finished sweep's trials."""
+    from cmd_ray.results import read_results
+    from cmd_ray.storage import read_bytes
+    from cmd_ray.sweep import TIMELINE_FILE
+
+    rows = read_results(folder)
+    per_trial = []
+    for trial_id in sorted({r["trial_id"] for r in rows}):
+        marks = json.loads(read_bytes(join(folder, "trials", trial_id, TIMELINE_FILE)))
+        marks.update(scheduled=clock.started.get(trial_id), completed=clock.completed.get(trial_id))
+        marks = {k: v for k, v in marks.items() if v is not None}
+        history = [r for r in rows if r["trial_id"] == trial_id]
+        per_trial.append(trial_breakdown(marks, history, placement))
+    names = list(dict.fromkeys(name for trial in per_trial for name in trial))
+    return {name: sum(t.get(name, 0.0) for t in per_trial) / len(per_trial) for name in names}
+
+
+def sweep_overhead(cfg: Config, jobs: int = 2, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The grid of `cfg` three ways, one after the other on the same machine: as in-process runs
+    `jobs` at a time, then `cmd-ray sweep` with placement trial, then with placement workers.
+    Logs and returns each one's wall time, its ratio to the in-process runs, and the mean
+    breakdown of a trial's time for each placement."""
+    import ray
+
+    from cmd_ray.sweep import run_sweep
+
+    points = check_grid(cfg)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    log(f"[bench sweep] {len(points)} grid points as in-process runs, {jobs} at a time ...")
+    figures: dict[str, Any] = {
+        "trials": len(points),
+        "jobs": jobs,
+        "in_process_seconds": _in_process_pool(cfg, points, jobs),
+    }
+    log(f"[bench sweep] in-process: {figures['in_process_seconds']:.0f} s")
+    for placement in ("trial", "workers"):
+        c = trial_config(
+            cfg.to_dict(), {"sweep.placement": placement, "sweep.name": f"{cfg.sweep.name}-{placement}-{stamp}"}
+        )
+        clock = _trial_clock()
+        started = time.perf_counter()
+        folder = run_sweep(c, log=log, callbacks=[clock])
+        wall = time.perf_counter() - started
+        ray.shutdown()
+        breakdown = _sweep_breakdown(folder, clock, placement)
+        figures[placement] = {
+            "wall_seconds": wall,
+            "ratio_to_in_process": wall / figures["in_process_seconds"],
+            "folder": folder,
+            "mean_trial_seconds": breakdown,
+        }
+        log(
+            f"[bench sweep] cmd-ray sweep, placement {placement}: {wall:.0f} s, "
+            f"{wall / figures['in_process_seconds']:.2f}x the in-process runs; a trial's time (mean of {len(points)}):"
+        )
+        for name, seconds in breakdown.items():
+            log(f"    {seconds:7.1f} s  {name}")
+    return figures
 
 
 # --------------------------------------------------------------------------------------

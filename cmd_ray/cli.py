@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="rank each method's swept knowledge/distill settings by noisy-validation accuracy (no test figures)",
     )
 
-    bench = sub.add_parser("bench", help="benchmarks that print figures: throughput, load, accuracy, import")
+    bench = sub.add_parser("bench", help="benchmarks that print figures: throughput, load, accuracy, sweep, import")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     tp = bench_sub.add_parser("throughput", help="Ray workers vs in-process peers, side by side")
     _add_config_args(tp)
@@ -73,13 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(ld)
     ld.add_argument("--output-json", help="also write the figures (and the memory samples) here")
     ld.add_argument("--plot", help="also plot memory and live Train workers over time to this PNG")
-    acc = bench_sub.add_parser("accuracy", help="methods x noise x seeds table (resumable)")
-    _add_config_args(acc)
-    acc.add_argument("--folder", default="docs/bench/accuracy", help="results.parquet, trials.jsonl, plots go here")
-    acc.add_argument(
-        "--jobs", type=int, default=1, help="runs at once, each in its own process (an even share of the cores)"
+    acc = bench_sub.add_parser(
+        "accuracy", help="methods x noise x seeds through `cmd-ray sweep`; table and plots kept in --folder"
     )
+    _add_config_args(acc)
+    acc.add_argument("--folder", required=True, help="where results.parquet and plots/ are kept, e.g. docs/bench/x")
+    acc.add_argument("--resume", action="store_true", help="continue the sweep of this sweep.name")
     acc.add_argument("--last-epochs", type=int, default=5, help="final accuracy = mean of the last N epochs")
+    sw = bench_sub.add_parser(
+        "sweep", help="a grid as in-process runs and as `cmd-ray sweep` (each placement): wall times, a trial's phases"
+    )
+    _add_config_args(sw)
+    sw.add_argument("--jobs", type=int, default=2, help="in-process runs at once (an even share of the cores each)")
+    sw.add_argument("--output-json", help="also write the figures here")
 
     imp = bench_sub.add_parser("import", help="import a generated image folder into the cache: images per second")
     imp.add_argument("--images", type=int, default=10000, help="how many PNG images to generate and import")
@@ -254,17 +260,34 @@ def bench_accuracy(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     check_grid(cfg)
-    if args.jobs < 1:
-        raise ConfigError(f"--jobs: got {args.jobs}; allowed: an integer >= 1")
     if args.last_epochs < 1:
         raise ConfigError(f"--last-epochs: got {args.last_epochs}; allowed: an integer >= 1")
+    if not args.resume:
+        _check_writable("sweep.storage_path", cfg.sweep.storage_path)
+    _check_writable("--folder", args.folder)
     folder = Path(args.folder)
-    bench.accuracy(cfg, folder, jobs=args.jobs)
+    bench.accuracy(cfg, folder, resume=args.resume)
     if cfg.data.validation_fraction > 0:  # a hyper-parameter sweep: rank on validation only
         return _print_validation_choice(folder, last_epochs=args.last_epochs)
     table, plots = report(folder, last_epochs=args.last_epochs)
     print(table)
     print("plots: " + ", ".join(str(p) for p in plots))
+    return 0
+
+
+def bench_sweep(args: argparse.Namespace) -> int:
+    from cmd_ray import bench
+    from cmd_ray.config import check_grid
+    from cmd_ray.storage import write_json_atomic
+
+    cfg = _load(args)
+    check_grid(cfg)
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs: got {args.jobs}; allowed: an integer >= 1")
+    _check_writable("sweep.storage_path", cfg.sweep.storage_path)
+    figures = bench.sweep_overhead(cfg, args.jobs)
+    if args.output_json:
+        write_json_atomic(args.output_json, {**figures, "config": cfg.to_dict()})
     return 0
 
 
@@ -284,7 +307,13 @@ def bench_import(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = {"throughput": bench_throughput, "load": bench_load, "accuracy": bench_accuracy, "import": bench_import}
+BENCHMARKS = {
+    "throughput": bench_throughput,
+    "load": bench_load,
+    "accuracy": bench_accuracy,
+    "sweep": bench_sweep,
+    "import": bench_import,
+}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

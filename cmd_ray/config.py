@@ -221,6 +221,14 @@ class SweepConfig:
     storage_path: str = "runs/sweeps"  # the sweep writes <storage_path>/<name>/
     # Trials at once; null = as many as the cluster's CPUs (or GPUs) hold.
     max_concurrent_trials: Optional[int] = None
+    # Where a trial's peers run. workers: a Ray Train run, each peer its own worker (its own GPU
+    # or node; needed for replicas > 1). trial: all peers in the Tune trial's process, stepped
+    # by the in-process trainer (same peer step), trials packed by cpus_per_trial /
+    # gpus_per_trial and trial processes reused: the fast path for small models. auto: workers
+    # when replicas > 1 or each peer asks for a whole GPU, else trial.
+    placement: Literal["auto", "workers", "trial"] = "auto"
+    cpus_per_trial: float = 1.0  # placement trial: CPUs a trial reserves (its torch threads)
+    gpus_per_trial: float = 1.0  # placement trial with use_gpu: GPUs a trial's peers share (0.25 = 4 trials a GPU)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -254,6 +262,14 @@ class Config:
     def schedule(self) -> str:
         """The threshold schedule the method stands for: zero | all | static | progressive | coteaching."""
         return METHOD_SCHEDULE[self.method]
+
+    @property
+    def placement(self) -> str:
+        """Where a sweep trial's peers run: `sweep.placement` with auto decided (workers | trial)."""
+        if self.sweep.placement != "auto":
+            return self.sweep.placement
+        whole_gpu_per_peer = self.use_gpu and self.ray.gpus_per_worker >= 1
+        return "workers" if self.replicas > 1 or whole_gpu_per_peer else "trial"
 
     def peer_models(self) -> list[str]:
         """Architecture name of each peer, length `peers`."""
@@ -504,6 +520,13 @@ def _check_cluster(cfg: Config) -> None:
     _check_positive("ray.checkpoint_every", r.checkpoint_every)
     _check_positive("ray.checkpoints_to_keep", r.checkpoints_to_keep)
     _check_positive("sweep.max_concurrent_trials", cfg.sweep.max_concurrent_trials)
+    _check_above("sweep.cpus_per_trial", cfg.sweep.cpus_per_trial, 0)
+    _check_above("sweep.gpus_per_trial", cfg.sweep.gpus_per_trial, 0)
+    if cfg.sweep.placement == "trial" and cfg.replicas > 1:
+        raise ConfigError(
+            f"sweep.placement: got 'trial' with replicas={cfg.replicas}; allowed: 'workers' or 'auto' "
+            "(data-parallel replicas run as Ray Train workers)"
+        )
     if not cfg.sweep.name or "/" in cfg.sweep.name:
         raise ConfigError(f"sweep.name: got {cfg.sweep.name!r}; allowed: a non-empty name without '/'")
     if cfg.batch_size < cfg.replicas:

@@ -61,6 +61,15 @@ class Placement:
     devices: tuple[str, ...] = ()
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` that nothing listens on now (for a process group or a dashboard)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def world_backend(use_gpu: bool, gpus_per_worker: float) -> str:
     """Backend of the default (world) group, chosen before placement is known: NCCL only when
     every worker reserves whole GPUs, which no two workers can then share."""

@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 
 from cmd_ray.config import from_dict
+from cmd_ray.exchange import free_port
 from cmd_ray.knowledge import Formulation, StepValues, peer_loss
 
 CHANCE = 0.1  # Fashion-MNIST has 10 balanced classes
@@ -101,12 +101,6 @@ def check_maths(device: str, seed: int = 0) -> dict[str, Any]:
     return {"formulations": len(FORMULATIONS), "max_loss_difference": worst, "mismatched": mismatched}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _exchange_worker(rank: int, port: int, device: str, out: str) -> None:
     import torch.distributed as dist
 
@@ -141,7 +135,7 @@ def check_exchange(device: str) -> dict[str, Any]:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_exchange_worker, args=(_free_port(), device, out), nprocs=2, join=True)
+        mp.spawn(_exchange_worker, args=(free_port(), device, out), nprocs=2, join=True)
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(2)]
     backends = sorted({r["backend"] for r in ranks})
     return {"backends": backends, "ok": backends == ["gloo"] and all(r["right"] for r in ranks)}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from cmd_ray.exchange import (
     Topology,
     all_gather_stack,
     all_reduce_sum,
+    free_port,
     gather_placements,
     group_backend,
     make_groups,
@@ -41,29 +41,30 @@ from cmd_ray.peer import (
     accuracy_names,
     build_peer,
     correct_counts,
-    load_peer_state,
-    peer_state,
     steps_per_epoch,
     test_probabilities,
 )
 from cmd_ray.storage import exists, is_uri, join, read_bytes, write_bytes, write_json_atomic
-from cmd_ray.summary import epoch_record, progress_line, summarise
-from cmd_ray.trainer import EpochStats, StepTrace, describe_data, finish_record, load_run_data, train_epoch
+from cmd_ray.summary import console, epoch_record, progress_line, summarise
+from cmd_ray.trainer import (
+    HISTORY_FILE,
+    EpochStats,
+    StepTrace,
+    describe_data,
+    finish_record,
+    load_run_data,
+    read_checkpoint,
+    train_epoch,
+    write_checkpoint,
+)
 
 EPOCH_COUNT_KEYS = (*COUNT_KEYS, "tau_sum")
-HISTORY_FILE = "history.json"
 PLACEMENT_FILE = "placement.json"  # in the run folder: the node (and GPUs) of every worker
+TIMELINE_FILE = "timeline.json"  # in the run folder: when rank 0 reached each phase (cmd-ray bench sweep)
 
 
 # --------------------------------------------------------------------------------------
 # Worker side
-
-
-def _console(line: str) -> None:
-    """One line to the driver's console. Ray Train patches print() into its logger, which
-    shows each line twice; the process's real stdout is streamed to the driver once."""
-    sys.__stdout__.write(line + "\n")
-    sys.__stdout__.flush()
 
 
 def _quiet_report_logger(level: str) -> None:
@@ -112,10 +113,6 @@ def _describe_backends(topology: Topology, placements: list[Placement]) -> str:
     return line + (" (peers share a GPU: NCCL cannot put two ranks on one device)" if shared else "")
 
 
-def _checkpoint_file(topology: Topology) -> str:
-    return f"peer{topology.peer}_replica{topology.replica}.pt"
-
-
 def _restore(peer: Peer, topology: Topology) -> tuple[int, list[dict[str, Any]]]:
     """Resume from Ray Train's latest checkpoint, if any: (epochs done, history so far)."""
     import ray.train
@@ -124,9 +121,7 @@ def _restore(peer: Peer, topology: Topology) -> tuple[int, list[dict[str, Any]]]
     if checkpoint is None:
         return 0, []
     with checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / _checkpoint_file(topology), map_location=peer.device, weights_only=True)
-        history = json.loads((Path(folder) / HISTORY_FILE).read_text())
-    return load_peer_state(peer, state), history
+        return read_checkpoint(Path(folder), [peer], topology.replica)
 
 
 def _accuracy_across_workers(
@@ -164,6 +159,7 @@ def _epoch_record_across_workers(
     exchange_group,
 ) -> dict[str, Any]:
     """Sum every peer's counts over its replicas and evaluate on the clean test set (collectives)."""
+    evaluated = time.perf_counter()
     table = torch.zeros(cfg.peers, len(EPOCH_COUNT_KEYS), dtype=torch.float64, device=peer.device)
     (counts,) = stats.counts
     table[topology.peer] = torch.tensor([counts.get(k, 0.0) for k in EPOCH_COUNT_KEYS], dtype=torch.float64)
@@ -189,6 +185,7 @@ def _epoch_record_across_workers(
     ).tolist()
     record = epoch_record(epoch, peer_counts, accuracy, train_seconds, exchange_seconds)
     record.update(wait_seconds=wait_seconds, wait_fraction=wait_seconds / train_seconds if train_seconds else 0.0)
+    record["eval_seconds"] = time.perf_counter() - evaluated
     return record
 
 
@@ -201,7 +198,7 @@ def _crash_hook(cfg: Config, rank: int, marker: str) -> Optional[Callable]:
     def maybe_crash(epoch: int, step: int, *_):
         if epoch == t.crash_epoch and step == t.crash_step and not exists(marker):
             write_bytes(marker, f"killed rank {rank} at epoch {epoch} step {step}\n".encode())
-            _console(f"[cmd-ray] testing.crash_epoch: killing worker rank {rank} at epoch {epoch}, step {step}")
+            console(f"[cmd-ray] testing.crash_epoch: killing worker rank {rank} at epoch {epoch}, step {step}")
             os._exit(1)
 
     return maybe_crash
@@ -262,6 +259,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    timeline = {"loop_start": time.time()}
     cfg = from_dict(loop_config["config"])
     _quiet_report_logger(cfg.ray.log_level)
     topology = Topology(cfg.peers, cfg.replicas, ray.train.get_context().get_world_rank())
@@ -269,23 +267,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     stopped = nonfinite_stop(run_dir)
     if stopped is not None:  # a numerical fault replays identically: do not retry it
         if topology.rank == 0:
-            _console(f"[cmd-ray] not retrying after a non-finite loss: {stopped}")
+            console(f"[cmd-ray] not retrying after a non-finite loss: {stopped}")
         return
     data = _received_data(loop_config, topology)
+    timeline["data_received"] = time.time()
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(cfg.seed)
     placements = gather_placements(_placement(device))
     groups = make_groups(topology, placements)
+    timeline["groups_ready"] = time.time()
     if topology.rank == 0:
         # Which node and GPU each worker got (this attempt's; a restart rewrites it).
         placement = [{"rank": r, "node": w.node, "devices": list(w.devices)} for r, w in enumerate(placements)]
         write_json_atomic(join(run_dir, PLACEMENT_FILE), {"workers": placement})
         if cfg.use_gpu:
-            _console(f"[cmd-ray] {_describe_backends(topology, placements)}")
+            console(f"[cmd-ray] {_describe_backends(topology, placements)}")
     peer = build_peer(cfg, topology.peer, data.info, steps_per_epoch(cfg, data) * cfg.epochs, device)
     start_epoch, history = _restore(peer, topology)
+    timeline["peer_ready"] = time.time()
     if cfg.replicas > 1:
         peer.model = torch.nn.parallel.DistributedDataParallel(
             peer.model, process_group=groups.peer, device_ids=[device.index] if device.type == "cuda" else None
@@ -296,7 +297,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _crash_hook(cfg, topology.rank, join(run_dir, ".crash-injected")),
     )
     if topology.rank == 0 and start_epoch:
-        _console(f"[cmd-ray] resumed from the checkpoint after epoch {start_epoch}")
+        console(f"[cmd-ray] resumed from the checkpoint after epoch {start_epoch}")
     for epoch in range(start_epoch, cfg.epochs):
         exchange.wait_seconds = 0.0
         try:
@@ -309,17 +310,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         first = epoch == 0  # a resumed run's start-up was counted before the restart
         history.append(finish_record(record, data, stats, loop_config.get("started_at") if first else None))
+        timeline.setdefault("first_step", stats.first_step_at)
         if topology.rank == 0:
-            _console(progress_line(record, cfg.peers, cfg.epochs, loop_config.get("label", "")))
+            console(progress_line(record, cfg.peers, cfg.epochs, loop_config.get("label", "")))
         done = epoch + 1
+        reporting = time.perf_counter()
         if done % cfg.ray.checkpoint_every == 0 or done == cfg.epochs:
             with tempfile.TemporaryDirectory() as folder:
-                torch.save(peer_state(peer, done), Path(folder) / _checkpoint_file(topology))
-                if topology.rank == 0:
-                    (Path(folder) / HISTORY_FILE).write_text(json.dumps(history))
+                write_checkpoint(Path(folder), [peer], done, history if topology.rank == 0 else None, topology.replica)
                 ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(record)
+        timeline["report_seconds"] = timeline.get("report_seconds", 0.0) + time.perf_counter() - reporting
+    if topology.rank == 0:
+        timeline["loop_end"] = time.time()
+        write_json_atomic(join(run_dir, TIMELINE_FILE), timeline)
 
 
 # --------------------------------------------------------------------------------------
@@ -345,7 +350,29 @@ def init_ray(cfg: Config, extra_resources: Optional[dict[str, float]] = None) ->
     import logging
 
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(num_cpus=cfg.ray.num_cpus, resources=extra_resources, logging_level="WARNING", include_dashboard=True)
+    start_local_ray(cfg.ray.num_cpus, extra_resources)
+
+
+def start_local_ray(num_cpus: Optional[float] = None, resources: Optional[dict[str, float]] = None) -> None:
+    """A new embedded Ray on this machine that talks only to itself, whatever other local Rays run.
+
+    Ray's own processes that look the cluster up by themselves (Ray Train's placement-group
+    cleaner asks the State API) find *every* local Ray on the machine and fail when there are
+    two; naming this cluster's dashboard in the environment that Ray's processes inherit keeps
+    each one talking to its own.
+    """
+    import ray
+
+    port = free_port("127.0.0.1")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(
+        num_cpus=num_cpus,
+        resources=resources,
+        logging_level="WARNING",
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+    )
 
 
 def _is_cluster(cfg: Config) -> bool:

@@ -16,6 +16,8 @@ number of concurrent trials is what the cluster's CPUs (or GPUs) hold.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -26,9 +28,10 @@ import pyarrow as pa
 
 from cmd_ray.config import VARIANT, Config, ConfigError, check_grid, set_path, trial_config, variant_label
 from cmd_ray.results import rows_table, trial_rows
-from cmd_ray.storage import exists, is_uri, join, write_parquet_atomic
+from cmd_ray.storage import exists, is_uri, join, write_json_atomic, write_parquet_atomic
 
 DRIVER_RESOURCE = "TRAIN_DRIVER"
+TIMELINE_FILE = "timeline.json"  # in each trial's folder: when it reached each phase
 
 
 def sweep_dir(cfg: Config) -> str:
@@ -156,27 +159,107 @@ def _wandb_callback_class() -> type:
 
 
 def run_trial(params: dict[str, Any]) -> None:
-    """Tune function trainable: one Ray Train run for one grid point, reporting through Tune.
+    """Tune function trainable: one grid point, its peers placed as `sweep.placement` says.
 
     params: the grid point's dotted keys, plus "base" (the sweep's config as nested dicts)
-    and "folder" (the sweep folder).
+    and "folder" (the sweep folder). Either way the trial reports one record per epoch and
+    checkpoints so that a restored sweep resumes it; `<folder>/trials/<trial id>/timeline.json`
+    records when it reached each phase (read by `cmd-ray bench sweep`).
     """
+    timeline = {"trial_start": time.time()}
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cmd_ray.ray_train import build_trainer, fit
     from cmd_ray.trainer import load_run_data
 
     base, folder = params["base"], params["folder"]
     trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(set_path(base, "output_dir", join(folder, "trials", trial_id)), grid_point(params))
-    # The Train run is named by the trial id, which survives a sweep restore: a restored
-    # trial resumes its Train run from the latest checkpoint.
     point = grid_point(params)
+    cfg = trial_config(set_path(base, "output_dir", join(folder, "trials", trial_id)), point)
     label = " ".join(variant_label(point) if k == VARIANT else f"{k}={v}" for k, v in point.items())
-    train = join(folder, "train")
+    timeline["imported"] = time.time()
     data = load_run_data(cfg)  # the cache the sweep driver built (under data.root)
-    fit(build_trainer(cfg, trial_id, train, data, [TuneReportCallback()], label), join(train, trial_id))
+    timeline["data_loaded"] = time.time()
+    try:
+        if cfg.placement == "trial":
+            _train_in_trial(cfg, data, label, timeline)
+        else:
+            _train_on_workers(cfg, data, label, trial_id, join(folder, "train"), timeline)
+    finally:
+        timeline["trial_end"] = time.time()
+        write_json_atomic(join(cfg.output_dir, TIMELINE_FILE), timeline)
+
+
+def _train_on_workers(cfg: Config, data, label: str, trial_id: str, train: str, timeline: dict[str, float]) -> None:
+    """Placement `workers`: one Ray Train run, each peer its own worker. The Train run is named
+    by the trial id, which survives a sweep restore: a restored trial resumes its Train run from
+    the latest checkpoint."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from cmd_ray.ray_train import TIMELINE_FILE as WORKER_TIMELINE
+    from cmd_ray.ray_train import build_trainer, fit
+    from cmd_ray.storage import read_bytes
+
+    trainer = build_trainer(cfg, trial_id, train, data, [TuneReportCallback()], label)
+    timeline["fit_start"] = time.time()
+    try:
+        fit(trainer, join(train, trial_id))
+    finally:
+        timeline["fit_end"] = time.time()
+        workers = join(train, trial_id, WORKER_TIMELINE)
+        if exists(workers):
+            timeline.update({f"worker_{k}": v for k, v in json.loads(read_bytes(workers)).items()})
+
+
+CHECKPOINT_FILE = "checkpoint.pt"  # placement trial: in each trial's folder, the latest epoch's state
+HISTORY_FILE = "history.json"  # placement trial: in each trial's folder, one record per epoch so far
+
+
+def _train_in_trial(cfg: Config, data, label: str, timeline: dict[str, float]) -> None:
+    """Placement `trial`: every peer in this Tune trial process, stepped by the in-process
+    trainer (the same peer step as Ray workers run).
+
+    The trial keeps its own checkpoint, one file in its folder (local or object storage) that is
+    replaced atomically after each checkpointed epoch, and resumes from it whenever the trial
+    starts again; a restored sweep whose driver died resumes from the last epoch written, not
+    the last one Tune's own experiment state happened to record. Tune gets the metrics only.
+    """
+    import torch
+    from ray import tune
+
+    from cmd_ray.storage import read_bytes, write_bytes
+    from cmd_ray.summary import console
+    from cmd_ray.trainer import checkpoint_bytes, load_checkpoint_bytes, train_in_process
+
+    # Ray's INFO line per saved checkpoint is noise on a sweep's console.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    if not cfg.use_gpu:  # the CPUs Tune reserved for this trial, and no more
+        torch.set_num_threads(max(1, int(cfg.sweep.cpus_per_trial)))
+    checkpoint = join(cfg.output_dir, CHECKPOINT_FILE)
+
+    def resume(peers) -> tuple[int, list[dict[str, Any]]]:
+        if not exists(checkpoint):
+            return 0, []
+        done, history = load_checkpoint_bytes(read_bytes(checkpoint), peers)
+        console(f"[cmd-ray] {label}: resumed from the checkpoint after epoch {done}")
+        return done, history
+
+    def report(done: int, peers, history: list[dict[str, Any]]) -> None:
+        timeline.setdefault("first_epoch_end", time.time())
+        reporting = time.perf_counter()
+        if done % cfg.ray.checkpoint_every == 0 or done == cfg.epochs:
+            write_bytes(checkpoint, checkpoint_bytes(peers, done, history))
+        write_json_atomic(join(cfg.output_dir, HISTORY_FILE), {"history": history})
+        tune.report(history[-1])
+        timeline["report_seconds"] = timeline.get("report_seconds", 0.0) + time.perf_counter() - reporting
+
+    timeline["fit_start"] = time.time()
+    summary = train_in_process(
+        cfg, data, log=console, resume=resume, on_epoch=report, label=label, started_at=timeline["trial_start"]
+    )
+    timeline["fit_end"] = time.time()
+    first = summary["history"][0]
+    if "startup_seconds" in first:  # absent when the trial resumed after its first epoch
+        timeline["first_step"] = timeline["trial_start"] + first["startup_seconds"]
 
 
 def grid_point(params: dict[str, Any]) -> dict[str, Any]:
@@ -187,12 +270,17 @@ def grid_point(params: dict[str, Any]) -> dict[str, Any]:
 def _trial_history(result, folder: str) -> list[dict[str, Any]]:
     """A trial's per-epoch records: from its last Train checkpoint (complete across restores),
     else from the rows Tune saw."""
-    from cmd_ray.ray_train import HISTORY_FILE, read_history
+    from cmd_ray.ray_train import HISTORY_FILE as TRAIN_HISTORY_FILE
+    from cmd_ray.ray_train import read_history
+    from cmd_ray.storage import read_bytes
 
+    own = join(folder, "trials", _trial_id(result), HISTORY_FILE)
+    if exists(own):  # placement trial
+        return json.loads(read_bytes(own))["history"]
     path = (result.metrics or {}).get("checkpoint_path")
     if path and is_uri(folder):  # Ray reports the path on the store's file system, without the scheme
         path = f"{folder.split('://', 1)[0]}://{path}"
-    if path and exists(join(path, HISTORY_FILE)):
+    if path and exists(join(path, TRAIN_HISTORY_FILE)):
         return read_history(path)
     frame = result.metrics_dataframe
     if frame is None or "epoch" not in frame:
@@ -201,12 +289,22 @@ def _trial_history(result, folder: str) -> list[dict[str, Any]]:
     return [{k: v for k, v in row.items() if "/" in k or k in ("epoch", "samples_per_second")} for row in rows]
 
 
+def _trial_id(result) -> str:
+    """Tune's id of a result's trial (its folder under `trials/` and its Train run's name)."""
+    trial_id = (result.metrics or {}).get("trial_id")
+    if trial_id:
+        return trial_id
+    # A trial that failed before its first report: Tune's folder name is
+    # run_trial_<experiment id>_<number>_<index>_<parameters>_<date>.
+    return "_".join(Path(str(result.path)).name.split("_")[2:4])
+
+
 def collect_results(grid) -> pa.Table:
     """One table from a Tune ResultGrid of `cmd_ray.sweep.run_trial` trials."""
     rows: list[dict[str, Any]] = []
     for result in grid:
         params = result.config
-        trial_id = str(result.path).rstrip("/").rsplit("/", 1)[-1]
+        trial_id = _trial_id(result)
         error = "" if result.error is None else str(result.error).strip().splitlines()[-1][:500]
         status = "failed" if result.error is not None else "finished"
         history = _trial_history(result, params["folder"])
@@ -215,11 +313,15 @@ def collect_results(grid) -> pa.Table:
 
 
 def concurrency(cfg: Config, total: dict[str, float]) -> int:
-    """Trials that fit at once: limited by the workers' CPUs (or GPUs) and sweep.max_concurrent_trials."""
+    """Trials that fit at once: limited by the trials' (or their workers') CPUs or GPUs and by
+    sweep.max_concurrent_trials."""
     from cmd_ray.ray_train import cpus_per_worker
 
     workers = cfg.peers * cfg.replicas
-    if cfg.use_gpu:
+    if cfg.placement == "trial":
+        per_trial = trial_resources(cfg, total)
+        fit = min(total.get(kind, 0) // amount for kind, amount in per_trial.items())
+    elif cfg.use_gpu:
         fit = total.get("GPU", 0) // (workers * cfg.ray.gpus_per_worker)
     else:
         fit = total.get("CPU", 0) // max(workers * cpus_per_worker(cfg), 1e-9)
@@ -253,20 +355,31 @@ def init_ray_for_sweep(cfg: Config, slots: int) -> None:
     init_ray(cfg, extra_resources={DRIVER_RESOURCE: slots})
 
 
-def _trial_resources(total: dict[str, float]) -> dict[str, float]:
+def trial_resources(cfg: Config, total: dict[str, float]) -> dict[str, float]:
+    """What one trial process reserves. Placement trial: the CPUs (and GPU share) its peers train
+    on. Placement workers: a TRAIN_DRIVER unit, its Train workers reserving their own CPUs/GPUs."""
+    if cfg.placement == "trial":
+        resources = {"CPU": cfg.sweep.cpus_per_trial}
+        if cfg.use_gpu:
+            resources["GPU"] = cfg.sweep.gpus_per_trial
+        return resources
     if total.get(DRIVER_RESOURCE, 0) > 0:
         return {DRIVER_RESOURCE: 1}
     # A cluster without the custom resource: a sliver of CPU keeps the trial schedulable.
     return {"CPU": 0.01}
 
 
-def build_tuner(cfg: Config, folder: str, resume: bool, callback: Optional[Any]):
+def build_tuner(cfg: Config, folder: str, resume: bool, callbacks: list[Any]):
     """A new Tuner over the grid, or (resume) the one saved in `<folder>/tune`."""
     import ray
+
+    # Tune's newer console output prints an experiment box and a TensorBoard hint even at
+    # verbose=0; the older engine at verbose=0 prints nothing (cmd-ray prints its own lines).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     from ray import tune
 
     total = ray.cluster_resources()
-    trainable = tune.with_resources(run_trial, _trial_resources(total))
+    trainable = tune.with_resources(run_trial, trial_resources(cfg, total))
     experiment = join(folder, "tune")
     if resume:
         return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False)
@@ -275,11 +388,14 @@ def build_tuner(cfg: Config, folder: str, resume: bool, callback: Optional[Any])
     return tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency(cfg, total)),
+        # Placement trial: a finished trial's process (torch imported, threads set) takes the next.
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=concurrency(cfg, total), reuse_actors=cfg.placement == "trial"
+        ),
         run_config=tune.RunConfig(
             name="tune",
             storage_path=folder,
-            callbacks=[callback] if callback else [],
+            callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=0),
             verbose=0,
         ),
@@ -300,8 +416,11 @@ def check_resume(cfg: Config, folder: str, resume: bool) -> None:
         )
 
 
-def run_sweep(cfg: Config, resume: bool = False, log: Callable[[str], None] = print) -> str:
-    """Run (or resume) the sweep's grid; write results.parquet; return the sweep folder (or URI)."""
+def run_sweep(
+    cfg: Config, resume: bool = False, log: Callable[[str], None] = print, callbacks: Optional[list[Any]] = None
+) -> str:
+    """Run (or resume) the sweep's grid; write results.parquet; return the sweep folder (or URI).
+    `callbacks`: more Tune callbacks (e.g. the benchmark's trial clock)."""
     points = check_grid(cfg)
     folder = sweep_dir(cfg)
     check_resume(cfg, folder, resume)
@@ -310,12 +429,13 @@ def run_sweep(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
     init_ray_for_sweep(cfg, slots=len(points))
     import ray
 
+    where = "all peers in each trial's process" if cfg.placement == "trial" else "each peer a Ray Train worker"
     log(
         f"[cmd-ray] sweep {cfg.sweep.name!r}: {len(points)} trials, up to "
-        f"{concurrency(cfg, ray.cluster_resources())} at once; W&B {wandb_mode(cfg)}; folder {folder}"
+        f"{concurrency(cfg, ray.cluster_resources())} at once, {where}; W&B {wandb_mode(cfg)}; folder {folder}"
     )
     started = time.perf_counter()
-    tuner = build_tuner(cfg, folder, resume, callback)
+    tuner = build_tuner(cfg, folder, resume, ([callback] if callback else []) + list(callbacks or []))
     grid = tuner.fit()
     table = collect_results(grid)
     path = write_parquet_atomic(join(folder, "results.parquet"), table)

@@ -8,6 +8,7 @@ is a function argument: an in-memory stack here, an all-gather in `cmd_ray.excha
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Callable
@@ -31,7 +32,9 @@ from cmd_ray.peer import (
     build_peer,
     evaluate,
     forward,
+    load_peer_state,
     make_batch,
+    peer_state,
     peer_step,
     steps_per_epoch,
     test_probabilities,
@@ -42,6 +45,52 @@ from cmd_ray.user_data import UserSource
 # exchange(local peers' logits with graph, batch) -> every peer's detached logits (P, B, C)
 Exchange = Callable[[list[torch.Tensor], Batch], torch.Tensor]
 StepHook = Callable[[int, int, list[Peer], list[StepResult]], None]
+# on_epoch(epochs done, peers, history so far): checkpoint and report after each epoch
+EpochHook = Callable[[int, list[Peer], list[dict[str, Any]]], None]
+# resume(peers) -> (epochs done, history so far), the peers' state loaded in place
+Resume = Callable[[list[Peer]], tuple[int, list[dict[str, Any]]]]
+
+HISTORY_FILE = "history.json"
+
+
+def checkpoint_file(peer: int, replica: int = 0) -> str:
+    """A peer's file in a checkpoint folder; the same layout on both paths (replica 0 in-process)."""
+    return f"peer{peer}_replica{replica}.pt"
+
+
+def write_checkpoint(
+    folder: Path, peers: list[Peer], done: int, history: Optional[list[dict[str, Any]]], replica: int = 0
+) -> None:
+    """Each local peer's state after `done` epochs, and the history (when given) as history.json."""
+    for peer in peers:
+        torch.save(peer_state(peer, done), folder / checkpoint_file(peer.index, replica))
+    if history is not None:
+        (folder / HISTORY_FILE).write_text(json.dumps(history))
+
+
+def checkpoint_bytes(peers: list[Peer], done: int, history: list[dict[str, Any]]) -> bytes:
+    """Every peer's state after `done` epochs and the history so far, as one file's bytes."""
+    buffer = io.BytesIO()
+    torch.save({"peers": [peer_state(peer, done) for peer in peers], "history": history}, buffer)
+    return buffer.getvalue()
+
+
+def load_checkpoint_bytes(data: bytes, peers: list[Peer]) -> tuple[int, list[dict[str, Any]]]:
+    """Load `checkpoint_bytes` into the peers; (epochs done, history)."""
+    state = torch.load(io.BytesIO(data), map_location=peers[0].device, weights_only=True)
+    done = 0
+    for peer, peer_saved in zip(peers, state["peers"], strict=True):
+        done = load_peer_state(peer, peer_saved)
+    return done, state["history"]
+
+
+def read_checkpoint(folder: Path, peers: list[Peer], replica: int = 0) -> tuple[int, list[dict[str, Any]]]:
+    """Load each local peer's state from a checkpoint folder; (epochs done, history)."""
+    done = 0
+    for peer in peers:
+        state = torch.load(folder / checkpoint_file(peer.index, replica), map_location=peer.device, weights_only=True)
+        done = load_peer_state(peer, state)
+    return done, json.loads((folder / HISTORY_FILE).read_text())
 
 
 def noise_spec(cfg: Config) -> NoiseSpec:
@@ -165,36 +214,57 @@ class StepTrace:
                 f.write(json.dumps(line) + "\n")
 
 
+def _evaluate_in_process(peers: list[Peer], data: DataBundle) -> dict[str, float]:
+    """Every peer's and the ensemble's accuracy: clean test labels, noisy validation labels."""
+    accuracy = {}
+    if data.test is not None:
+        test_probs = [test_probabilities(p, data.test, data.info) for p in peers]
+        accuracy.update(evaluate(test_probs, data.test.clean_labels))
+    if data.validation is not None:
+        val_probs = [test_probabilities(p, data.validation, data.info) for p in peers]
+        accuracy.update(evaluate(val_probs, data.validation.noisy_labels, "val"))
+    return accuracy
+
+
 def train_in_process(
     cfg: Config,
     data: Optional[DataBundle] = None,
     log: Callable[[str], None] = print,
     on_step: Optional[StepHook] = None,
+    *,
+    resume: Optional[Resume] = None,
+    on_epoch: Optional[EpochHook] = None,
+    label: str = "",
+    started_at: Optional[float] = None,
 ) -> dict[str, Any]:
-    """Train P peers in this process; return the run summary (see `cmd_ray.summary.summarise`)."""
-    started, started_at = time.perf_counter(), time.time()
+    """Train P peers in this process; return the run summary (see `cmd_ray.summary.summarise`).
+
+    `resume` loads a checkpoint into the freshly built peers (a Tune trial restarting);
+    `on_epoch` checkpoints and reports after each epoch; `label` prefixes progress lines;
+    `started_at` (wall clock) is when the run started, for its start-up time.
+    """
+    started, started_at = time.perf_counter(), started_at or time.time()
     data = data if data is not None else load_run_data(cfg)
     device = torch.device("cuda") if cfg.use_gpu else torch.device("cpu")
     total_steps = steps_per_epoch(cfg, data) * cfg.epochs
     peers = [build_peer(cfg, k, data.info, total_steps, device) for k in range(cfg.peers)]
+    start_epoch, history = resume(peers) if resume is not None else (0, [])
     if on_step is None and cfg.testing.trace_dir:
         on_step = StepTrace(cfg.testing.trace_dir)
     log(
         f"[cmd-ray] in-process: {cfg.method} with {cfg.peers} peers on {cfg.data.name}, "
         f"{describe_data(cfg, data)}, {cfg.epochs} epochs, device {device}"
+        + (f"; resumed after epoch {start_epoch}" if start_epoch else "")
     )
-    history = []
-    for epoch in range(cfg.epochs):
+    for epoch in range(start_epoch, cfg.epochs):
         stats = train_epoch(cfg, peers, data, epoch, on_step=on_step)
-        accuracy = {}
-        if data.test is not None:
-            test_probs = [test_probabilities(p, data.test, data.info) for p in peers]
-            accuracy.update(evaluate(test_probs, data.test.clean_labels))
-        if data.validation is not None:
-            val_probs = [test_probabilities(p, data.validation, data.info) for p in peers]
-            accuracy.update(evaluate(val_probs, data.validation.noisy_labels, "val"))
+        evaluated = time.perf_counter()
+        accuracy = _evaluate_in_process(peers, data)
         record = epoch_record(epoch, stats.counts, accuracy, stats.train_seconds, stats.exchange_seconds)
+        record["eval_seconds"] = time.perf_counter() - evaluated
         history.append(finish_record(record, data, stats, started_at if epoch == 0 else None))
-        log(progress_line(record, cfg.peers, cfg.epochs))
+        log(progress_line(record, cfg.peers, cfg.epochs, label))
+        if on_epoch is not None:
+            on_epoch(epoch + 1, peers, history)
     extra = {"path": "in-process", "wall_seconds": time.perf_counter() - started}
     return summarise(cfg, history, data.noise, extra)

@@ -128,7 +128,9 @@ def local_ray():
     # (every 2 s by default); poll often so a kill soon after a report finds it registered.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     if not ray.is_initialized():
-        ray.init(num_cpus=4, logging_level="WARNING", include_dashboard=True)
+        from cmd_ray.ray_train import start_local_ray
+
+        start_local_ray(num_cpus=4)
     yield
     ray.shutdown()
 
@@ -181,14 +183,6 @@ def tiny_config(root: Path, **overrides):
 FAKE_AWS_SECRET = "cmdrayFAKEsecretDoNotLeak0123456789abcdef"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_s3_server(enforce_auth: bool = False):
     """(process, endpoint URL) of a moto S3 server on a free port; with `enforce_auth` it refuses
     credentials it does not know (as AWS does)."""
@@ -198,7 +192,9 @@ def start_s3_server(enforce_auth: bool = False):
     import sys
     import time
 
-    port = _free_port()
+    from cmd_ray.exchange import free_port
+
+    port = free_port()
     env = dict(os.environ)
     if enforce_auth:
         env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"

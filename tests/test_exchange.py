@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cmd_ray.exchange import CollectiveExchange, ExchangeMisalignedError, Topology, make_groups
+from cmd_ray.exchange import CollectiveExchange, ExchangeMisalignedError, Topology, free_port, make_groups
 from cmd_ray.peer import Batch
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, replicas: int, misalign: bool, results) -> None:
@@ -43,7 +36,7 @@ def _worker(rank: int, world: int, port: int, replicas: int, misalign: bool, res
 def _run(world: int, replicas: int, misalign: bool) -> dict:
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(world, _free_port(), replicas, misalign, results), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), replicas, misalign, results), nprocs=world, join=True)
         return dict(results)
 
 
@@ -107,5 +100,5 @@ def _placed_worker(rank: int, world: int, port: int, results) -> None:
 def test_placements_are_gathered_and_groups_built_from_them_on_every_rank():
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_placed_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+        mp.spawn(_placed_worker, args=(2, free_port(), results), nprocs=2, join=True)
         assert dict(results) == {0: (2, "gloo", [0.0, 1.0]), 1: (2, "gloo", [0.0, 1.0])}
