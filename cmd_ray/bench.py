@@ -125,8 +125,12 @@ def _trial_clock():
 
     class TrialClock(tune.Callback):
         def __init__(self):
+            self.tune_started = 0.0
             self.started: dict[str, float] = {}
             self.completed: dict[str, float] = {}
+
+        def setup(self, **info):
+            self.tune_started = time.time()
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self.started.setdefault(trial.trial_id, time.time())
@@ -141,7 +145,7 @@ def _trial_clock():
 # start mark, end mark); "sum:<key>" sums a per-epoch record key instead.
 TRIAL_PHASES = {
     "trial": (
-        ("Tune: trial scheduled -> trial function runs (process start or reuse)", "scheduled", "trial_start"),
+        ("Tune: trial's actor ready -> trial function runs", "scheduled", "trial_start"),
         ("imports in the trial", "trial_start", "imported"),
         ("data from the Parquet cache", "imported", "data_loaded"),
         ("peers built -> first step", "data_loaded", "first_step"),
@@ -151,7 +155,7 @@ TRIAL_PHASES = {
         ("trial returns -> Tune marks it complete (W&B run closed)", "trial_end", "completed"),
     ),
     "workers": (
-        ("Tune: trial scheduled -> trial function runs (process start or reuse)", "scheduled", "trial_start"),
+        ("Tune: trial's actor ready -> trial function runs", "scheduled", "trial_start"),
         ("imports in the trial", "trial_start", "imported"),
         ("data from the Parquet cache", "imported", "data_loaded"),
         ("TorchTrainer built, data into the object store", "data_loaded", "fit_start"),
@@ -181,8 +185,8 @@ def trial_breakdown(marks: dict[str, float], history: list[dict[str, Any]], plac
         elif start in marks and end in marks:
             out[name] = marks[end] - marks[start]
     if "scheduled" in marks and "completed" in marks:
-        out["whole trial (scheduled -> complete)"] = marks["completed"] - marks["scheduled"]
-        out["unexplained (between the phases above)"] = 2 * out["whole trial (scheduled -> complete)"] - sum(
+        out["whole trial (actor ready -> complete)"] = marks["completed"] - marks["scheduled"]
+        out["unexplained (between the phases above)"] = 2 * out["whole trial (actor ready -> complete)"] - sum(
             out.values()
         )
     return out
@@ -206,45 +210,71 @@ def _sweep_breakdown(folder: str, clock, placement: str) -> dict[str, float]:
     return {name: sum(t.get(name, 0.0) for t in per_trial) / len(per_trial) for name in names}
 
 
+def _sweep_phases(started: float, finished: float, clock, folder: str) -> dict[str, float]:
+    """Where a whole sweep's wall time goes outside its trials (seconds)."""
+    from cmd_ray.storage import read_bytes
+    from cmd_ray.sweep import TIMELINE_FILE
+
+    trial_starts = [
+        json.loads(read_bytes(join(folder, "trials", trial_id, TIMELINE_FILE)))["trial_start"]
+        for trial_id in clock.completed
+    ]
+    return {
+        "before Tune: Ray start, data caches, W&B set-up": clock.tune_started - started,
+        "Tune start -> first trial function runs (trial processes start)": min(trial_starts) - clock.tune_started,
+        "first trial runs -> last trial complete": max(clock.completed.values()) - min(trial_starts),
+        "after the last trial: results table": finished - max(clock.completed.values()),
+    }
+
+
+SWEEP_RUNS = (  # (label, placement, W&B mode or None for the config's)
+    ("placement trial", "trial", None),
+    ("placement trial, W&B disabled", "trial", "disabled"),
+    ("placement workers", "workers", None),
+)
+
+
 def sweep_overhead(cfg: Config, jobs: int = 2, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The grid of `cfg` three ways, one after the other on the same machine: as in-process runs
-    `jobs` at a time, then `cmd-ray sweep` with placement trial, then with placement workers.
-    Logs and returns each one's wall time, its ratio to the in-process runs, and the mean
-    breakdown of a trial's time for each placement."""
+    """The grid of `cfg` several ways, one after the other on the same machine: as in-process runs
+    `jobs` at a time, then `cmd-ray sweep` with placement trial (with the config's W&B mode and
+    with W&B disabled) and with placement workers. Logs and returns each one's wall time, its
+    ratio to the in-process runs, where the sweep's time went outside its trials, and the mean
+    breakdown of a trial's time."""
     import ray
 
-    from cmd_ray.sweep import run_sweep
+    from cmd_ray.sweep import run_sweep, wandb_mode
 
     points = check_grid(cfg)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log(f"[bench sweep] {len(points)} grid points as in-process runs, {jobs} at a time ...")
-    figures: dict[str, Any] = {
-        "trials": len(points),
-        "jobs": jobs,
-        "in_process_seconds": _in_process_pool(cfg, points, jobs),
-    }
-    log(f"[bench sweep] in-process: {figures['in_process_seconds']:.0f} s")
-    for placement in ("trial", "workers"):
-        c = trial_config(
-            cfg.to_dict(), {"sweep.placement": placement, "sweep.name": f"{cfg.sweep.name}-{placement}-{stamp}"}
-        )
+    pool = _in_process_pool(cfg, points, jobs)
+    figures: dict[str, Any] = {"trials": len(points), "jobs": jobs, "in_process_seconds": pool, "sweeps": {}}
+    log(f"[bench sweep] in-process: {pool:.0f} s")
+    for label, placement, mode in SWEEP_RUNS:
+        point = {"sweep.placement": placement, "sweep.name": f"{cfg.sweep.name}-{placement}-{mode or 'wandb'}-{stamp}"}
+        if mode is not None:
+            point["sweep.wandb.mode"] = mode
+        c = trial_config(cfg.to_dict(), point)
         clock = _trial_clock()
-        started = time.perf_counter()
+        started = time.time()
         folder = run_sweep(c, log=log, callbacks=[clock])
-        wall = time.perf_counter() - started
+        finished = time.time()
         ray.shutdown()
-        breakdown = _sweep_breakdown(folder, clock, placement)
-        figures[placement] = {
+        wall = finished - started
+        label = f"{label} (W&B {wandb_mode(c)})" if mode is None else label
+        figures["sweeps"][label] = {
+            "placement": placement,
             "wall_seconds": wall,
-            "ratio_to_in_process": wall / figures["in_process_seconds"],
+            "ratio_to_in_process": wall / pool,
             "folder": folder,
-            "mean_trial_seconds": breakdown,
+            "sweep_seconds": _sweep_phases(started, finished, clock, folder),
+            "mean_trial_seconds": _sweep_breakdown(folder, clock, placement),
         }
-        log(
-            f"[bench sweep] cmd-ray sweep, placement {placement}: {wall:.0f} s, "
-            f"{wall / figures['in_process_seconds']:.2f}x the in-process runs; a trial's time (mean of {len(points)}):"
-        )
-        for name, seconds in breakdown.items():
+        log(f"[bench sweep] cmd-ray sweep, {label}: {wall:.0f} s, {wall / pool:.2f}x the in-process runs")
+        for name, seconds in figures["sweeps"][label]["sweep_seconds"].items():
+            log(f"    {seconds:7.1f} s  {name}")
+        log(f"  a trial's time (mean of {len(points)}):")
+        for name, seconds in figures["sweeps"][label]["mean_trial_seconds"].items():
             log(f"    {seconds:7.1f} s  {name}")
     return figures
 
@@ -302,6 +332,7 @@ PROCESS_KINDS = (
     ("Train worker", "RayTrainWorker"),
     ("Train controller", "TrainController"),
     ("trial driver", "ImplicitFunc"),
+    ("W&B logging actor", "WandbRuns"),
     ("W&B logging actor", "WandbLoggingActor"),
     ("W&B service", "wandb-core"),
     ("idle Ray worker", "ray::IDLE"),

@@ -69,89 +69,22 @@ def wandb_mode(cfg: Config) -> str:
 
 
 def prepare_wandb(cfg: Config, folder: Path) -> Optional[Any]:
-    """Set the W&B environment (before ray.init, so every Ray process inherits it) and return
-    the Tune callback, or None when disabled. The key itself is never passed as an argument:
+    """Set the W&B environment (before ray.init, so every local Ray process inherits it) and return
+    the Tune callback, or None when disabled. The key itself is never passed as configuration:
     Ray would store it in plain text in the experiment state (tuner.pkl)."""
     mode = wandb_mode(cfg)
     if mode == "disabled":
         return None
+    from cmd_ray.ray_train import is_cluster
+    from cmd_ray.wandb_runs import SweepWandbCallback
+
     folder.mkdir(parents=True, exist_ok=True)
     os.environ["WANDB_MODE"] = mode
     os.environ["WANDB_DIR"] = str(folder)
     os.environ.setdefault("WANDB_SILENT", "true")
     # A W&B service that cannot be reached must not hold a trial: give up on init quickly.
     os.environ.setdefault("WANDB_INIT_TIMEOUT", "60")
-    kwargs = {"entity": cfg.sweep.wandb.entity} if cfg.sweep.wandb.entity else {}
-    return _wandb_callback_class()(
-        project=cfg.sweep.wandb.project, group=cfg.sweep.name, log_config=True, dir=str(folder), **kwargs
-    )
-
-
-def _wandb_callback_class() -> type:
-    """Ray's WandbLoggerCallback, quiet: no blocking in Tune's loop, no restart warning, no traceback.
-
-    - Ray's callback hands each result to the trial's queue actor and waits for the actor to
-      answer (`Queue.put` is a `ray.get`); a trial's first result waits for that actor to start,
-      seconds on a busy machine, which Tune reports as "on_trial_result ... may be a performance
-      bottleneck". Results are sent without waiting here (one caller, one actor: order is kept).
-    - Ray starts the logging actor with max_restarts=-1 and constructor arguments in the object
-      store, which Ray logs as an error at start; a restarted logger would have lost its queue
-      anyway, so it starts without restarts.
-    - Ray kills each trial's logging actor once its `wandb.finish()` returns; W&B's atexit hook
-      then tries to close a service connection that is already gone and prints a
-      ConnectionResetError traceback per trial. Tearing down explicitly unregisters that hook.
-    - Ray only drops its handle to the trial's queue actor, which then exits gracefully; a
-      SIGTERM arriving while that actor's interpreter waits for its threads prints a SystemExit
-      traceback ("Exception ignored in threading"). Killing the queue outright has no such window.
-    """
-    import ray
-    from ray.air.integrations.wandb import (
-        WANDB_ENV_VAR,
-        WandbLoggerCallback,
-        _clean_log,
-        _QueueItem,
-        _WandbLoggingActor,
-    )
-    from ray.air.util.node import _force_on_current_node
-
-    class TidyWandbLoggingActor(_WandbLoggingActor):
-        def run(self):
-            try:
-                super().run()
-            finally:
-                self._wandb.teardown()
-
-    class TidyWandbLoggerCallback(WandbLoggerCallback):
-        _logger_actor_cls = TidyWandbLoggingActor
-
-        def _start_logging_actor(self, trial, exclude_results, **wandb_init_kwargs):
-            if not self._remote_logger_class:
-                # As Ray does, but without restarts, and with the W&B settings the driver chose:
-                # on a cluster Ray's processes do not inherit the driver's environment. The key
-                # travels as Ray passes it (an environment variable of the actor), never as an
-                # argument.
-                names = (WANDB_ENV_VAR, "WANDB_MODE", "WANDB_DIR", "WANDB_SILENT", "WANDB_INIT_TIMEOUT")
-                env_vars = {name: os.environ[name] for name in names if name in os.environ}
-                self._remote_logger_class = ray.remote(
-                    num_cpus=0, **_force_on_current_node(), runtime_env={"env_vars": env_vars}, max_restarts=0
-                )(self._logger_actor_cls)
-            super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs)
-
-        def log_trial_result(self, iteration, trial, result):
-            if trial not in self._trial_logging_actors:
-                self.log_trial_start(trial)
-            result = _clean_log(result, video_kwargs=self.video_kwargs, image_kwargs=self.image_kwargs)
-            self._trial_queues[trial].actor.put_nowait.remote((_QueueItem.RESULT, result))
-
-        def _signal_logging_actor_stop(self, trial) -> None:
-            self._trial_queues[trial].actor.put_nowait.remote((_QueueItem.END, None))
-
-        def _cleanup_logging_actor(self, trial) -> None:
-            queue = self._trial_queues[trial]
-            super()._cleanup_logging_actor(trial)
-            queue.shutdown(force=True)
-
-    return TidyWandbLoggerCallback
+    return SweepWandbCallback(cfg.sweep.wandb.project, cfg.sweep.name, cfg.sweep.wandb.entity, is_cluster(cfg))
 
 
 # --------------------------------------------------------------------------------------

@@ -134,6 +134,11 @@ CASES = [
     ("unwritable sweep storage", lambda t: ["sweep", "--set", f"sweep.storage_path={_files(t, 'g', 'x')}/s"],
      "sweep.storage_path: cannot write to"),
     ("resume nothing", lambda t: ["sweep", "--set", f"sweep.storage_path={t}", "--resume"], "--resume: no sweep"),
+    ("bad placement", lambda t: ["sweep", "--set", "sweep.placement=gpu"],
+     "sweep.placement: got 'gpu'; allowed: one of 'auto', 'workers', 'trial'"),
+    ("replicas in one trial process", lambda t: ["sweep", "--set", "sweep.placement=trial", "--set", "replicas=2"],
+     "sweep.placement: got 'trial' with replicas=2"),
+    ("no CPU for a trial", lambda t: ["sweep", "--set", "sweep.cpus_per_trial=0"], "sweep.cpus_per_trial: got 0.0"),
     ("report nothing", lambda t: ["report", str(t)], "folder: "),
     # A user's own data
     ("own data without a path", lambda t: ["train", "--set", "data.name=image_folder"], "data.path: got null"),

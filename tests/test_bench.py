@@ -1,4 +1,5 @@
-"""Benchmarks: the accuracy runner resumes and feeds the report (no timing is asserted)."""
+"""Benchmarks: the accuracy bench runs through the sweep, resumes and feeds the report; the sweep
+bench's phase arithmetic (no timing is asserted)."""
 
 from __future__ import annotations
 
@@ -9,96 +10,93 @@ from cmd_ray.config import from_dict
 from cmd_ray.results import report, validation_choice
 
 
-def test_accuracy_bench_writes_a_reportable_table_and_resumes(fake_fmnist_root, tmp_path, monkeypatch):
-    cfg = from_dict(
-        {
-            "epochs": 2,
-            "batch_size": 100,
-            "data": {"root": str(fake_fmnist_root), "test_subset": 100},
-            "sweep": {"grid": {"noise": [{"type": "pairflip", "rate": 0.45}], "method": ["ce", "cmd-p"]}},
-        }
-    )
+def _bench_config(root, tmp_path, **values):
+    """A tiny grid for the accuracy bench: fake data, W&B off, the sweep under tmp_path."""
+    base = {
+        "epochs": 2,
+        "batch_size": 100,
+        "data": {"root": str(root), "test_subset": 100},
+        "sweep": {"name": "bench", "storage_path": str(tmp_path / "sweeps"), "wandb": {"mode": "disabled"}},
+    }
+    for key, value in values.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return from_dict(base)
+
+
+def test_accuracy_bench_runs_its_grid_through_cmd_ray_sweep_and_resumes_without_training_again(
+    fake_fmnist_root, tmp_path, local_ray
+):
+    grid = {"noise": [{"type": "pairflip", "rate": 0.45}], "method": ["ce", "cmd-p"]}
+    cfg = _bench_config(fake_fmnist_root, tmp_path, sweep={"grid": grid})
     folder = tmp_path / "bench"
     lines = []
     bench.accuracy(cfg, folder, log=lines.append)
-    assert len(lines) == 2
     rows = pq.read_table(folder / "results.parquet").to_pylist()
     assert {(r["method"], r["noise.type"], r["noise.rate"]) for r in rows} == {
         ("ce", "pairflip", 0.45),
         ("cmd-p", "pairflip", 0.45),
     }
+    assert len(rows) == 4 and all(r["status"] == "finished" for r in rows)
+    # Through Ray Tune: the sweep folder holds Tune's experiment state, one folder per trial.
+    sweep = tmp_path / "sweeps" / "bench"
+    assert (sweep / "tune").is_dir() and len(list((sweep / "trials").iterdir())) == 2
+    assert any("sweep 'bench': 2 trials" in line for line in lines)
     table, plots = report(folder, last_epochs=2)
     assert "pairflip 0.45" in table and len(plots) == 3
-
-    def must_not_train(*_, **__):
-        raise AssertionError("a finished benchmark run was trained again")
-
-    monkeypatch.setattr("cmd_ray.trainer.train_in_process", must_not_train)
-    bench.accuracy(cfg, folder, log=lines.append)
-    assert len(lines) == 2
-    # A line cut short by a crash or a full disk is skipped on resume, not fatal.
-    with open(folder / "trials.jsonl", "a") as f:
-        f.write('{"trial_id": "bench_00009", "point": {"meth')
-    bench.accuracy(cfg, folder, log=lines.append)
-    assert len(lines) == 3 and "skipping an unfinished line" in lines[2]
-    # Without the trials log (kept out of git for long benchmarks) the table alone resumes.
-    before = pq.read_table(folder / "results.parquet").to_pylist()
-    (folder / "trials.jsonl").unlink()
-    bench.accuracy(cfg, folder, log=lines.append)
-    assert len(lines) == 3
-    assert pq.read_table(folder / "results.parquet").to_pylist() == before
-
-
-def test_accuracy_bench_runs_points_in_parallel_processes_with_the_same_table(fake_fmnist_root, tmp_path):
-    cfg = from_dict(
-        {
-            "epochs": 1,
-            "batch_size": 100,
-            "data": {"root": str(fake_fmnist_root), "test_subset": 100},
-            "sweep": {"grid": {"method": ["ce", "coteaching", "cmd-p"]}},
-        }
+    # Resuming a finished sweep trains nothing again: every epoch keeps its finishing time.
+    bench.accuracy(cfg, folder, resume=True, log=lines.append)
+    again = pq.read_table(folder / "results.parquet").to_pylist()
+    assert sorted((r["trial_id"], r["finished_at"]) for r in again) == sorted(
+        (r["trial_id"], r["finished_at"]) for r in rows
     )
-    lines = []
-    bench.accuracy(cfg, tmp_path / "parallel", log=lines.append, jobs=2)
-    assert len(lines) == 3 and all(line.startswith("[") for line in lines)
-    rows = pq.read_table(tmp_path / "parallel" / "results.parquet").to_pylist()
-    assert sorted(r["method"] for r in rows) == ["ce", "cmd-p", "coteaching"]
-    assert sorted(r["trial_id"] for r in rows) == ["bench_00000", "bench_00001", "bench_00002"]
-    bench.accuracy(cfg, tmp_path / "parallel", log=lines.append, jobs=2)  # all done: nothing reruns
-    assert len(lines) == 3
 
 
 def test_validation_sweep_ranks_candidates_on_noisy_validation_accuracy_without_test_figures(
-    fake_fmnist_root, tmp_path, capsys
+    fake_fmnist_root, tmp_path, capsys, local_ray
 ):
     from cmd_ray.cli import main
 
-    cfg = from_dict(
-        {
-            "epochs": 2,
-            "batch_size": 100,
-            "data": {"root": str(fake_fmnist_root), "test_subset": 100, "validation_fraction": 0.2},
-            "sweep": {
-                "grid": {
-                    "method": ["cmd-s", "cmd-p"],
-                    "knowledge": [
-                        {"threshold_on": "certainty", "tau": 0.5, "tau_start": 0.3, "tau_end": 0.7},
-                        {"threshold_on": "quantile", "tau": 0.2, "tau_start": 0.0, "tau_end": 0.5},
-                    ],
-                }
-            },
-        }
+    knowledge = [
+        {"threshold_on": "certainty", "tau": 0.5, "tau_start": 0.3, "tau_end": 0.7},
+        {"threshold_on": "quantile", "tau": 0.2, "tau_start": 0.0, "tau_end": 0.5},
+    ]
+    cfg = _bench_config(
+        fake_fmnist_root,
+        tmp_path,
+        data={"validation_fraction": 0.2},
+        sweep={"grid": {"method": ["cmd-s", "cmd-p"], "knowledge": knowledge}},
     )
     folder = tmp_path / "validation"
-    lines = []
-    bench.accuracy(cfg, folder, log=lines.append)
-    assert len(lines) == 4 and all("noisy-validation" in line and "test" not in line for line in lines)
+    bench.accuracy(cfg, folder, log=lambda _: None)
     table, best = validation_choice(pq.read_table(folder / "results.parquet").to_pylist(), last_epochs=2)
     assert set(best) == {"cmd-s", "cmd-p"}
     assert "tau=0.5" in table and "tau_start" not in best["cmd-s"] and "tau=" not in best["cmd-p"].replace("tau_", "")
     assert table.count("(chosen)") == 2 and "test" not in table
     assert main(["report", str(folder), "--validation", "--last-epochs", "2"]) == 0
-    assert "chosen for cmd-p on validation:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "chosen for cmd-p on validation:" in out and "test" not in out.split("chosen for")[0]
+
+
+def test_a_trials_phases_add_up_to_its_span_and_name_what_is_missing():
+    marks = {
+        "scheduled": 0.0,
+        "trial_start": 2.0,
+        "imported": 5.0,
+        "data_loaded": 5.5,
+        "first_step": 6.0,
+        "report_seconds": 0.5,
+        "trial_end": 20.0,
+        "completed": 23.0,
+    }
+    history = [{"train_seconds": 5.0, "eval_seconds": 1.0}, {"train_seconds": 5.0, "eval_seconds": 1.0}]
+    phases = bench.trial_breakdown(marks, history, "trial")
+    assert phases["Tune: trial's actor ready -> trial function runs"] == 2.0
+    assert phases["imports in the trial"] == 3.0 and phases["training steps"] == 10.0
+    assert phases["whole trial (actor ready -> complete)"] == 23.0
+    # 2 + 3 + 0.5 + 0.5 + 10 + 2 + 0.5 + 3 = 21.5 of 23 s explained
+    assert phases["unexplained (between the phases above)"] == 1.5
+    workers = bench.trial_breakdown(marks, history, "workers")
+    assert "worker: data from the object store" not in workers  # no worker marks: left out, not zero
 
 
 def test_load_sampler_counts_the_memory_of_child_processes():

@@ -158,3 +158,18 @@ def test_a_variant_axis_sets_several_keys_together_and_is_checked():
     ]:
         with pytest.raises(ConfigError, match=match):
             check_grid(from_dict({"sweep": {"grid": bad}}))
+
+
+@pytest.mark.parametrize(
+    "values,placement",
+    [
+        ({}, "trial"),  # CPU peers: all in the trial's process
+        ({"use_gpu": True, "ray": {"gpus_per_worker": 0.5}}, "trial"),  # peers would share a GPU anyway
+        ({"use_gpu": True}, "workers"),  # a whole GPU per peer: each peer its own worker
+        ({"replicas": 2}, "workers"),  # data-parallel replicas need Ray Train workers
+        ({"sweep": {"placement": "workers"}}, "workers"),
+        ({"use_gpu": True, "sweep": {"placement": "trial"}}, "trial"),
+    ],
+)
+def test_auto_placement_decides_from_what_a_trial_requests(values, placement):
+    assert from_dict(values).placement == placement

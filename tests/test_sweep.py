@@ -144,11 +144,13 @@ def _files_containing(folder: Path, needle: bytes) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_smoke_sweep_writes_table_plots_offline_wandb_and_never_the_key(fake_fmnist_root, tmp_path, sweep_env):
+@pytest.mark.parametrize("placement", ["workers", "trial"])
+def test_smoke_sweep_writes_table_plots_offline_wandb_and_never_the_key(
+    fake_fmnist_root, tmp_path, sweep_env, placement
+):
     folder = tmp_path / "sweeps"
-    proc = subprocess.run(
-        _sweep_cmd(fake_fmnist_root, folder, "smoke"), env=sweep_env, capture_output=True, text=True, timeout=900
-    )
+    cmd = _sweep_cmd(fake_fmnist_root, folder, "smoke", "--set", f"sweep.placement={placement}")
+    proc = subprocess.run(cmd, env=sweep_env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = folder / "smoke"
     table = pq.read_table(sweep / "results.parquet").to_pylist()
@@ -177,32 +179,40 @@ def test_smoke_sweep_writes_table_plots_offline_wandb_and_never_the_key(fake_fmn
 
 
 def _trial_histories(sweep: Path) -> dict[str, list[dict]]:
-    """History in each trial's latest checkpoint that Ray Train registered (what a resume uses)."""
+    """Each trial's history in the checkpoint a resume would start from: for placement workers
+    the latest one Ray Train registered, for placement trial the trial's own checkpoint file."""
+    import torch
+
     out = {}
-    for run in (sweep / "train").iterdir():
+    for run in (sweep / "train").iterdir() if (sweep / "train").is_dir() else ():
         try:
             snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
             latest = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
             out[run.name] = json.loads((run / latest / "history.json").read_text())
         except (OSError, TypeError, KeyError, ValueError):
             continue  # nothing registered yet, or caught mid-write
+    for trial in (sweep / "trials").iterdir() if (sweep / "trials").is_dir() else ():
+        if (trial / "checkpoint.pt").is_file():
+            out[trial.name] = torch.load(trial / "checkpoint.pt", weights_only=True)["history"]
     return out
 
 
 @pytest.mark.slow
-def test_sweep_resumes_after_its_driver_is_killed(fake_fmnist_root, tmp_path, sweep_env):
+@pytest.mark.parametrize("placement", ["workers", "trial"])
+def test_sweep_resumes_after_its_driver_is_killed(fake_fmnist_root, tmp_path, sweep_env, placement):
     folder = tmp_path / "sweeps"
     sweep = folder / "resume"
-    cmd = _sweep_cmd(fake_fmnist_root, folder, "resume", "--set", "epochs=3")
+    # A short sleep per step keeps each epoch long enough to stop the driver mid-trial.
+    cmd = _sweep_cmd(fake_fmnist_root, folder, "resume", "--set", "epochs=3", "--set", f"sweep.placement={placement}",
+                     "--set", "testing.step_sleep=0.1")  # fmt: skip
     driver = subprocess.Popen(cmd, env=sweep_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)  # fmt: skip
     deadline = time.time() + 600
     while time.time() < deadline:  # wait until one trial is complete and a second has a checkpoint
-        time.sleep(2)
-        if (sweep / "train").is_dir():
-            histories = _trial_histories(sweep)
-            if sum(len(h) == 3 for h in histories.values()) >= 1 and len(histories) >= 2:
-                break
+        time.sleep(0.5)
+        histories = _trial_histories(sweep)
+        if sum(len(h) == 3 for h in histories.values()) >= 1 and any(len(h) < 3 for h in histories.values()):
+            break
     else:
         pytest.fail("the sweep never got going")
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, at once
@@ -211,6 +221,8 @@ def test_sweep_resumes_after_its_driver_is_killed(fake_fmnist_root, tmp_path, sw
     subprocess.run([ray_cli, "stop", "--force"], capture_output=True, env=sweep_env, timeout=120)
     before = _trial_histories(sweep)
     finished_before = {t: h for t, h in before.items() if len(h) == 3}
+    unfinished_before = {t: h for t, h in before.items() if len(h) < 3}
+    assert finished_before and unfinished_before
 
     proc = subprocess.run(cmd + ["--resume"], env=sweep_env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -220,8 +232,37 @@ def test_sweep_resumes_after_its_driver_is_killed(fake_fmnist_root, tmp_path, sw
         assert [r["finished_at"] for r in after[trial]] == [r["finished_at"] for r in history], "re-ran a trial"
     for trial, history in before.items():  # epochs done before the kill were not trained again
         assert [r["finished_at"] for r in after[trial][: len(history)]] == [r["finished_at"] for r in history]
+    # ... and the interrupted trial resumed from its checkpoint, saying from where.
+    resumed = {f"resumed from the checkpoint after epoch {len(h)}" for h in unfinished_before.values() if h}
+    assert all(line in proc.stdout + proc.stderr for line in resumed), proc.stdout[-3000:]
     table = pq.read_table(sweep / "results.parquet").to_pylist()
     assert len(table) == 12 and all(r["status"] == "finished" for r in table)
+
+
+@pytest.mark.slow
+def test_two_sweeps_at_once_on_one_machine_each_talk_to_their_own_ray(fake_fmnist_root, tmp_path, sweep_env):
+    """Each `cmd-ray sweep` starts its own local Ray; Ray Train's helpers (the placement-group
+    cleaner asks the State API) must find their own cluster, not fail on finding two."""
+    folder = tmp_path / "sweeps"
+    env = {**sweep_env, "WANDB_MODE": "disabled"}
+    grid = ["--set", "sweep.grid={method: [ce, cmd-p]}", "--set", "epochs=1", "--set", "ray.cpus_per_worker=0.5"]
+    procs = [
+        subprocess.Popen(
+            _sweep_cmd(fake_fmnist_root, folder, name, *grid, "--set", "sweep.placement=workers"),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name in ("first", "second")
+    ]
+    outputs = [proc.communicate(timeout=900)[0] for proc in procs]
+    for name, proc, output in zip(("first", "second"), procs, outputs):
+        assert proc.returncode == 0, output[-3000:]
+        assert "multiple active Ray instances" not in output, output[-3000:]
+        assert tracebacks_but_ray_sigterm_at_exit(output) == [], output[-3000:]
+        rows = pq.read_table(folder / name / "results.parquet").to_pylist()
+        assert len(rows) == 2 and all(r["status"] == "finished" for r in rows)
 
 
 @pytest.mark.slow
@@ -247,7 +288,8 @@ def test_a_failing_trial_does_not_stop_the_sweep_and_is_reported(fake_fmnist_roo
 def test_load_bench_bounds_concurrency_by_resources_and_reports_peak_memory(fake_fmnist_root, tmp_path, sweep_env):
     folder = tmp_path / "sweeps"
     out = tmp_path / "load.json"
-    cmd = _sweep_cmd(fake_fmnist_root, folder, "load", "--set", "epochs=1", "--set", "ray.cpus_per_worker=0.5")
+    cmd = _sweep_cmd(fake_fmnist_root, folder, "load", "--set", "epochs=1", "--set", "ray.cpus_per_worker=0.5",
+                     "--set", "sweep.placement=workers")  # fmt: skip
     cmd[cmd.index("sweep")] = "bench"
     cmd.insert(cmd.index("bench") + 1, "load")
     proc = subprocess.run(cmd + ["--output-json", str(out)], env=sweep_env, capture_output=True, text=True, timeout=900)
@@ -266,3 +308,49 @@ def test_a_results_table_keeps_every_column_any_trial_has():
     table = rows_table([{"trial_id": "a", "method": "ce"}, {"trial_id": "b", "method": "ce", "testing.nan_step": 8}])
     assert table.column_names == ["trial_id", "method", "testing.nan_step"]
     assert table.column("testing.nan_step").to_pylist() == [None, 8]
+
+
+def _read_trace(folder: Path, peer: int) -> list[dict]:
+    return [json.loads(line) for line in (folder / f"peer{peer}.jsonl").read_text().splitlines()]
+
+
+def test_a_trial_placed_in_its_own_process_steps_exactly_as_the_in_process_trainer(
+    fake_fmnist_root, tmp_path, local_ray
+):
+    import torch
+
+    from cmd_ray.results import read_results
+    from cmd_ray.sweep import run_sweep
+    from cmd_ray.trainer import train_in_process
+
+    from .conftest import tiny_config
+
+    def config(trace: str):
+        return tiny_config(
+            fake_fmnist_root,
+            testing__trace_dir=str(tmp_path / trace),
+            sweep__name="same",
+            sweep__storage_path=str(tmp_path / "sweeps"),
+            sweep__placement="trial",
+            sweep__grid={"labels.trust": ["small_loss"]},
+            sweep__wandb={"mode": "disabled"},
+        )
+
+    folder = run_sweep(config("trial"), log=lambda _: None)
+    rows = read_results(folder)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the trial (sweep.cpus_per_trial = 1): the same float reductions
+    try:
+        ref = train_in_process(config("ref"), log=lambda _: None)["history"]
+    finally:
+        torch.set_num_threads(threads)
+    for peer in range(2):
+        got, want = _read_trace(tmp_path / "trial", peer), _read_trace(tmp_path / "ref", peer)
+        assert len(got) == len(want) == 16  # 2 epochs x 512 samples / 64 per batch
+        for g, w in zip(got, want):
+            assert g["selected"] == w["selected"], f"peer {peer} step {g['step']}: selection differs"
+            assert g["loss"] == pytest.approx(w["loss"], rel=1e-6, abs=1e-7)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for row, expected in zip(rows, ref):
+        for key in ("peer0/test_accuracy", "peer1/test_accuracy", "ensemble/test_accuracy", "mean/selected_fraction"):
+            assert row[key] == pytest.approx(expected[key], abs=1e-9), key
