@@ -4,12 +4,15 @@
   and in one process, side by side in one run: steady-state training samples/s of each,
   their ratio, the exchange's share of step time (transfer timed apart from waiting on
   the slower peer), and the time from start to the first step. Optionally P = 2, 3, 4.
+- `sweep`: a grid as plain in-process runs (a pool, what a user would script) and as
+  `cmd-ray sweep` with each trial placement, one after the other: wall times, their ratios,
+  and where a sweep's and a trial's time goes (from each trial's timeline.json and a Tune
+  callback on the driver).
 - `load`: a sweep of 16+ Tune-over-Train trials on this machine, with the resident memory of
   the driver and its Ray processes, the machine's memory in use and the live Train workers
   sampled from /proc (Linux) every half second.
-- `accuracy`: methods x noise settings x seeds with the in-process trainer (the Ray path
-  computes the same numbers, as the equivalence test shows), resumable, written as a
-  sweep-style `results.parquet` so `cmd-ray report` makes the table and plots.
+- `accuracy`: methods x noise settings x seeds through `cmd-ray sweep` (the product's path),
+  resumable, its results.parquet kept where the docs read it, for `cmd-ray report`.
 - `import`: a generated folder of N PNG images imported into the Parquet cache (decoding,
   resizing, the content hash), then read back: images per second of each.
 """

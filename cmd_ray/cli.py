@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("folder", help="the sweep folder (holds results.parquet)")
     report.add_argument("--last-epochs", type=int, default=1, help="final accuracy = mean of the last N epochs")
     report.add_argument(
+        "--compare", metavar="FOLDER", help="also compare with another sweep of the same cells (e.g. an earlier run)"
+    )
+    report.add_argument(
         "--validation",
         action="store_true",
         help="rank each method's swept knowledge/distill settings by noisy-validation accuracy (no test figures)",
@@ -214,8 +217,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         if args.validation:
             return _print_validation_choice(args.folder, args.last_epochs)
         table, plots = report(args.folder, args.last_epochs)
+        if args.compare:
+            from cmd_ray.results import compare_table, read_results
+
+            table += "\n\nCompared with " + args.compare + " (final, %):\n"
+            table += compare_table(read_results(args.folder), read_results(args.compare), args.last_epochs)
     except FileNotFoundError as err:
-        raise ConfigError(f"folder: {err}") from None
+        raise ConfigError(f"{'--compare' if args.compare and args.compare in str(err) else 'folder'}: {err}") from None
     except ValueError as err:
         raise ConfigError(f"--validation: {err}") from None
     print(table)

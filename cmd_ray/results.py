@@ -166,6 +166,34 @@ def report_table(rows: list[dict[str, Any]], last_epochs: int = 1, metric: str =
     return "\n".join(text)
 
 
+def compare_table(rows: list[dict[str, Any]], other: list[dict[str, Any]], last_epochs: int = 1) -> str:
+    """Markdown table of the same cells in two sweeps (e.g. a rerun and the table it replaces):
+    per method x noise, the final clean test accuracy of each (mean +- std over seeds), their
+    difference, and the largest difference of one seed's run between the two (%)."""
+
+    def by_cell(finals: list[dict[str, Any]]) -> dict[tuple[str, str], dict[Any, float]]:
+        cells: dict[tuple[str, str], dict[Any, float]] = defaultdict(dict)
+        for f in finals:
+            cells[(f["method"], f["noise"])][f["seed"]] = 100 * f["final"]
+        return cells
+
+    mine, theirs = by_cell(trial_finals(rows, last_epochs)), by_cell(trial_finals(other, last_epochs))
+    lines = [
+        "| method | noise | this sweep | the other | difference | largest difference of one seed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, noise in sorted(set(mine) & set(theirs), key=lambda c: (_method_order(c[0]), c[1])):
+        a, b = mine[(method, noise)], theirs[(method, noise)]
+        paired = [a[seed] - b[seed] for seed in a if seed in b]
+        largest = max(paired, key=abs) if paired else float("nan")
+        difference = _mean_std(list(a.values()))[0] - _mean_std(list(b.values()))[0]
+        lines.append(
+            f"| {method} | {noise} | {_format_mean(list(a.values()))} | {_format_mean(list(b.values()))} | "
+            f"{difference:+.2f} | {largest:+.2f} |"
+        )
+    return "\n".join(lines)
+
+
 METHOD_ORDER = ("ce", "dml", "coteaching", "cmd-s", "cmd-p")
 
 

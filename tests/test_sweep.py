@@ -59,6 +59,24 @@ def test_report_table_gives_mean_and_std_over_seeds():
     assert "failed trials: t9" in table
 
 
+def test_a_rerun_is_compared_cell_by_cell_and_seed_by_seed_with_the_table_it_replaces():
+    from cmd_ray.results import compare_table
+
+    base = from_dict({}).to_dict()
+
+    def sweep(finals: dict[int, float]) -> list[dict]:
+        rows = []
+        for seed, final in finals.items():
+            history = [{"epoch": 0, "mean/test_accuracy": final}]
+            rows += trial_rows(f"t{seed}", {"seed": seed, "method": "ce"}, base, history, "finished", "")
+        return rows
+
+    table = compare_table(sweep({0: 0.80, 1: 0.70}), sweep({0: 0.80, 1: 0.60, 2: 0.9}))
+    lines = table.splitlines()
+    assert len(lines) == 3 and lines[2].startswith("| ce | symmetric 0.4 | 75.00±7.07 | 76.67±15.28 |")
+    assert lines[2].endswith("| -1.67 | +10.00 |")  # seed 1 differs by 10 points; seed 2 has no pair
+
+
 def _sweep_cmd(root: Path, folder: Path, name: str, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "cmd_ray.cli", "sweep",
