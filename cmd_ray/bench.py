@@ -237,12 +237,17 @@ SWEEP_RUNS = (  # (label, placement, W&B mode or None for the config's)
 )
 
 
-def sweep_overhead(cfg: Config, jobs: int = 2, log: Callable[[str], None] = print) -> dict[str, Any]:
+def sweep_overhead(
+    cfg: Config,
+    jobs: int = 2,
+    runs: tuple[str, ...] = tuple(r[0] for r in SWEEP_RUNS),
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """The grid of `cfg` several ways, one after the other on the same machine: as in-process runs
     `jobs` at a time, then `cmd-ray sweep` with placement trial (with the config's W&B mode and
     with W&B disabled) and with placement workers. Logs and returns each one's wall time, its
     ratio to the in-process runs, where the sweep's time went outside its trials, and the mean
-    breakdown of a trial's time."""
+    breakdown of a trial's time. `runs`: which of SWEEP_RUNS' labels to run (all by default)."""
     import ray
 
     from cmd_ray.sweep import run_sweep, wandb_mode
@@ -253,7 +258,7 @@ def sweep_overhead(cfg: Config, jobs: int = 2, log: Callable[[str], None] = prin
     pool = _in_process_pool(cfg, points, jobs)
     figures: dict[str, Any] = {"trials": len(points), "jobs": jobs, "in_process_seconds": pool, "sweeps": {}}
     log(f"[bench sweep] in-process: {pool:.0f} s")
-    for label, placement, mode in SWEEP_RUNS:
+    for label, placement, mode in (r for r in SWEEP_RUNS if r[0] in runs):
         point = {"sweep.placement": placement, "sweep.name": f"{cfg.sweep.name}-{placement}-{mode or 'wandb'}-{stamp}"}
         if mode is not None:
             point["sweep.wandb.mode"] = mode

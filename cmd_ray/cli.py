@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(sw)
     sw.add_argument("--jobs", type=int, default=2, help="in-process runs at once (an even share of the cores each)")
     sw.add_argument("--output-json", help="also write the figures here")
+    sw.add_argument(
+        "--placements",
+        nargs="+",
+        choices=["trial", "workers"],
+        default=["trial", "workers"],
+        help="which placements to time beside the in-process runs (trial also runs with W&B disabled)",
+    )
 
     imp = bench_sub.add_parser("import", help="import a generated image folder into the cache: images per second")
     imp.add_argument("--images", type=int, default=10000, help="how many PNG images to generate and import")
@@ -293,7 +300,8 @@ def bench_sweep(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ConfigError(f"--jobs: got {args.jobs}; allowed: an integer >= 1")
     _check_writable("sweep.storage_path", cfg.sweep.storage_path)
-    figures = bench.sweep_overhead(cfg, args.jobs)
+    runs = tuple(label for label, placement, _ in bench.SWEEP_RUNS if placement in args.placements)
+    figures = bench.sweep_overhead(cfg, args.jobs, runs)
     if args.output_json:
         write_json_atomic(args.output_json, {**figures, "config": cfg.to_dict()})
     return 0

@@ -366,6 +366,9 @@ def start_local_ray(num_cpus: Optional[float] = None, resources: Optional[dict[s
     # Ray Train's controller looks at its workers every 2 s by default: a finished run's end (and
     # each epoch's report) reaches the driver up to 2 s late; a local run can afford a closer look.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # Ray folds lines of different processes that differ only in numbers into one "[repeated
+    # Nx across cluster]": concurrent trials' progress lines would be hidden from the console.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     port = free_port("127.0.0.1")
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(

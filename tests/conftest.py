@@ -7,6 +7,7 @@ import io
 import os
 import pickle
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -119,20 +120,30 @@ def write_image_parquet(path: Path, n_train: int, n_test: int, size: int = 28, n
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def local_ray():
-    """One local Ray for the module; 4 logical CPUs so 4 workers fit on a 2-core machine."""
+    """A local Ray shared by every test that asks for one: started on first use (4 logical CPUs,
+    so 4 workers fit on a 2-core machine) and shut down at the end of the session; a test that
+    needs a Ray of its own (the multi-node cluster) shuts it down, and the next user starts it
+    again."""
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # Ray Train registers a reported checkpoint when its controller next polls the workers
-    # (every 2 s by default); poll often so a kill soon after a report finds it registered.
+    # Ray Train registers a reported checkpoint when its controller next polls the workers;
+    # poll often so a kill soon after a report finds it registered.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     if not ray.is_initialized():
         from cmd_ray.ray_train import start_local_ray
 
         start_local_ray(num_cpus=4)
     yield
-    ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_ray_left_running():
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture

@@ -37,6 +37,8 @@ def cluster(s3_bucket):
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if ray.is_initialized():  # the local Ray other tests share: this module needs a cluster of its own
+        ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {"TRAIN_DRIVER": 2}})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
     ray.init(address=cluster.address, logging_level="WARNING")
@@ -112,6 +114,7 @@ def _sweep_cmd(root, address: str, folder: str, *extra: str) -> list[str]:
         "--set", "epochs=3",
         "--set", "batch_size=100",
         "--set", "ray.cpus_per_worker=1",
+        "--set", "sweep.placement=workers",  # peers as Train workers on the cluster's nodes
         "--set", "testing.step_sleep=0.3",
         "--set", f"sweep.storage_path={folder}",
         "--set", "sweep.name=s3-sweep",

@@ -168,6 +168,7 @@ def test_smoke_sweep_writes_table_plots_offline_wandb_and_never_the_key(
 ):
     folder = tmp_path / "sweeps"
     cmd = _sweep_cmd(fake_fmnist_root, folder, "smoke", "--set", f"sweep.placement={placement}")
+    started = time.time()
     proc = subprocess.run(cmd, env=sweep_env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = folder / "smoke"
@@ -185,6 +186,13 @@ def test_smoke_sweep_writes_table_plots_offline_wandb_and_never_the_key(
     # The key is in the environment only: no file the sweep wrote may hold it.
     assert _files_containing(sweep, FAKE_KEY.encode()) == []
     assert FAKE_KEY not in proc.stdout + proc.stderr
+    # ... nor any log or record of the Ray the sweep started (the key was in the environment
+    # before that Ray started; Ray's W&B callback used to put it in a runtime environment,
+    # which Ray's runtime-env agent logs in plain text).
+    sessions = [d for d in Path("/tmp/ray").glob("session_2*") if d.stat().st_mtime >= started - 1]
+    assert sessions, "the sweep's Ray session folder was not found"
+    for session in sessions:
+        assert _files_containing(session, FAKE_KEY.encode()) == []
     # W&B's logging actors end quietly (no teardown traceback when Ray removes them).
     assert "ConnectionResetError" not in proc.stdout + proc.stderr
     assert tracebacks_but_ray_sigterm_at_exit(proc.stdout + "\n" + proc.stderr) == [], proc.stderr[-3000:]
