@@ -340,6 +340,7 @@ def init_ray(cfg: Config, extra_resources: Optional[dict[str, float]] = None) ->
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)  # a local Ray's, set by start_local_ray, is not this one's
         ray.init(address=address, logging_level="WARNING")
         return
     # A local embedded Ray has no preemptible nodes: skip Ray Train's preemption watcher,

@@ -138,6 +138,30 @@ def local_ray():
     yield
 
 
+def kill_rays_started_since(started: float) -> None:
+    """SIGKILL the daemons (GCS, raylet, dashboard, monitors) of every local Ray whose session
+    began after `started`, such as a killed sweep's own Ray; their workers follow them. Other
+    Rays on the machine are left alone (`ray stop` would stop them all, this test run's too)."""
+    import signal
+    import time
+
+    sessions = [d.name for d in Path("/tmp/ray").glob("session_2*") if d.stat().st_ctime >= started]
+    for _ in range(3):  # a daemon may be starting a child as we look
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if any(session in cmdline for session in sessions):
+                try:
+                    os.kill(int(proc.name), signal.SIGKILL)
+                except OSError:
+                    pass
+        time.sleep(1)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_ray_left_running():
     yield

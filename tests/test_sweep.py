@@ -20,6 +20,8 @@ from cmd_ray.data import materialise
 from cmd_ray.noise import NoiseSpec
 from cmd_ray.results import report_table, trial_rows
 
+from .conftest import kill_rays_started_since
+
 FAKE_KEY = "fa4e0000000000000000000000000000deadbeef"  # 40 hex chars, the shape of a W&B key
 
 
@@ -231,6 +233,7 @@ def test_sweep_resumes_after_its_driver_is_killed(fake_fmnist_root, tmp_path, sw
     # A short sleep per step keeps each epoch long enough to stop the driver mid-trial.
     cmd = _sweep_cmd(fake_fmnist_root, folder, "resume", "--set", "epochs=3", "--set", f"sweep.placement={placement}",
                      "--set", "testing.step_sleep=0.1")  # fmt: skip
+    started = time.time()
     driver = subprocess.Popen(cmd, env=sweep_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)  # fmt: skip
     deadline = time.time() + 600
@@ -243,8 +246,7 @@ def test_sweep_resumes_after_its_driver_is_killed(fake_fmnist_root, tmp_path, sw
         pytest.fail("the sweep never got going")
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, at once
     driver.wait(timeout=60)
-    ray_cli = str(Path(sys.executable).parent / "ray")  # stragglers of the killed local Ray, if any
-    subprocess.run([ray_cli, "stop", "--force"], capture_output=True, env=sweep_env, timeout=120)
+    kill_rays_started_since(started)  # stragglers of the killed local Ray, if any
     before = _trial_histories(sweep)
     finished_before = {t: h for t, h in before.items() if len(h) == 3}
     unfinished_before = {t: h for t, h in before.items() if len(h) < 3}
@@ -271,7 +273,7 @@ def test_two_sweeps_at_once_on_one_machine_each_talk_to_their_own_ray(fake_fmnis
     cleaner asks the State API) must find their own cluster, not fail on finding two."""
     folder = tmp_path / "sweeps"
     env = {**sweep_env, "WANDB_MODE": "disabled"}
-    grid = ["--set", "sweep.grid={method: [ce, cmd-p]}", "--set", "epochs=1", "--set", "ray.cpus_per_worker=0.5"]
+    grid = ["--set", "sweep.grid={method: [cmd-p]}", "--set", "epochs=1", "--set", "ray.cpus_per_worker=0.5"]
     procs = [
         subprocess.Popen(
             _sweep_cmd(fake_fmnist_root, folder, name, *grid, "--set", "sweep.placement=workers"),
@@ -288,7 +290,7 @@ def test_two_sweeps_at_once_on_one_machine_each_talk_to_their_own_ray(fake_fmnis
         assert "multiple active Ray instances" not in output, output[-3000:]
         assert tracebacks_but_ray_sigterm_at_exit(output) == [], output[-3000:]
         rows = pq.read_table(folder / name / "results.parquet").to_pylist()
-        assert len(rows) == 2 and all(r["status"] == "finished" for r in rows)
+        assert len(rows) == 1 and rows[0]["status"] == "finished"
 
 
 @pytest.mark.slow
