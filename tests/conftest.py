@@ -138,6 +138,23 @@ def local_ray():
     yield
 
 
+def ray_sessions_started_since(started: float) -> list[str]:
+    """Names of the local Ray sessions that began after `started` (from the start time in the name:
+    session_<date>_<time>_<microseconds>_<pid>; a folder's own times change as Ray writes in it)."""
+    import datetime
+
+    names = []
+    for folder in Path("/tmp/ray").glob("session_2*"):
+        try:
+            date, clock, micro = folder.name.split("_")[1:4]
+            began = datetime.datetime.strptime(f"{date} {clock}.{micro}", "%Y-%m-%d %H-%M-%S.%f").timestamp()
+        except ValueError:
+            continue
+        if began >= started - 1:
+            names.append(folder.name)
+    return names
+
+
 def kill_rays_started_since(started: float) -> None:
     """SIGKILL the daemons (GCS, raylet, dashboard, monitors) of every local Ray whose session
     began after `started`, such as a killed sweep's own Ray; their workers follow them. Other
@@ -145,7 +162,7 @@ def kill_rays_started_since(started: float) -> None:
     import signal
     import time
 
-    sessions = [d.name for d in Path("/tmp/ray").glob("session_2*") if d.stat().st_ctime >= started]
+    sessions = ray_sessions_started_since(started)
     for _ in range(3):  # a daemon may be starting a child as we look
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():

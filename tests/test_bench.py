@@ -3,6 +3,11 @@ bench's phase arithmetic (no timing is asserted)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pyarrow.parquet as pq
 
 from cmd_ray import bench
@@ -10,8 +15,14 @@ from cmd_ray.config import from_dict
 from cmd_ray.results import report, validation_choice
 
 
-def _bench_config(root, tmp_path, **values):
-    """A tiny grid for the accuracy bench: fake data, W&B off, the sweep under tmp_path."""
+def _bench_config(root, tmp_path, **values) -> Path:
+    """A tiny grid for the accuracy bench as a YAML preset: fake data (its caches built here, so
+    the command only reads them), W&B off, the sweep under tmp_path."""
+    import yaml
+
+    from cmd_ray.config import check_grid, trial_config
+    from cmd_ray.trainer import load_run_data
+
     base = {
         "epochs": 2,
         "batch_size": 100,
@@ -20,17 +31,30 @@ def _bench_config(root, tmp_path, **values):
     }
     for key, value in values.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
-    return from_dict(base)
+    cfg = from_dict(base)
+    for point in check_grid(cfg):
+        load_run_data(trial_config(cfg.to_dict(), point))
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+def _bench_accuracy(preset: Path, folder: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`cmd-ray bench accuracy` in its own process (its own local Ray, as a user runs it)."""
+    cmd = [sys.executable, "-m", "cmd_ray.cli", "bench", "accuracy", "--config", str(preset), "--folder", str(folder)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WANDB_"))}
+    proc = subprocess.run(cmd + list(extra), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 def test_accuracy_bench_runs_its_grid_through_cmd_ray_sweep_and_resumes_without_training_again(
-    fake_fmnist_root, tmp_path, local_ray
+    fake_fmnist_root, tmp_path
 ):
     grid = {"noise": [{"type": "pairflip", "rate": 0.45}], "method": ["ce", "cmd-p"]}
-    cfg = _bench_config(fake_fmnist_root, tmp_path, sweep={"grid": grid})
+    preset = _bench_config(fake_fmnist_root, tmp_path, sweep={"grid": grid})
     folder = tmp_path / "bench"
-    lines = []
-    bench.accuracy(cfg, folder, log=lines.append)
+    proc = _bench_accuracy(preset, folder, "--last-epochs", "2")
     rows = pq.read_table(folder / "results.parquet").to_pylist()
     assert {(r["method"], r["noise.type"], r["noise.rate"]) for r in rows} == {
         ("ce", "pairflip", 0.45),
@@ -40,11 +64,11 @@ def test_accuracy_bench_runs_its_grid_through_cmd_ray_sweep_and_resumes_without_
     # Through Ray Tune: the sweep folder holds Tune's experiment state, one folder per trial.
     sweep = tmp_path / "sweeps" / "bench"
     assert (sweep / "tune").is_dir() and len(list((sweep / "trials").iterdir())) == 2
-    assert any("sweep 'bench': 2 trials" in line for line in lines)
+    assert "sweep 'bench': 2 trials" in proc.stdout and "pairflip 0.45" in proc.stdout
     table, plots = report(folder, last_epochs=2)
     assert "pairflip 0.45" in table and len(plots) == 3
     # Resuming a finished sweep trains nothing again: every epoch keeps its finishing time.
-    bench.accuracy(cfg, folder, resume=True, log=lines.append)
+    _bench_accuracy(preset, folder, "--resume")
     again = pq.read_table(folder / "results.parquet").to_pylist()
     assert sorted((r["trial_id"], r["finished_at"]) for r in again) == sorted(
         (r["trial_id"], r["finished_at"]) for r in rows
@@ -52,7 +76,7 @@ def test_accuracy_bench_runs_its_grid_through_cmd_ray_sweep_and_resumes_without_
 
 
 def test_validation_sweep_ranks_candidates_on_noisy_validation_accuracy_without_test_figures(
-    fake_fmnist_root, tmp_path, capsys, local_ray
+    fake_fmnist_root, tmp_path, capsys
 ):
     from cmd_ray.cli import main
 
@@ -60,14 +84,15 @@ def test_validation_sweep_ranks_candidates_on_noisy_validation_accuracy_without_
         {"threshold_on": "certainty", "tau": 0.5, "tau_start": 0.3, "tau_end": 0.7},
         {"threshold_on": "quantile", "tau": 0.2, "tau_start": 0.0, "tau_end": 0.5},
     ]
-    cfg = _bench_config(
+    preset = _bench_config(
         fake_fmnist_root,
         tmp_path,
         data={"validation_fraction": 0.2},
         sweep={"grid": {"method": ["cmd-s", "cmd-p"], "knowledge": knowledge}},
     )
     folder = tmp_path / "validation"
-    bench.accuracy(cfg, folder, log=lambda _: None)
+    proc = _bench_accuracy(preset, folder, "--last-epochs", "2")
+    assert "chosen for cmd-p on validation:" in proc.stdout
     table, best = validation_choice(pq.read_table(folder / "results.parquet").to_pylist(), last_epochs=2)
     assert set(best) == {"cmd-s", "cmd-p"}
     assert "tau=0.5" in table and "tau_start" not in best["cmd-s"] and "tau=" not in best["cmd-p"].replace("tau_", "")

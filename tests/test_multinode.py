@@ -37,9 +37,9 @@ def cluster(s3_bucket):
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    if ray.is_initialized():  # the local Ray other tests share: this module needs a cluster of its own
-        ray.shutdown()
-    os.environ.pop("RAY_API_SERVER_ADDRESS", None)  # that Ray's dashboard, gone with it
+    # A local Ray started earlier in this process leaves state behind that a cluster's Ray Train
+    # controller trips on; the modules before this one keep Ray out of the test process.
+    assert not ray.is_initialized(), "a local Ray is running in this test process"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {"TRAIN_DRIVER": 2}})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
     ray.init(address=cluster.address, logging_level="WARNING")

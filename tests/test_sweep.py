@@ -20,7 +20,7 @@ from cmd_ray.data import materialise
 from cmd_ray.noise import NoiseSpec
 from cmd_ray.results import report_table, trial_rows
 
-from .conftest import kill_rays_started_since
+from .conftest import kill_rays_started_since, ray_sessions_started_since
 
 FAKE_KEY = "fa4e0000000000000000000000000000deadbeef"  # 40 hex chars, the shape of a W&B key
 
@@ -191,10 +191,10 @@ def test_smoke_sweep_writes_table_plots_offline_wandb_and_never_the_key(
     # ... nor any log or record of the Ray the sweep started (the key was in the environment
     # before that Ray started; Ray's W&B callback used to put it in a runtime environment,
     # which Ray's runtime-env agent logs in plain text).
-    sessions = [d for d in Path("/tmp/ray").glob("session_2*") if d.stat().st_mtime >= started - 1]
+    sessions = ray_sessions_started_since(started)
     assert sessions, "the sweep's Ray session folder was not found"
     for session in sessions:
-        assert _files_containing(session, FAKE_KEY.encode()) == []
+        assert _files_containing(Path("/tmp/ray") / session, FAKE_KEY.encode()) == []
     # W&B's logging actors end quietly (no teardown traceback when Ray removes them).
     assert "ConnectionResetError" not in proc.stdout + proc.stderr
     assert tracebacks_but_ray_sigterm_at_exit(proc.stdout + "\n" + proc.stderr) == [], proc.stderr[-3000:]
