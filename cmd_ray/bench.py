@@ -188,10 +188,9 @@ def trial_breakdown(marks: dict[str, float], history: list[dict[str, Any]], plac
         elif start in marks and end in marks:
             out[name] = marks[end] - marks[start]
     if "scheduled" in marks and "completed" in marks:
+        explained = sum(out.values())
         out["whole trial (actor ready -> complete)"] = marks["completed"] - marks["scheduled"]
-        out["unexplained (between the phases above)"] = 2 * out["whole trial (actor ready -> complete)"] - sum(
-            out.values()
-        )
+        out["unexplained (between the phases above)"] = out["whole trial (actor ready -> complete)"] - explained
     return out
 
 

@@ -144,7 +144,7 @@ def _train_on_workers(cfg: Config, data, label: str, trial_id: str, train: str, 
 
 
 CHECKPOINT_FILE = "checkpoint.pt"  # placement trial: in each trial's folder, the latest epoch's state
-HISTORY_FILE = "history.json"  # placement trial: in each trial's folder, one record per epoch so far
+# ... and HISTORY_FILE beside it (the name Train checkpoints use): one record per epoch so far
 
 
 def _train_in_trial(cfg: Config, data, label: str, timeline: dict[str, float]) -> None:
@@ -161,7 +161,7 @@ def _train_in_trial(cfg: Config, data, label: str, timeline: dict[str, float]) -
 
     from cmd_ray.storage import read_bytes, write_bytes
     from cmd_ray.summary import console
-    from cmd_ray.trainer import checkpoint_bytes, load_checkpoint_bytes, train_in_process
+    from cmd_ray.trainer import HISTORY_FILE, checkpoint_bytes, load_checkpoint_bytes, train_in_process
 
     # Ray's INFO line per saved checkpoint is noise on a sweep's console.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
@@ -181,7 +181,7 @@ def _train_in_trial(cfg: Config, data, label: str, timeline: dict[str, float]) -
         reporting = time.perf_counter()
         if done % cfg.ray.checkpoint_every == 0 or done == cfg.epochs:
             write_bytes(checkpoint, checkpoint_bytes(peers, done, history))
-        write_json_atomic(join(cfg.output_dir, HISTORY_FILE), {"history": history})
+        write_bytes(join(cfg.output_dir, HISTORY_FILE), json.dumps(history).encode())
         tune.report(history[-1])
         timeline["report_seconds"] = timeline.get("report_seconds", 0.0) + time.perf_counter() - reporting
 
@@ -203,17 +203,16 @@ def grid_point(params: dict[str, Any]) -> dict[str, Any]:
 def _trial_history(result, folder: str) -> list[dict[str, Any]]:
     """A trial's per-epoch records: from its last Train checkpoint (complete across restores),
     else from the rows Tune saw."""
-    from cmd_ray.ray_train import HISTORY_FILE as TRAIN_HISTORY_FILE
     from cmd_ray.ray_train import read_history
-    from cmd_ray.storage import read_bytes
+    from cmd_ray.trainer import HISTORY_FILE
 
-    own = join(folder, "trials", _trial_id(result), HISTORY_FILE)
-    if exists(own):  # placement trial
-        return json.loads(read_bytes(own))["history"]
+    own = join(folder, "trials", _trial_id(result))
+    if exists(join(own, HISTORY_FILE)):  # placement trial
+        return read_history(own)
     path = (result.metrics or {}).get("checkpoint_path")
     if path and is_uri(folder):  # Ray reports the path on the store's file system, without the scheme
         path = f"{folder.split('://', 1)[0]}://{path}"
-    if path and exists(join(path, TRAIN_HISTORY_FILE)):
+    if path and exists(join(path, HISTORY_FILE)):
         return read_history(path)
     frame = result.metrics_dataframe
     if frame is None or "epoch" not in frame:
