@@ -1,4 +1,5 @@
-"""What cmd-ray knows by name: data sets, peer architectures and methods — one home for each fact.
+"""What cmd-ray knows by name: data sets and peer architectures — one home for each fact (the
+methods are registered in `cmd_ray.methods`).
 
 Torch-free, so config validation reads it without importing torch; data loading, the noise
 models and model building read the same entries.
@@ -35,16 +36,6 @@ NOISE_TYPES = ("none", "symmetric", "pairflip", "asymmetric", "matrix", "labels"
 # Image side each peer architecture takes (None = any).
 MODEL_INPUT_SIZE = {"small_cnn": 28, "mlp": None, "preact_resnet18": 32}
 MODELS = tuple(MODEL_INPUT_SIZE)
-
-# Which knowledge-selection schedule each method stands for (docs/METHOD.md).
-METHOD_SCHEDULE = {
-    "ce": "zero",
-    "dml": "all",
-    "cmd-s": "static",
-    "cmd-p": "progressive",
-    "coteaching": "coteaching",
-}
-METHODS = tuple(METHOD_SCHEDULE)
 
 
 def model_fit_error(model: str, image_size: int, images: str = "the data set") -> Optional[str]:

@@ -18,20 +18,11 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from cmd_ray.catalogue import (
-    DATA_NAMES,
-    DATASETS,
-    METHOD_SCHEDULE,
-    METHODS,
-    MODELS,
-    NOISE_TYPES,
-    USER_DATASETS,
-    model_fit_error,
-)
+from cmd_ray import methods
+from cmd_ray.catalogue import DATA_NAMES, DATASETS, MODELS, NOISE_TYPES, USER_DATASETS, model_fit_error
+from cmd_ray.errors import ConfigError, check_above, check_positive, check_range
 
-
-class ConfigError(ValueError):
-    """A configuration value is not allowed; the message is one line naming the field."""
+METHODS = methods.NAMES
 
 
 @dataclass
@@ -105,71 +96,6 @@ class OptimConfig:
 
 
 @dataclass
-class KnowledgeConfig:
-    # Certainty c(p) of a peer's knowledge: entropy (1 - H(p)/log C) | max_prob.
-    certainty: Literal["entropy", "max_prob"] = "entropy"
-    # Compare c(p) with tau directly (certainty) or with the batch's tau-quantile (quantile).
-    threshold_on: Literal["certainty", "quantile"] = "certainty"
-    # CMD-S: static threshold.
-    tau: float = 0.5
-    # CMD-P: tau(s) = tau_start + (tau_end - tau_start) * g(s), s = training progress in [0, 1].
-    tau_start: float = 0.3
-    tau_end: float = 0.7
-    shape: Literal["logistic", "linear"] = "logistic"
-    steepness: float = 10.0  # B in g(s) = 1 / (1 + exp(-B (s - s0)))
-    midpoint: float = 0.5  # s0
-
-
-@dataclass
-class DistillConfig:
-    """How selected knowledge q enters a cmd-s / cmd-p peer's loss (dml always uses kl)."""
-
-    # kl: CE(z, y~) + lambda * T^2 * KL(q_T || softmax(z/T)) on selected rows (batch mean).
-    # label_correction: CE(z, (1 - eps) onehot(y~) + eps q) with eps = g(s) * c(q) (or g(s), see
-    #   epsilon) on selected rows, g(s) a logistic trust rising over training (ProSelfLC with a
-    #   peer's knowledge in place of the model's own).
-    # target_mix: the same target with a constant trust g = mix_weight.
-    loss: Literal["kl", "label_correction", "target_mix"] = "kl"
-    # lambda, kl only (dml keeps its published lambda = 1 whatever this says). 1 was chosen on
-    # noisy validation splits over two regimes (docs/ACCURACY.md): 8 won slightly with the MLP in
-    # the memorisation regime but stalled the small CNN at a short budget.
-    weight: float = 1.0
-    temperature: float = 1.0  # T, kl only
-    mix_weight: float = 1.0  # w, target_mix only
-    # label_correction's eps: certainty = g(s) * c(q) (ProSelfLC) | trust = g(s) (selected knowledge
-    # replaces the label entirely once g reaches 1).
-    epsilon: Literal["certainty", "trust"] = "certainty"
-    # soft: distil q, the selected peers' mean probabilities | hard: the one-hot of argmax q (a
-    # pseudo-label; with a high threshold, FixMatch-style confident pseudo-labels between peers).
-    target: Literal["soft", "hard"] = "soft"
-    trust_steepness: float = 10.0  # B in g(s) = 1 / (1 + exp(-B (s - s0)))
-    trust_midpoint: float = 0.5  # s0, in training progress s = step / total steps
-
-
-@dataclass
-class LabelsConfig:
-    """Which noisy labels the label term of a cmd-s / cmd-p peer's loss keeps."""
-
-    # all: every label | small_loss: the (1 - r(t)) share of each batch with the smallest loss
-    # under the other peers (Co-teaching's rule, r(t) from coteaching.*) | agreement: every label
-    # except where the selected knowledge names another class.
-    # small_loss was chosen on a noisy validation split in the memorisation regime (docs/ACCURACY.md).
-    trust: Literal["all", "small_loss", "agreement"] = "small_loss"
-
-
-@dataclass
-class CoteachingConfig:
-    """Co-teaching's small-loss rule; also what `labels.trust: small_loss` uses."""
-
-    # r_max: fraction of large-loss samples dropped at full ramp; None = the noise model's expected
-    # flip rate (Co-teaching assumes it known): noise.rate for symmetric and pairflip, noise.rate x
-    # (mapped classes / C) for asymmetric, 1 - mean diagonal for matrix, 0 for none.
-    forget_rate: Optional[float] = None
-    # T_k: epochs over which the drop rate ramps linearly from 0 to r_max.
-    ramp_epochs: float = 10.0
-
-
-@dataclass
 class RayConfig:
     # Cluster to join: null = a local embedded Ray (or $RAY_ADDRESS if set); "auto" = running cluster.
     address: Optional[str] = None
@@ -233,8 +159,10 @@ class SweepConfig:
 
 
 @dataclass
-class Config:
-    # Method by name: ce (zero knowledge) | dml (all knowledge) | cmd-s | cmd-p | coteaching.
+class _RunSettings:
+    # Method by name, one of cmd_ray.methods.NAMES: ce (zero knowledge) | dml (all knowledge) |
+    # coteaching | coteaching+ | jocor | cmd-s | cmd-p. Its settings are in the sections below
+    # named after it (each defined in the method's module under cmd_ray/methods/).
     method: Literal[METHODS] = "cmd-p"
     peers: int = 2  # P >= 2 peer networks
     replicas: int = 1  # D data-parallel replicas per peer (Ray path)
@@ -250,18 +178,14 @@ class Config:
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    labels: LabelsConfig = field(default_factory=LabelsConfig)
-    coteaching: CoteachingConfig = field(default_factory=CoteachingConfig)
+    # (the methods' sections go here: knowledge, distill, labels, coteaching, coteaching_plus, jocor)
     ray: RayConfig = field(default_factory=RayConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     testing: TestingConfig = field(default_factory=TestingConfig)
 
-    @property
-    def schedule(self) -> str:
-        """The threshold schedule the method stands for: zero | all | static | progressive | coteaching."""
-        return METHOD_SCHEDULE[self.method]
+
+class _ConfigBehaviour:
+    """What a Config can say about itself beyond its fields."""
 
     @property
     def placement(self) -> str:
@@ -277,6 +201,21 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _assemble_config() -> type:
+    """Config = the run settings with every registered method's section inserted before `ray`, so
+    that adding a method (cmd_ray/methods/) adds its section without an edit here."""
+    settings = [(f.name, f.type, f) for f in dataclasses.fields(_RunSettings)]
+    at = next(i for i, (name, _, _) in enumerate(settings) if name == "ray")
+    sections = [(key, section, field(default_factory=section)) for key, section in methods.SECTIONS.items()]
+    cls = dataclasses.make_dataclass("Config", settings[:at] + sections + settings[at:], bases=(_ConfigBehaviour,))
+    cls.__module__, cls.__qualname__ = __name__, "Config"
+    cls.__doc__ = "One run's configuration: the run settings above and each method's section (cmd_ray.methods)."
+    return cls
+
+
+Config = _assemble_config()
 
 
 # --------------------------------------------------------------------------------------
@@ -361,21 +300,6 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _check_range(name: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
-        raise ConfigError(f"{name}: got {value!r}; allowed: a number in [{low}, {high}]")
-
-
-def _check_positive(name: str, value: Optional[int]) -> None:
-    if value is not None and value < 1:
-        raise ConfigError(f"{name}: got {value!r}; allowed: an integer >= 1")
-
-
-def _check_above(name: str, value: float, low: float, inclusive: bool = False) -> None:
-    if value < low or (value == low and not inclusive):
-        raise ConfigError(f"{name}: got {value}; allowed: a number {'>=' if inclusive else '>'} {low:g}")
-
-
 def _check_run_shape(cfg: Config) -> None:
     """Peers, replicas, epochs, batch and subset sizes, seed."""
     if cfg.peers < 2:
@@ -387,32 +311,23 @@ def _check_run_shape(cfg: Config) -> None:
         ("data.train_subset", cfg.data.train_subset),
         ("data.test_subset", cfg.data.test_subset),
     ):
-        _check_positive(name, value)
+        check_positive(name, value)
     if cfg.seed < 0:
         raise ConfigError(f"seed: got {cfg.seed}; allowed: an integer >= 0")
-    _check_range("data.validation_fraction", cfg.data.validation_fraction, 0.0, 0.5)
+    check_range("data.validation_fraction", cfg.data.validation_fraction, 0.0, 0.5)
 
 
 def _check_method(cfg: Config) -> None:
     """Noise rate, thresholds, distillation, small-loss rule and optimiser."""
-    _check_range("noise.rate", cfg.noise.rate, 0.0, 1.0)
+    check_range("noise.rate", cfg.noise.rate, 0.0, 1.0)
     if cfg.noise.type == "matrix" and not cfg.noise.matrix:
         raise ConfigError("noise.matrix: got null; allowed: a path to a C x C matrix file when noise.type is 'matrix'")
-    k, d = cfg.knowledge, cfg.distill
-    for name in ("tau", "tau_start", "tau_end", "midpoint"):
-        _check_range(f"knowledge.{name}", getattr(k, name), 0.0, 1.0)
-    _check_above("knowledge.steepness", k.steepness, 0)
-    _check_above("distill.weight", d.weight, 0, inclusive=True)
-    _check_above("distill.temperature", d.temperature, 0)
-    _check_range("distill.mix_weight", d.mix_weight, 0.0, 1.0)
-    _check_above("distill.trust_steepness", d.trust_steepness, 0)
-    _check_range("distill.trust_midpoint", d.trust_midpoint, 0.0, 1.0)
-    if cfg.coteaching.forget_rate is not None:
-        _check_range("coteaching.forget_rate", cfg.coteaching.forget_rate, 0.0, 1.0)
-    _check_above("coteaching.ramp_epochs", cfg.coteaching.ramp_epochs, 0, inclusive=True)
-    _check_above("optim.lr", cfg.optim.lr, 0)
-    _check_above("optim.weight_decay", cfg.optim.weight_decay, 0, inclusive=True)
-    _check_range("optim.momentum", cfg.optim.momentum, 0.0, 1.0)
+    for method in methods.REGISTRY.values():  # every section's ranges, whichever method reads it
+        method.check_sections(cfg)
+    methods.get(cfg.method).check(cfg)
+    check_above("optim.lr", cfg.optim.lr, 0)
+    check_above("optim.weight_decay", cfg.optim.weight_decay, 0, inclusive=True)
+    check_range("optim.momentum", cfg.optim.momentum, 0.0, 1.0)
 
 
 def check_models_fit(cfg: Config, image_size: int, images: str) -> None:
@@ -494,13 +409,13 @@ def _check_own_data(cfg: Config) -> None:
         raise ConfigError(
             f"{key}: got {getattr(cfg.noise, key.split('.')[1])!r}; allowed only with noise.type 'labels'"
         )
-    small_loss = cfg.method == "coteaching" or (cfg.method in ("cmd-s", "cmd-p") and cfg.labels.trust == "small_loss")
+    method = methods.get(cfg.method)
     unknown_rate = cfg.noise.type == "labels" or (own and cfg.noise.type == "none")
-    if small_loss and unknown_rate and cfg.coteaching.forget_rate is None:
+    if method.needs_noise_rate(cfg) and unknown_rate and cfg.coteaching.forget_rate is None:
         raise ConfigError(
             "coteaching.forget_rate: got null, but the noise rate of these labels is unknown (the small-loss rule "
             f"of {cfg.method} needs it); allowed: your estimate of the share of wrong labels in [0, 1]"
-            + (", or labels.trust: all" if cfg.method != "coteaching" else "")
+            + method.noise_rate_hint
         )
 
 
@@ -510,18 +425,18 @@ def _check_cluster(cfg: Config) -> None:
     if r.num_cpus is not None and r.num_cpus <= 0:
         raise ConfigError(f"ray.num_cpus: got {r.num_cpus}; allowed: a number > 0 or null")
     if r.cpus_per_worker is not None:
-        _check_above("ray.cpus_per_worker", r.cpus_per_worker, 0, inclusive=True)
+        check_above("ray.cpus_per_worker", r.cpus_per_worker, 0, inclusive=True)
     if not 0 < r.gpus_per_worker <= 1 and not (r.gpus_per_worker >= 1 and float(r.gpus_per_worker).is_integer()):
         raise ConfigError(
             f"ray.gpus_per_worker: got {r.gpus_per_worker}; allowed: a fraction in (0, 1] or a whole number"
         )
     if r.max_failures < -1:
         raise ConfigError(f"ray.max_failures: got {r.max_failures}; allowed: an integer >= -1")
-    _check_positive("ray.checkpoint_every", r.checkpoint_every)
-    _check_positive("ray.checkpoints_to_keep", r.checkpoints_to_keep)
-    _check_positive("sweep.max_concurrent_trials", cfg.sweep.max_concurrent_trials)
-    _check_above("sweep.cpus_per_trial", cfg.sweep.cpus_per_trial, 0)
-    _check_above("sweep.gpus_per_trial", cfg.sweep.gpus_per_trial, 0)
+    check_positive("ray.checkpoint_every", r.checkpoint_every)
+    check_positive("ray.checkpoints_to_keep", r.checkpoints_to_keep)
+    check_positive("sweep.max_concurrent_trials", cfg.sweep.max_concurrent_trials)
+    check_above("sweep.cpus_per_trial", cfg.sweep.cpus_per_trial, 0)
+    check_above("sweep.gpus_per_trial", cfg.sweep.gpus_per_trial, 0)
     if cfg.sweep.placement == "trial" and cfg.replicas > 1:
         raise ConfigError(
             f"sweep.placement: got 'trial' with replicas={cfg.replicas}; allowed: 'workers' or 'auto' "

@@ -28,20 +28,29 @@ from typing import Any
 
 import torch
 
+from cmd_ray import methods
 from cmd_ray.config import from_dict
 from cmd_ray.exchange import free_port
-from cmd_ray.knowledge import Formulation, StepValues, peer_loss
+from cmd_ray.methods import StepSchedule
+from cmd_ray.peer import method_plan
 
 CHANCE = 0.1  # Fashion-MNIST has 10 balanced classes
-# Formulations whose maths must agree on every device: the baselines and each CMD option.
-FORMULATIONS = {
-    "ce": Formulation("zero"),
-    "dml": Formulation("all"),
-    "coteaching": Formulation("coteaching"),
-    "cmd-p kl": Formulation("progressive"),
-    "cmd-p kl small-loss": Formulation("progressive", label_trust="small_loss", weight=8.0),
-    "cmd-p label correction": Formulation("progressive", loss="label_correction", epsilon="trust"),
-    "cmd-s hard agreement": Formulation("static", certainty="max_prob", target="hard", label_trust="agreement"),
+# Settings whose step maths must agree on every device: every registered method at its
+# defaults, and each CMD option beyond them.
+FORMULATIONS: dict[str, dict[str, Any]] = {
+    **{name: {"method": name} for name in methods.NAMES},
+    "cmd-p kl small-loss weight 8": {"method": "cmd-p", "distill": {"weight": 8.0}},
+    "cmd-p label correction": {
+        "method": "cmd-p",
+        "distill": {"loss": "label_correction", "epsilon": "trust"},
+        "labels": {"trust": "all"},
+    },
+    "cmd-s hard agreement": {
+        "method": "cmd-s",
+        "knowledge": {"certainty": "max_prob"},
+        "distill": {"target": "hard"},
+        "labels": {"trust": "agreement"},
+    },
 }
 
 
@@ -89,11 +98,12 @@ def check_maths(device: str, seed: int = 0) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
     peer_logits = 3 * torch.randn(2, 256, 10, generator=g)
     labels = torch.randint(0, 10, (256,), generator=g)
-    at = StepValues(tau=0.3, forget_rate=0.4, trust=0.7)
+    when = StepSchedule(step=30, total_steps=100, steps_per_epoch=10)  # past every ramp's start
     worst, mismatched = 0.0, []
-    for name, form in FORMULATIONS.items():
-        here = peer_loss(peer_logits[0], peer_logits, 0, labels, form, at)
-        there = peer_loss(peer_logits[0].to(device), peer_logits.to(device), 0, labels.to(device), form, at)
+    for name, settings in FORMULATIONS.items():
+        plan = method_plan(from_dict({**settings, "noise": {"type": "symmetric", "rate": 0.4}}))
+        here = plan.loss(0, peer_logits[0], peer_logits, labels, when)
+        there = plan.loss(0, peer_logits[0].to(device), peer_logits.to(device), labels.to(device), when)
         difference = abs(float(here.total) - float(there.total))
         worst = max(worst, difference)
         if not torch.equal(here.selected, there.selected.cpu()) or difference > 1e-4:

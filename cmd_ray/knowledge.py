@@ -1,4 +1,5 @@
-"""Confident knowledge selection and mutual distillation: the CMD maths (docs/METHOD.md).
+"""Confident knowledge selection and mutual distillation: the CMD maths (docs/METHOD.md), and the
+small-loss rule the Co-teaching family shares with CMD's label trust.
 
 Pure tensor functions, device-agnostic, no Ray and no optimiser. Shapes: B samples,
 C classes, J knowledge sources (the other peers). Knowledge tensors are always detached
@@ -16,9 +17,9 @@ import torch
 from torch.nn import functional as F
 
 if TYPE_CHECKING:
-    from cmd_ray.config import KnowledgeConfig
+    from cmd_ray.methods.cmd import KnowledgeConfig
 
-SCHEDULES = ("zero", "all", "static", "progressive", "coteaching")
+SCHEDULES = ("zero", "all", "static", "progressive")
 
 
 def certainty(probs: torch.Tensor, kind: str = "entropy") -> torch.Tensor:
@@ -55,10 +56,10 @@ def progressive_tau(
 
 
 def threshold(schedule: str, progress: float, knowledge_cfg: KnowledgeConfig) -> float:
-    """tau(s) for a schedule: -inf selects everything (all), +inf nothing (zero, coteaching)."""
+    """tau(s) for a schedule: -inf selects everything (all), +inf nothing (zero)."""
     if schedule == "all":
         return -math.inf
-    if schedule in ("zero", "coteaching"):
+    if schedule == "zero":
         return math.inf
     if schedule == "static":
         return knowledge_cfg.tau
@@ -106,7 +107,7 @@ def selected_target(
 class Formulation:
     """How a method turns the peers' logits into a peer's loss (fixed for a run).
 
-    schedule: zero | all | static | progressive | coteaching (which knowledge is selected);
+    schedule: zero | all | static | progressive (which knowledge is selected);
     certainty, threshold_on: see `certainty` and `select`; loss: kl | label_correction |
     target_mix (how selected knowledge enters the loss); weight, temperature: lambda, T of
     `kl`; epsilon: certainty (eps = g(s) c(q)) | trust (eps = g(s)) for label correction;
@@ -174,13 +175,6 @@ def correction_epsilon(target: torch.Tensor, selected: torch.Tensor, trust: floa
     else:
         raise ValueError(f"distill.epsilon: got {rule!r}; allowed: certainty, trust")
     return per_sample * selected.float()
-
-
-def coteaching_forget_rate(epoch_progress: float, forget_rate: float, ramp_epochs: float) -> float:
-    """r(t) = r_max * min(t / T_k, 1) with t and T_k in epochs."""
-    if ramp_epochs <= 0:
-        return forget_rate
-    return forget_rate * min(epoch_progress / ramp_epochs, 1.0)
 
 
 def coteaching_keep(source_losses: torch.Tensor, forget_rate: float) -> torch.Tensor:
@@ -255,17 +249,12 @@ def peer_loss(
     - label_correction / target_mix: mean[t (1 - eps) CE(z, y~)] + mean[eps CE(z, q)], i.e. CE
       against (1 - eps) onehot(y~) + eps q where the label is trusted and eps q alone where not;
       eps from `correction_epsilon` with g(s) = `at.trust`.
-    - coteaching: mean CE(z, y~) over the small-loss share judged by the other peers.
+    Co-teaching and its relatives have their own losses (`cmd_ray.methods`).
     """
     logits = logits.float()
     others = [j for j in range(peer_logits.shape[0]) if j != peer_index]
     sources = peer_logits[others].detach().float()
     label_ce = F.cross_entropy(logits, noisy_labels, reduction="none")
-    if form.schedule == "coteaching":
-        keep = trusted_labels(sources, noisy_labels, "small_loss", at.forget_rate, None, None)
-        ce = label_ce[keep].mean()
-        return LossParts(ce, ce.detach(), torch.zeros(()), keep, None, math.inf, keep)
-
     probs = F.softmax(sources, dim=-1)
     mask = select(certainty(probs, form.certainty), at.tau, form.threshold_on)
     target, selected = selected_target(sources, mask, 1.0)

@@ -9,7 +9,6 @@ count metrics). Clean labels enter `step_counts` only, never the loss.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -17,18 +16,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from cmd_ray import methods
 from cmd_ray.catalogue import DATASETS
 from cmd_ray.config import Config
 from cmd_ray.data import DataBundle, DatasetInfo, Split, augment, normalise
-from cmd_ray.knowledge import (
-    Formulation,
-    LossParts,
-    StepValues,
-    coteaching_forget_rate,
-    global_trust,
-    peer_loss,
-    threshold,
-)
+from cmd_ray.knowledge import LossParts
+from cmd_ray.methods import Plan, StepSchedule
 from cmd_ray.models import build_model
 from cmd_ray.noise import NoiseSpec, expected_flip_rate
 
@@ -166,71 +159,19 @@ def forward(peer: Peer, images: torch.Tensor) -> torch.Tensor:
         return peer.model(images).float()
 
 
-@dataclass
-class StepSchedule:
-    """Where training stands: used for tau(s) and the co-teaching forget rate."""
-
-    step: int  # global step, 0-based
-    total_steps: int
-    steps_per_epoch: int
-
-    @property
-    def progress(self) -> float:
-        return self.step / max(self.total_steps, 1)
-
-    @property
-    def epoch_progress(self) -> float:
-        return self.step / max(self.steps_per_epoch, 1)
-
-
-@functools.lru_cache(maxsize=64)
-def _expected_flip_rate(noise_type: str, rate: float, matrix: Optional[str], dataset: str) -> float:
-    """Co-teaching's known noise rate, from the noise model (read once per run, not per step)."""
-    num_classes = DATASETS[dataset].num_classes if dataset in DATASETS else None  # a user's: from the file
-    return expected_flip_rate(NoiseSpec(noise_type, rate, matrix), num_classes, dataset)
-
-
-def formulation(cfg: Config) -> Formulation:
-    """The loss a run's method stands for. ce, dml and coteaching are the published baselines
-    (labels only; labels + every peer's knowledge by KL with lambda = T = 1; small-loss labels);
-    `knowledge.*`, `distill.*` and `labels.trust` shape cmd-s and cmd-p (docs/METHOD.md)."""
-    k, d = cfg.knowledge, cfg.distill
-    if cfg.method in ("cmd-s", "cmd-p"):
-        return Formulation(
-            cfg.schedule,
-            k.certainty,
-            k.threshold_on,
-            d.loss,
-            d.weight,
-            d.temperature,
-            d.epsilon,
-            cfg.labels.trust,
-            d.target,
-        )
-    return Formulation(cfg.schedule)
-
-
-def step_values(cfg: Config, form: Formulation, when: StepSchedule) -> StepValues:
-    """tau(s), the small-loss forget rate r(t) and the label-correction trust g(s) at a step."""
-    forget_rate = 0.0
-    if form.schedule == "coteaching" or form.label_trust == "small_loss":
-        r_max = cfg.coteaching.forget_rate
-        if r_max is None:
-            r_max = _expected_flip_rate(cfg.noise.type, cfg.noise.rate, cfg.noise.matrix, cfg.data.name)
-        forget_rate = coteaching_forget_rate(when.epoch_progress, r_max, cfg.coteaching.ramp_epochs)
-    if form.loss == "target_mix":
-        trust = cfg.distill.mix_weight
-    else:
-        trust = global_trust(when.progress, cfg.distill.trust_steepness, cfg.distill.trust_midpoint)
-    return StepValues(threshold(form.schedule, when.progress, cfg.knowledge), forget_rate, trust)
-
-
-def loss_for_step(
-    cfg: Config, peer_index: int, logits: torch.Tensor, peer_logits: torch.Tensor, batch: Batch, when: StepSchedule
-) -> LossParts:
-    """The selection and distillation loss of one peer at one step (pure, no optimiser)."""
-    form = formulation(cfg)
-    return peer_loss(logits, peer_logits, peer_index, batch.noisy_labels, form, step_values(cfg, form, when))
+def method_plan(cfg: Config, num_classes: Optional[int] = None) -> Plan:
+    """The run's method fixed for the run (once, not per step): its schedules, and the noise
+    model's expected flip rate where the method's small-loss rule needs it and
+    `coteaching.forget_rate` does not give it. num_classes: of the data (None = from the noise
+    model's own data set or file)."""
+    method = methods.get(cfg.method)
+    noise_rate = None
+    if method.needs_noise_rate(cfg) and cfg.coteaching.forget_rate is None:
+        if num_classes is None and cfg.data.name in DATASETS:
+            num_classes = DATASETS[cfg.data.name].num_classes
+        spec = NoiseSpec(cfg.noise.type, cfg.noise.rate, cfg.noise.matrix)
+        noise_rate = expected_flip_rate(spec, num_classes, cfg.data.name)
+    return method.plan(cfg, noise_rate)
 
 
 COUNT_KEYS = (
@@ -302,15 +243,15 @@ class StepResult:
 
 
 def peer_step(
-    cfg: Config, peer: Peer, logits: torch.Tensor, peer_logits: torch.Tensor, batch: Batch, when: StepSchedule
+    plan: Plan, peer: Peer, logits: torch.Tensor, peer_logits: torch.Tensor, batch: Batch, when: StepSchedule
 ) -> StepResult:
     """Select, distil, step: one optimiser step of `peer` given every peer's logits.
 
-    logits (B, C): this peer's own, with graph (from `forward`); peer_logits (P, B, C): all
-    peers' detached logits on the same batch, in peer order. Raises NonFiniteLossError
-    naming the peer, epoch and step if the loss is NaN or inf.
+    plan: the run's method (`method_plan`); logits (B, C): this peer's own, with graph (from
+    `forward`); peer_logits (P, B, C): all peers' detached logits on the same batch, in peer
+    order. Raises NonFiniteLossError naming the peer, epoch and step if the loss is NaN or inf.
     """
-    parts = loss_for_step(cfg, peer.index, logits, peer_logits, batch, when)
+    parts = plan.loss(peer.index, logits, peer_logits, batch.noisy_labels, when)
     if not torch.isfinite(parts.total):
         epoch = when.step // max(when.steps_per_epoch, 1) + 1
         raise NonFiniteLossError(

@@ -9,6 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
+from cmd_ray import methods
 from cmd_ray.config import point_overrides, trial_config, variant_label
 from cmd_ray.storage import exists, join, read_parquet, save_figure
 
@@ -194,7 +195,7 @@ def compare_table(rows: list[dict[str, Any]], other: list[dict[str, Any]], last_
     return "\n".join(lines)
 
 
-METHOD_ORDER = ("ce", "dml", "coteaching", "cmd-s", "cmd-p")
+METHOD_ORDER = methods.NAMES
 
 
 def _method_order(label: str) -> tuple[int, str]:
@@ -365,18 +366,8 @@ def selection_table(rows: list[dict[str, Any]], metric: str = ACCURACY) -> str:
 # --------------------------------------------------------------------------------------
 # Choosing hyper-parameters on the validation split (never on the test set)
 
-CANDIDATE_SECTIONS = ("knowledge.", "distill.", "labels.", "coteaching.")
-# Knowledge keys a method ignores, left out of its candidate's name (one grid can serve both).
-IGNORED_BY = {
-    "cmd-s": {
-        "knowledge.tau_start",
-        "knowledge.tau_end",
-        "knowledge.shape",
-        "knowledge.steepness",
-        "knowledge.midpoint",
-    },
-    "cmd-p": {"knowledge.tau"},
-}
+# Config sections a validation sweep's candidates differ in: every method's own.
+CANDIDATE_SECTIONS = tuple(f"{key}." for key in methods.SECTIONS)
 
 
 def _candidate(row: dict[str, Any], varying: set[str]) -> str:
@@ -384,7 +375,8 @@ def _candidate(row: dict[str, Any], varying: set[str]) -> str:
     grid variant's label."""
     if row.get("variant"):
         return row["variant"]
-    ignored = IGNORED_BY.get(row.get("method"), set())
+    method = methods.REGISTRY.get(row.get("method"))
+    ignored = method.ignored_keys if method else frozenset()
     keys = sorted(k for k in varying if k not in ignored)
     return ", ".join(f"{k}={row.get(k)}" for k in keys) or "defaults"
 

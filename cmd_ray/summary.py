@@ -120,7 +120,6 @@ def summarise(cfg: Config, history: list[dict[str, Any]], noise: dict, extra: di
     steady = history[1:] if len(history) > 1 else history
     summary = {
         "method": cfg.method,
-        "schedule": cfg.schedule,
         "peers": cfg.peers,
         "epochs": len(history),
         "dataset": cfg.data.name,

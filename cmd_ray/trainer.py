@@ -34,6 +34,7 @@ from cmd_ray.peer import (
     forward,
     load_peer_state,
     make_batch,
+    method_plan,
     peer_state,
     peer_step,
     steps_per_epoch,
@@ -160,6 +161,7 @@ def train_epoch(
     """
     per_epoch = steps_per_epoch(cfg, data)
     total_steps = per_epoch * cfg.epochs
+    plan = method_plan(cfg, data.info.num_classes)
     counts: list[dict[str, float]] = [{} for _ in peers]
     exchange_seconds = 0.0
     first_step_at = time.time()
@@ -176,7 +178,7 @@ def train_epoch(
         peer_logits = exchange(logits, batch)
         exchange_seconds += time.perf_counter() - t0
         when = StepSchedule(epoch * per_epoch + step, total_steps, per_epoch)
-        results = [peer_step(cfg, peer, z, peer_logits, batch, when) for peer, z in zip(peers, logits)]
+        results = [peer_step(plan, peer, z, peer_logits, batch, when) for peer, z in zip(peers, logits)]
         for total, result in zip(counts, results):
             add_counts(total, result.counts)
         if on_step is not None:

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_defaults_are_valid_and_cmd_p():
     cfg = from_dict({})
     assert isinstance(cfg, Config)
-    assert cfg.method == "cmd-p" and cfg.schedule == "progressive" and cfg.peers == 2
+    assert cfg.method == "cmd-p" and cfg.peers == 2
 
 
 @pytest.mark.parametrize("preset", sorted((ROOT / "launch" / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -61,7 +61,10 @@ BAD = [
     ({"epochs": "ten"}, r"^epochs: got 'ten'; allowed: an integer$"),
     ({"epochs": 0}, r"^epochs: got 0; allowed: an integer >= 1$"),
     ({"peers": 1}, r"^peers: got 1; allowed: an integer >= 2"),
-    ({"method": "mixup"}, r"^method: got 'mixup'; allowed: one of 'ce', 'dml', 'cmd-s', 'cmd-p', 'coteaching'$"),
+    (
+        {"method": "mixup"},
+        r"^method: got 'mixup'; allowed: one of 'ce', 'dml', 'coteaching', 'coteaching\+', 'jocor', 'cmd-s', 'cmd-p'$",
+    ),
     ({"noise": {"rate": 1.2}}, r"^noise\.rate: got 1\.2; allowed: a number in \[0\.0, 1\.0\]$"),
     ({"noise": {"type": "gauss"}}, r"^noise\.type: got 'gauss'; allowed: one of"),
     ({"noise": {"type": "matrix"}}, r"^noise\.matrix: got null"),

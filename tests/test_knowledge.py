@@ -13,7 +13,6 @@ from cmd_ray.knowledge import (
     Formulation,
     StepValues,
     certainty,
-    coteaching_forget_rate,
     coteaching_keep,
     global_trust,
     peer_loss,
@@ -23,7 +22,14 @@ from cmd_ray.knowledge import (
     threshold,
     trusted_labels,
 )
-from cmd_ray.peer import formulation
+from cmd_ray.methods import StepSchedule
+from cmd_ray.methods.coteaching import ForgetSchedule
+from cmd_ray.peer import method_plan
+
+
+def formulation(cfg) -> Formulation:
+    """The formulation a CE / DML / CMD run distils with."""
+    return method_plan(cfg).form
 
 
 def test_certainty_of_one_hot_is_one_and_of_uniform_is_zero():
@@ -179,15 +185,16 @@ def test_target_mix_uses_certainty_weighted_soft_target():
 def test_coteaching_keeps_the_small_loss_samples_of_the_peer():
     losses = torch.tensor([[0.1, 5.0, 0.3, 4.0, 0.2]])
     assert coteaching_keep(losses, 0.4).tolist() == [True, False, True, False, True]
-    assert coteaching_forget_rate(5, 0.4, 10) == pytest.approx(0.2)
-    assert coteaching_forget_rate(50, 0.4, 10) == pytest.approx(0.4)
+    ramp = ForgetSchedule(ceiling=0.4, ramp_epochs=10)
+    assert ramp.at(StepSchedule(step=50, total_steps=1000, steps_per_epoch=10)) == pytest.approx(0.2)
+    assert ramp.at(StepSchedule(step=500, total_steps=1000, steps_per_epoch=10)) == pytest.approx(0.4)
 
 
 def test_coteaching_loss_is_ce_on_samples_the_peer_kept():
-    cfg = from_dict({"method": "coteaching"})
+    cfg = from_dict({"method": "coteaching", "coteaching": {"forget_rate": 0.5, "ramp_epochs": 0}})
     peer_logits, labels = _batch(b=10)
     own = peer_logits[0].clone()
-    parts = peer_loss(own, peer_logits, 0, labels, formulation(cfg), StepValues(math.inf, forget_rate=0.5))
+    parts = method_plan(cfg).loss(0, own, peer_logits, labels, StepSchedule(0, 100, 10))
     peer_loss_per_sample = F.cross_entropy(peer_logits[1], labels, reduction="none")
     keep = peer_loss_per_sample.argsort()[:5]
     assert parts.selected.sum().item() == 5
@@ -284,7 +291,6 @@ def test_the_baselines_keep_their_published_losses_whatever_the_cmd_options():
     }
     assert formulation(from_dict({"method": "dml", **options})) == Formulation("all")
     assert formulation(from_dict({"method": "ce", **options})) == Formulation("zero")
-    assert formulation(from_dict({"method": "coteaching", **options})) == Formulation("coteaching")
     cmd = formulation(from_dict({"method": "cmd-p", **options}))
     assert (cmd.schedule, cmd.loss, cmd.label_trust) == ("progressive", "label_correction", "small_loss")
 

@@ -154,11 +154,12 @@ def test_expected_flip_rate_is_the_noise_models_share_of_flipped_labels():
 
 def test_small_loss_forget_rate_defaults_to_the_expected_flip_rate():
     from cmd_ray.config import from_dict
-    from cmd_ray.peer import StepSchedule, formulation, step_values
+    from cmd_ray.methods import StepSchedule
+    from cmd_ray.peer import method_plan
 
     late = StepSchedule(step=1000, total_steps=1000, steps_per_epoch=10)  # past the ramp
     for noise, expected in [({"type": "asymmetric", "rate": 0.4}, 0.16), ({"type": "none"}, 0.0)]:
         cfg = from_dict({"method": "coteaching", "noise": noise})
-        assert step_values(cfg, formulation(cfg), late).forget_rate == pytest.approx(expected)
+        assert method_plan(cfg).forget.at(late) == pytest.approx(expected)
     cfg = from_dict({"method": "cmd-p", "labels": {"trust": "small_loss"}, "coteaching": {"forget_rate": 0.3}})
-    assert step_values(cfg, formulation(cfg), late).forget_rate == pytest.approx(0.3)
+    assert method_plan(cfg).forget.at(late) == pytest.approx(0.3)

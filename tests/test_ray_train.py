@@ -11,6 +11,7 @@ import torch
 
 from cmd_ray.cli import main
 from cmd_ray.config import ConfigError
+from cmd_ray.methods import NAMES as METHODS
 from cmd_ray.trainer import train_in_process
 
 from .conftest import needs_fmnist, tiny_config
@@ -25,6 +26,7 @@ def _read_trace(folder: Path, peer: int) -> list[dict]:
 # CMD-P as configured by default, and label correction with a trust that is already high in
 # epoch 1 and labels dropped where confident knowledge disagrees.
 LABEL_CORRECTION = dict(
+    method="cmd-p",
     distill__loss="label_correction",
     distill__epsilon="trust",
     distill__trust_midpoint=0.0,
@@ -34,15 +36,19 @@ LABEL_CORRECTION = dict(
 )
 
 
-@pytest.mark.parametrize("formulation", [{}, LABEL_CORRECTION], ids=["defaults", "label-correction"])
+@pytest.mark.parametrize(
+    "formulation",
+    [{"method": name} for name in METHODS] + [LABEL_CORRECTION],
+    ids=[*METHODS, "cmd-p-label-correction"],
+)
 def test_two_peer_workers_match_the_in_process_trainer_step_for_step(
     fake_fmnist_root, tmp_path, local_ray, formulation
 ):
+    """Every registered method, and CMD-P's label correction: the same selections and losses."""
     from cmd_ray.ray_train import train_on_ray
 
     overrides = dict(
         **formulation,
-        method="cmd-p",
         epochs=1,
         data__train_subset=None,
         data__test_subset=None,

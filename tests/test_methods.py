@@ -1,0 +1,156 @@
+"""The method registry, and JoCoR and Co-teaching+ pinned to their published losses on hand-computed cases."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from cmd_ray import methods
+from cmd_ray.config import Config, ConfigError, from_dict
+from cmd_ray.methods import StepSchedule
+from cmd_ray.peer import method_plan
+
+LATE = StepSchedule(step=500, total_steps=1000, steps_per_epoch=10)  # past every ramp
+
+
+def _softmax(row: list[float]) -> list[float]:
+    exps = [math.exp(v) for v in row]
+    return [e / sum(exps) for e in exps]
+
+
+def _jocor_by_hand(z1: list[list[float]], z2: list[list[float]], labels: list[int], weight: float) -> list[float]:
+    """(1 - w)(CE_1 + CE_2) + w (KL(p_1 || p_2) + KL(p_2 || p_1)) per sample, in plain Python."""
+    out = []
+    for a, b, y in zip(z1, z2, labels):
+        p, q = _softmax(a), _softmax(b)
+        ce = -math.log(p[y]) - math.log(q[y])
+        kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)) + sum(qi * math.log(qi / pi) for pi, qi in zip(p, q))
+        out.append((1 - weight) * ce + weight * kl)
+    return out
+
+
+Z1 = [[0.0, 0.0], [2.0, 0.0], [0.0, 1.0], [3.0, -1.0]]
+Z2 = [[1.0, 0.0], [0.0, 0.0], [0.0, 3.0], [2.0, 0.0]]
+LABELS = [0, 1, 1, 0]
+
+
+def _plan(method: str, **sections):
+    return method_plan(from_dict({"method": method, **sections}))
+
+
+def test_the_registry_lists_every_method_once_with_its_sections_in_the_config():
+    assert methods.NAMES == ("ce", "dml", "coteaching", "coteaching+", "jocor", "cmd-s", "cmd-p")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    for name, method in methods.REGISTRY.items():
+        assert method.name == name and method.summary
+        assert set(method.sections) <= fields and set(method.reads) <= fields
+        assert callable(method_plan(from_dict({"method": name})).loss)
+    with pytest.raises(ConfigError, match="^method: got 'mixup'; allowed: one of ce, dml, coteaching, "):
+        methods.get("mixup")
+
+
+def test_jocor_loss_is_the_published_joint_loss_over_its_small_loss_half():
+    plan = _plan("jocor", jocor={"weight": 0.7}, coteaching={"forget_rate": 0.5, "ramp_epochs": 0})
+    peer_logits = torch.tensor([Z1, Z2])
+    labels = torch.tensor(LABELS)
+    by_hand = _jocor_by_hand(Z1, Z2, LABELS, 0.7)
+    keep = sorted(range(4), key=by_hand.__getitem__)[:2]
+    parts = plan.loss(0, peer_logits[0].clone(), peer_logits, labels, LATE)
+    assert parts.selected.nonzero().flatten().tolist() == sorted(keep)
+    assert parts.total.item() == pytest.approx(sum(by_hand[i] for i in keep) / 2, abs=1e-6)
+    assert (parts.ce + parts.distill).item() == pytest.approx(parts.total.item(), abs=1e-6)
+
+
+def test_jocor_split_across_peers_is_exactly_the_joint_update():
+    """Each peer's gradient on its own logits equals the joint loss's, and both keep the same samples."""
+    plan = _plan("jocor", coteaching={"forget_rate": 0.25, "ramp_epochs": 0})
+    g = torch.Generator().manual_seed(0)
+    peer_logits = 2 * torch.randn(2, 16, 5, generator=g)
+    labels = torch.randint(0, 5, (16,), generator=g)
+    z1, z2 = peer_logits[0].clone().requires_grad_(), peer_logits[1].clone().requires_grad_()
+    p1, p2 = F.log_softmax(z1, -1), F.log_softmax(z2, -1)
+    joint = 0.1 * (F.nll_loss(p1, labels, reduction="none") + F.nll_loss(p2, labels, reduction="none"))
+    joint = joint + 0.9 * (F.kl_div(p1, p2, log_target=True, reduction="none").sum(-1))
+    joint = joint + 0.9 * (F.kl_div(p2, p1, log_target=True, reduction="none").sum(-1))
+    kept = joint.detach().argsort()[:12]
+    joint[kept].mean().backward()
+    for k, want in enumerate([z1.grad, z2.grad]):
+        own = peer_logits[k].clone().requires_grad_()
+        parts = plan.loss(k, own, peer_logits, labels, LATE)
+        parts.total.backward()
+        assert sorted(parts.selected.nonzero().flatten().tolist()) == sorted(kept.tolist())
+        assert torch.allclose(own.grad, want, atol=1e-6)
+
+
+def test_jocor_with_three_peers_averages_the_agreement_over_the_other_peers():
+    plan = _plan("jocor", peers=3, jocor={"weight": 0.5}, coteaching={"forget_rate": 0.0})
+    z3 = [[0.5, 0.5], [1.0, -1.0], [-2.0, 0.0], [0.0, 0.0]]
+    peer_logits = torch.tensor([Z1, Z2, z3])
+    parts = plan.loss(1, peer_logits[1].clone(), peer_logits, torch.tensor(LABELS), LATE)
+    expected = []
+    for x in range(4):
+        p = [_softmax(z[x]) for z in (Z1, Z2, z3)]
+        ce = sum(-math.log(pk[LABELS[x]]) for pk in p)
+        kl = sum(sum(a * math.log(a / b) for a, b in zip(p[j], p[k])) for j in range(3) for k in range(3) if j != k)
+        expected.append(0.5 * ce + 0.5 / 2 * kl)
+    assert parts.selected.all()
+    assert parts.total.item() == pytest.approx(sum(expected) / 4, abs=1e-6)
+
+
+def test_coteaching_plus_trains_on_the_small_loss_share_of_the_samples_the_peers_disagree_on():
+    plan = _plan("coteaching+", coteaching={"forget_rate": 0.5, "ramp_epochs": 0})
+    # predictions: peer 0 -> 0, 0, 1, 1, 0, 1; peer 1 -> 0, 1, 0, 1, 1, 0: disagreement on 1, 2, 4, 5
+    own = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 2.0], [3.0, 0.0], [0.0, 1.0]])
+    other = torch.tensor([[2.0, 0.0], [0.0, 0.5], [3.0, 0.0], [0.0, 2.0], [0.0, 1.0], [0.2, 0.0]])
+    labels = torch.tensor([0, 1, 1, 1, 1, 0])
+    parts = plan.loss(0, own.clone(), torch.stack([own, other]), labels, LATE)
+    other_ce = {i: -math.log(_softmax(other[i].tolist())[labels[i]]) for i in (1, 2, 4, 5)}
+    kept = sorted(sorted(other_ce, key=other_ce.get)[:2])  # half of the 4 disagreements
+    assert parts.selected.nonzero().flatten().tolist() == kept
+    own_ce = [-math.log(_softmax(own[i].tolist())[labels[i]]) for i in kept]  # CE on the logits
+    assert parts.total.item() == pytest.approx(sum(own_ce) / 2, abs=1e-6)
+
+
+def test_coteaching_plus_is_coteaching_before_init_epochs_and_still_when_no_peer_disagrees():
+    sections = {"coteaching": {"forget_rate": 0.5, "ramp_epochs": 0}}
+    plus = _plan("coteaching+", coteaching_plus={"init_epochs": 2}, **sections)
+    plain = _plan("coteaching", **sections)
+    g = torch.Generator().manual_seed(1)
+    peer_logits = torch.randn(2, 10, 3, generator=g)
+    labels = torch.randint(0, 3, (10,), generator=g)
+    early = StepSchedule(step=19, total_steps=100, steps_per_epoch=10)  # epoch 1.9 < 2
+    a = plus.loss(0, peer_logits[0].clone(), peer_logits, labels, early)
+    b = plain.loss(0, peer_logits[0].clone(), peer_logits, labels, early)
+    assert torch.equal(a.selected, b.selected) and a.total.item() == b.total.item()
+    agreeing = torch.stack([peer_logits[0], peer_logits[0] * 2])
+    own = peer_logits[0].clone().requires_grad_()
+    parts = plus.loss(0, own, agreeing, labels, LATE)
+    parts.total.backward()
+    assert not parts.selected.any() and parts.total.item() == 0.0 and not own.grad.any()
+
+
+@pytest.mark.parametrize(
+    "values,match",
+    [
+        ({"method": "jocor", "jocor": {"weight": 1.5}}, r"^jocor.weight: got 1.5; allowed: a number in \[0.0, 1.0\]$"),
+        ({"coteaching_plus": {"init_epochs": -1}}, r"^coteaching_plus.init_epochs: got -1.0; allowed: a number >= 0$"),
+        ({"jocor": {"lambda": 0.9}}, r"^jocor.lambda: unknown key; allowed at this level: weight$"),
+    ],
+)
+def test_bad_method_settings_are_refused_naming_the_field(values, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(values)
+
+
+@pytest.mark.parametrize("method", ["coteaching", "coteaching+", "jocor"])
+def test_small_loss_methods_ask_for_a_forget_rate_when_the_noise_rate_is_unknown(tmp_path, method):
+    labels = tmp_path / "noisy.npy"
+    np.save(labels, np.zeros(10, dtype=np.int64))
+    with pytest.raises(ConfigError, match=rf"^coteaching.forget_rate: got null, .* of {re.escape(method)} needs it"):
+        from_dict({"method": method, "noise": {"type": "labels", "labels": str(labels)}})
