@@ -1,4 +1,4 @@
-"""The `cmd-ray` command line: train, sweep, report, prepare (data cache), show-config.
+"""The `cmd-ray` command line: train, sweep, report, prepare (data cache), show-config, methods.
 
 Bad input exits with status 2 and one line `cmd-ray: error: <field>: ...` before any work.
 """
@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("show-config", help="print the validated config as YAML")
     _add_config_args(show)
+    sub.add_parser("methods", help="list the registered methods and the config sections each reads")
     return parser
 
 
@@ -372,6 +373,16 @@ def cmd_show_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    from cmd_ray import methods
+
+    width = max(len(name) for name in methods.NAMES)
+    for name, method in methods.REGISTRY.items():
+        reads = f"  [{', '.join(method.reads)}]" if method.reads else ""
+        print(f"{name:<{width}}  {method.summary}{reads}")
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "sweep": cmd_sweep,
@@ -379,10 +390,14 @@ COMMANDS = {
     "bench": cmd_bench,
     "prepare": cmd_prepare,
     "show-config": cmd_show_config,
+    "methods": cmd_methods,
 }
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from cmd_ray.ray_train import keep_every_log_line
+
+    keep_every_log_line()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

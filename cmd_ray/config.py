@@ -178,7 +178,7 @@ class _RunSettings:
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    # (the methods' sections go here: knowledge, distill, labels, coteaching, coteaching_plus, jocor)
+    # (each registered method's section is inserted here: cmd_ray.methods.SECTIONS)
     ray: RayConfig = field(default_factory=RayConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     testing: TestingConfig = field(default_factory=TestingConfig)

@@ -354,6 +354,13 @@ def init_ray(cfg: Config, extra_resources: Optional[dict[str, float]] = None) ->
     start_local_ray(cfg.ray.num_cpus, extra_resources)
 
 
+def keep_every_log_line() -> None:
+    """Ray folds lines of different processes that differ only in numbers into one "[repeated Nx
+    across cluster]", which hides concurrent trials' progress lines. Ray reads the switch when it
+    is first imported, so this must run before `import ray` (the CLI calls it first thing)."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
 def start_local_ray(num_cpus: Optional[float] = None, resources: Optional[dict[str, float]] = None) -> None:
     """A new embedded Ray on this machine that talks only to itself, whatever other local Rays run.
 
@@ -362,14 +369,12 @@ def start_local_ray(num_cpus: Optional[float] = None, resources: Optional[dict[s
     two; naming this cluster's dashboard in the environment that Ray's processes inherit keeps
     each one talking to its own.
     """
-    import ray
-
     # Ray Train's controller looks at its workers every 2 s by default: a finished run's end (and
     # each epoch's report) reaches the driver up to 2 s late; a local run can afford a closer look.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    # Ray folds lines of different processes that differ only in numbers into one "[repeated
-    # Nx across cluster]": concurrent trials' progress lines would be hidden from the console.
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    keep_every_log_line()
+    import ray
+
     port = free_port("127.0.0.1")
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(

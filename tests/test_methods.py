@@ -154,3 +154,12 @@ def test_small_loss_methods_ask_for_a_forget_rate_when_the_noise_rate_is_unknown
     np.save(labels, np.zeros(10, dtype=np.int64))
     with pytest.raises(ConfigError, match=rf"^coteaching.forget_rate: got null, .* of {re.escape(method)} needs it"):
         from_dict({"method": method, "noise": {"type": "labels", "labels": str(labels)}})
+
+
+def test_cmd_ray_methods_lists_every_registered_method_with_the_sections_it_reads(capsys):
+    from cmd_ray.cli import main
+
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(methods.NAMES)
+    assert "[jocor, coteaching]" in lines[methods.NAMES.index("jocor")]

@@ -201,7 +201,8 @@ def test_smoke_sweep_writes_table_plots_offline_wandb_and_never_the_key(
     # No console noise a user must learn to ignore: Tune's slow-callback warning (the W&B
     # callback used to wait on each trial's queue actor), Ray's restart warning for the W&B
     # logging actor, a spread printed for a single seed, Ray's token-authentication notice.
-    quiet = ("may be a performance bottleneck", "has constructor arguments in the object store", "±0.00")
+    # Nor a progress line of one trial folded into another's ("[repeated 2x across cluster]").
+    quiet = ("may be a performance bottleneck", "has constructor arguments in the object store", "±0.00", "[repeated")
     for noise in (*quiet, "Token authentication is enabled"):
         assert noise not in proc.stdout + proc.stderr, noise
 
