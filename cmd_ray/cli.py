@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare", metavar="FOLDER", help="also compare with another sweep of the same cells (e.g. an earlier run)"
     )
     report.add_argument(
+        "--with",
+        dest="joined",
+        metavar="FOLDER",
+        action="append",
+        default=[],
+        help="join another sweep's rows into the table and plots (same settings, other cells; repeatable)",
+    )
+    report.add_argument(
         "--validation",
         action="store_true",
         help="rank each method's swept knowledge/distill settings by noisy-validation accuracy (no test figures)",
@@ -224,7 +232,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         if args.validation:
             return _print_validation_choice(args.folder, args.last_epochs)
-        table, plots = report(args.folder, args.last_epochs)
+        table, plots = report(args.folder, args.last_epochs, joined=args.joined)
         if args.compare:
             from cmd_ray.results import compare_table, read_results
 
@@ -233,7 +241,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         raise ConfigError(f"{'--compare' if args.compare and args.compare in str(err) else 'folder'}: {err}") from None
     except ValueError as err:
-        raise ConfigError(f"--validation: {err}") from None
+        raise ConfigError(f"{'--with' if args.joined and not args.validation else '--validation'}: {err}") from None
     print(table)
     print("plots: " + ", ".join(str(p) for p in plots))
     return 0

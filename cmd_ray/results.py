@@ -75,6 +75,26 @@ def read_results(folder: str | Path) -> list[dict[str, Any]]:
     return read_parquet(path).to_pylist()
 
 
+def read_joined(folder: str | Path, others: list[str | Path]) -> list[dict[str, Any]]:
+    """The rows of the sweep in `folder` and of each sweep in `others` (e.g. rows added later to a
+    table under the same settings), as one table. A cell (method or variant, noise, seed) that two
+    of them hold is refused (ValueError naming both folders): a joined table never counts a run twice."""
+    rows = read_results(folder)
+    held = {_cell(r): str(folder) for r in rows}
+    for other in others:
+        extra = [{**r, "trial_id": f"{other}:{r['trial_id']}"} for r in read_results(other)]
+        for cell in {_cell(r) for r in extra}:
+            if cell in held:
+                raise ValueError(f"{other} repeats {held[cell]}'s run {cell[0]}, {cell[1]}, seed {cell[2]}")
+        held.update({_cell(r): str(other) for r in extra})
+        rows += extra
+    return rows
+
+
+def _cell(row: dict[str, Any]) -> tuple[str, str, Any]:
+    return run_label(row), _noise_label(row), row["seed"]
+
+
 def _noise_label(row: dict[str, Any]) -> str:
     return f"{row['noise.type']} {row['noise.rate']:g}"
 
@@ -331,9 +351,14 @@ def write_plots(
     ]
 
 
-def report(folder: str | Path, last_epochs: int = 1, plots_dir: Optional[str | Path] = None) -> tuple[str, list[str]]:
-    """The printed table and the plot paths for the sweep in `folder`."""
-    rows = read_results(folder)
+def report(
+    folder: str | Path,
+    last_epochs: int = 1,
+    plots_dir: Optional[str | Path] = None,
+    joined: Optional[list[str | Path]] = None,
+) -> tuple[str, list[str]]:
+    """The printed table and the plot paths for the sweep in `folder` (with the sweeps in `joined`)."""
+    rows = read_joined(folder, joined or [])
     metric = headline_metric(rows)
     table = "" if metric == ACCURACY else "No test split: accuracy on the held-out noisy labels (%).\n"
     table += report_table(rows, last_epochs, metric)

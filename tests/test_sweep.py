@@ -79,6 +79,32 @@ def test_a_rerun_is_compared_cell_by_cell_and_seed_by_seed_with_the_table_it_rep
     assert lines[2].endswith("| -1.67 | +10.00 |")  # seed 1 differs by 10 points; seed 2 has no pair
 
 
+def test_rows_added_by_a_later_sweep_join_the_table_once_and_a_repeated_run_is_refused(tmp_path, capsys):
+    import pyarrow as pa
+
+    from cmd_ray.cli import main
+
+    base = from_dict({}).to_dict()
+
+    def write(folder: Path, method: str, seeds: list[int]) -> None:
+        rows = []
+        for seed in seeds:
+            history = [{"epoch": 0, "mean/test_accuracy": 0.5 + seed / 10}]
+            rows += trial_rows(f"t{seed}", {"seed": seed, "method": method}, base, history, "finished", "")
+        folder.mkdir()
+        pq.write_table(pa.Table.from_pylist(rows), folder / "results.parquet")
+
+    write(tmp_path / "first", "cmd-p", [0, 1])
+    write(tmp_path / "later", "jocor", [0, 1])  # the same trial ids t0, t1: kept apart
+    write(tmp_path / "again", "cmd-p", [1])
+    assert main(["report", str(tmp_path / "first"), "--with", str(tmp_path / "later")]) == 0
+    table = capsys.readouterr().out
+    assert "jocor " in table and "cmd-p " in table and table.count("(n=2)") == 2
+    assert table.index("jocor ") < table.index("cmd-p ")  # the registry's order: rivals before CMD
+    assert main(["report", str(tmp_path / "first"), "--with", str(tmp_path / "again")]) == 2
+    assert "--with: " in capsys.readouterr().err
+
+
 def _sweep_cmd(root: Path, folder: Path, name: str, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "cmd_ray.cli", "sweep",
