@@ -161,8 +161,9 @@ class SweepConfig:
 @dataclass
 class _RunSettings:
     # Method by name, one of cmd_ray.methods.NAMES: ce (zero knowledge) | dml (all knowledge) |
-    # coteaching | coteaching+ | jocor | cmd-s | cmd-p. Its settings are in the sections below
-    # named after it (each defined in the method's module under cmd_ray/methods/).
+    # coteaching | coteaching+ | jocor | cmd-s | cmd-p (`cmd-ray methods` lists them). Their settings
+    # are the methods' sections: knowledge, distill, labels (CMD), coteaching (the small-loss
+    # schedule), coteaching_plus, jocor; each defined, with its defaults, in cmd_ray/methods/.
     method: Literal[METHODS] = "cmd-p"
     peers: int = 2  # P >= 2 peer networks
     replicas: int = 1  # D data-parallel replicas per peer (Ray path)
