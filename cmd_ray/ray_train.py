@@ -41,6 +41,7 @@ from cmd_ray.peer import (
     accuracy_names,
     build_peer,
     correct_counts,
+    method_plan,
     steps_per_epoch,
     test_probabilities,
 )
@@ -298,10 +299,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     if topology.rank == 0 and start_epoch:
         console(f"[cmd-ray] resumed from the checkpoint after epoch {start_epoch}")
+    plan = method_plan(cfg, data.info.num_classes)
     for epoch in range(start_epoch, cfg.epochs):
         exchange.wait_seconds = 0.0
         try:
-            stats = train_epoch(cfg, [peer], data, epoch, exchange, topology.replica, on_step)
+            stats = train_epoch(cfg, [peer], data, epoch, exchange, topology.replica, on_step, plan)
         except NonFiniteLossError as err:
             _record_nonfinite(run_dir, err)
             raise

@@ -21,6 +21,7 @@ import torch
 from cmd_ray.catalogue import USER_DATASETS
 from cmd_ray.config import Config, check_models_fit
 from cmd_ray.data import DataBundle, epoch_batches, load_data, shard
+from cmd_ray.methods import Plan
 from cmd_ray.noise import NoiseSpec
 from cmd_ray.peer import (
     Batch,
@@ -154,14 +155,16 @@ def train_epoch(
     exchange: Exchange = in_process_exchange,
     replica: int = 0,
     on_step: Optional[StepHook] = None,
+    plan: Optional[Plan] = None,
 ) -> EpochStats:
     """One epoch of the local `peers` on replica `replica`'s shard of every global batch.
 
-    `on_step(epoch, step, peers, results)` sees every step (used for step traces).
+    `on_step(epoch, step, peers, results)` sees every step (used for step traces). `plan`: the
+    run's method as `method_plan` fixes it (built here when not given; callers build it once a run).
     """
     per_epoch = steps_per_epoch(cfg, data)
     total_steps = per_epoch * cfg.epochs
-    plan = method_plan(cfg, data.info.num_classes)
+    plan = plan or method_plan(cfg, data.info.num_classes)
     counts: list[dict[str, float]] = [{} for _ in peers]
     exchange_seconds = 0.0
     first_step_at = time.time()
@@ -258,8 +261,9 @@ def train_in_process(
         f"{describe_data(cfg, data)}, {cfg.epochs} epochs, device {device}"
         + (f"; resumed after epoch {start_epoch}" if start_epoch else "")
     )
+    plan = method_plan(cfg, data.info.num_classes)
     for epoch in range(start_epoch, cfg.epochs):
-        stats = train_epoch(cfg, peers, data, epoch, on_step=on_step)
+        stats = train_epoch(cfg, peers, data, epoch, on_step=on_step, plan=plan)
         evaluated = time.perf_counter()
         accuracy = _evaluate_in_process(peers, data)
         record = epoch_record(epoch, stats.counts, accuracy, stats.train_seconds, stats.exchange_seconds)
