@@ -25,6 +25,7 @@ import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -195,11 +196,18 @@ def _torchvision_download(name: str, root: Path) -> Path:
 
 
 def load_raw(name: str, root: Path) -> dict[str, np.ndarray]:
-    if name == "fashion-mnist":
-        return load_fashion_mnist_raw(root)
-    if name in CIFAR_LAYOUT:
-        return load_cifar_raw(name, root)
-    raise DataError(f"data.name: got {name!r}; allowed: one of {', '.join(DATASETS)}")
+    """A built-in data set's raw arrays from under `root`; a missing or broken file is a
+    DataError naming data.root (the field that pointed there)."""
+    readers = {
+        "fashion-mnist": load_fashion_mnist_raw,
+        **{cifar: partial(load_cifar_raw, cifar) for cifar in CIFAR_LAYOUT},
+    }
+    if name not in readers:
+        raise DataError(f"data.name: got {name!r}; allowed: one of {', '.join(DATASETS)}")
+    try:
+        return readers[name](root)
+    except DataError as err:
+        raise DataError(f"data.root: {err}") from None
 
 
 # --------------------------------------------------------------------------------------

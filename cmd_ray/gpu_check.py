@@ -23,8 +23,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -93,8 +94,14 @@ def check_training(device: str, precision: str, data_root: str, quick: bool) -> 
     }
 
 
-def check_maths(device: str, seed: int = 0) -> dict[str, Any]:
-    """Every formulation's loss and selection on `device` against the CPU, on random logits."""
+def check_maths(
+    device: str, seed: int = 0, transfer: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+) -> dict[str, Any]:
+    """Every formulation's loss and selection on `device` against the CPU, on random logits.
+
+    `transfer` moves a CPU tensor to the device (default `tensor.to(device)`); a test passes one
+    that also perturbs it, to see the check catch a device that computes differently."""
+    move = transfer or (lambda tensor: tensor.to(device))
     g = torch.Generator().manual_seed(seed)
     peer_logits = 3 * torch.randn(2, 256, 10, generator=g)
     labels = torch.randint(0, 10, (256,), generator=g)
@@ -103,7 +110,8 @@ def check_maths(device: str, seed: int = 0) -> dict[str, Any]:
     for name, settings in FORMULATIONS.items():
         plan = method_plan(from_dict({**settings, "noise": {"type": "symmetric", "rate": 0.4}}))
         here = plan.loss(0, peer_logits[0], peer_logits, labels, when)
-        there = plan.loss(0, peer_logits[0].to(device), peer_logits.to(device), labels.to(device), when)
+        there_logits = move(peer_logits)
+        there = plan.loss(0, there_logits[0], there_logits, move(labels), when)
         difference = abs(float(here.total) - float(there.total))
         worst = max(worst, difference)
         if not torch.equal(here.selected, there.selected.cpu()) or difference > 1e-4:

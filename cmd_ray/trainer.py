@@ -46,7 +46,8 @@ from cmd_ray.user_data import UserSource
 
 # exchange(local peers' logits with graph, batch) -> every peer's detached logits (P, B, C)
 Exchange = Callable[[list[torch.Tensor], Batch], torch.Tensor]
-StepHook = Callable[[int, int, list[Peer], list[StepResult]], None]
+# on_step(epoch, step, local peers, their step results, the batch they trained on)
+StepHook = Callable[[int, int, list[Peer], list[StepResult], Batch], None]
 # on_epoch(epochs done, peers, history so far): checkpoint and report after each epoch
 EpochHook = Callable[[int, list[Peer], list[dict[str, Any]]], None]
 # resume(peers) -> (epochs done, history so far), the peers' state loaded in place
@@ -159,7 +160,7 @@ def train_epoch(
 ) -> EpochStats:
     """One epoch of the local `peers` on replica `replica`'s shard of every global batch.
 
-    `on_step(epoch, step, peers, results)` sees every step (used for step traces). `plan`: the
+    `on_step(epoch, step, peers, results, batch)` sees every step (used for step traces). `plan`: the
     run's method as `method_plan` fixes it (built here when not given; callers build it once a run).
     """
     per_epoch = steps_per_epoch(cfg, data)
@@ -185,7 +186,7 @@ def train_epoch(
         for total, result in zip(counts, results):
             add_counts(total, result.counts)
         if on_step is not None:
-            on_step(epoch, step, peers, results)
+            on_step(epoch, step, peers, results, batch)
         if cfg.testing.step_sleep:
             time.sleep(cfg.testing.step_sleep)
     return EpochStats(counts, time.perf_counter() - start, exchange_seconds, first_step_at)
@@ -203,18 +204,21 @@ def finish_record(
 
 
 class StepTrace:
-    """Appends each peer's per-step loss and selection mask to `<folder>/peer<k>.jsonl` (tests)."""
+    """Appends each peer's per-step loss, selection mask and sample ids (replica 0's shard) to
+    `<folder>/peer<k>.jsonl` (tests)."""
 
     def __init__(self, folder: str | Path, replica: int = 0):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.replica = replica
 
-    def __call__(self, epoch: int, step: int, peers: list[Peer], results: list[StepResult]) -> None:
+    def __call__(self, epoch: int, step: int, peers: list[Peer], results: list[StepResult], batch: Batch) -> None:
         if self.replica != 0:
             return
+        samples = batch.index.tolist()
         for peer, result in zip(peers, results):
-            line = {"epoch": epoch, "step": step, "loss": result.loss, "selected": result.selected.int().tolist()}
+            selected = result.selected.int().tolist()
+            line = {"epoch": epoch, "step": step, "loss": result.loss, "selected": selected, "samples": samples}
             with open(self.folder / f"peer{peer.index}.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
 

@@ -89,15 +89,27 @@ def test_missing_cache_file_names_the_path(tmp_path):
         read_parquet_split(tmp_path / "nope.parquet")
 
 
-def test_missing_raw_data_without_network_gives_a_clear_error(tmp_path, monkeypatch):
+def test_missing_raw_data_without_network_gives_a_clear_error(tmp_path, monkeypatch, capsys):
+    import urllib.error
+
+    import torchvision
+
+    class Offline:  # torchvision's downloader as it fails on a machine without network
+        def __init__(self, root: str, train: bool, download: bool):
+            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
     monkeypatch.setattr(data_mod, "DEBIAN_FASHION_MNIST", tmp_path / "none")
-
-    def fail(*_):
-        raise DataError("fashion-mnist: not found under X and download failed (offline); install it")
-
-    monkeypatch.setattr(data_mod, "_torchvision_download", fail)
-    with pytest.raises(DataError, match="not found"):
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", Offline)
+    with pytest.raises(DataError) as caught:
         materialise("fashion-mnist", tmp_path, NoiseSpec("none", 0.0), 0)
+    message = str(caught.value)
+    assert message.startswith(f"data.root: fashion-mnist: not found under {tmp_path} and download failed (")
+    assert "Temporary failure in name resolution" in message
+    assert message.endswith(
+        f"install Debian's dataset-fashion-mnist or put the four IDX files in {tmp_path}/fashion-mnist"
+    )
+    assert "downloading with torchvision" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.parquet"))  # no cache written
 
 
 @pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
@@ -173,17 +185,24 @@ def test_replica_shards_partition_the_batch():
     assert torch.equal(torch.cat(parts), positions)
 
 
-def test_augment_crops_and_flips_deterministically():
-    images = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
-    a = augment(images, torch.Generator().manual_seed(0))
-    b = augment(images, torch.Generator().manual_seed(0))
-    assert a.shape == images.shape and torch.equal(a, b)
-    assert not torch.equal(a, images)
-    # With no padding and a forced flip, augmentation is an exact mirror image.
-    torch.manual_seed(0)
-    flipped = augment(images, torch.Generator().manual_seed(1), padding=0)
-    for i in range(2):
-        assert torch.equal(flipped[i], images[i]) or torch.equal(flipped[i], images[i].flip(-1))
+def test_augment_is_a_seeded_random_crop_of_the_zero_padded_image_and_a_flip_of_half():
+    images = torch.randn(64, 3, 8, 8)
+    a = augment(images, torch.Generator().manual_seed(0), padding=2)
+    assert a.shape == images.shape and torch.equal(a, augment(images, torch.Generator().manual_seed(0), padding=2))
+    # The same draws, in augment's order: each output is the padded image's window at (dy, dx),
+    # mirrored where the flip came up.
+    g = torch.Generator().manual_seed(0)
+    dy, dx = torch.randint(0, 5, (64,), generator=g), torch.randint(0, 5, (64,), generator=g)
+    flip = torch.rand(64, generator=g) < 0.5
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    for i in range(64):
+        window = padded[i, :, dy[i] : dy[i] + 8, dx[i] : dx[i] + 8]
+        assert torch.equal(a[i], window.flip(-1) if flip[i] else window), i
+    assert 0 < int(flip.sum()) < 64 and len({(int(y), int(x)) for y, x in zip(dy, dx)}) > 10
+    # No padding: the identity or the mirror image, never anything else.
+    mirrored = augment(images, torch.Generator().manual_seed(1), padding=0)
+    kinds = {torch.equal(m, x) - torch.equal(m, x.flip(-1)) for m, x in zip(mirrored, images)}
+    assert kinds == {1, -1}
 
 
 @needs_fmnist

@@ -33,6 +33,21 @@ def test_gpu_check_refuses_a_missing_gpu_in_one_line(capsys, monkeypatch):
     ]
 
 
-def test_every_formulation_agrees_with_itself_on_the_cpu():
-    maths = gpu_check.check_maths("cpu")
-    assert maths["formulations"] == len(gpu_check.FORMULATIONS) and not maths["mismatched"]
+def test_the_maths_check_passes_a_faithful_device_and_names_every_formulation_a_drifting_one_breaks():
+    faithful = gpu_check.check_maths("cpu", transfer=lambda t: t.clone())
+    assert faithful["formulations"] == len(gpu_check.FORMULATIONS) and not faithful["mismatched"]
+    assert faithful["max_loss_difference"] == 0.0
+    # A device whose logits come out 1% large (a shift would not do: softmax ignores it): every
+    # formulation's loss moves past the 1e-4 tolerance, or its selection changes; the check
+    # must say so, by name.
+    drifting = gpu_check.check_maths("cpu", transfer=lambda t: t * 1.01 if t.is_floating_point() else t.clone())
+    assert drifting["mismatched"] == list(gpu_check.FORMULATIONS), drifting
+
+    # A device that swaps two labels changes the label-dependent losses of every method.
+    def swap_labels(t):
+        t = t.clone()
+        if not t.is_floating_point():
+            t[:2] = t[:2].flip(0) + 1
+        return t
+
+    assert gpu_check.check_maths("cpu", transfer=swap_labels)["mismatched"]

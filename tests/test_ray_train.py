@@ -66,10 +66,16 @@ def test_two_peer_workers_match_the_in_process_trainer_step_for_step(
         torch.set_num_threads(threads)
     summary = train_on_ray(ray_cfg, log=lambda _: None)
 
+    # Each worker draws its own batches from the seed: both peers, and the in-process trainer,
+    # train on the same samples at every step.
+    assert [r["samples"] for r in _read_trace(tmp_path / "ray", 0)] == [
+        r["samples"] for r in _read_trace(tmp_path / "ray", 1)
+    ]
     for peer in range(2):
         got, want = _read_trace(tmp_path / "ray", peer), _read_trace(tmp_path / "ref", peer)
         assert len(got) == len(want) == 9  # 540 of 600 samples (60 held out) / 64 per batch
         for g, w in zip(got, want):
+            assert g["samples"] == w["samples"], f"peer {peer} step {g['step']}: another batch"
             assert g["selected"] == w["selected"], f"peer {peer} step {g['step']}: selection differs"
             assert g["loss"] == pytest.approx(w["loss"], rel=1e-5, abs=1e-6)
     assert summary["path"] == "ray" and summary["workers"] == 2
