@@ -120,6 +120,60 @@ def test_two_peers_times_two_replicas(fake_fmnist_root, tmp_path, local_ray):
     assert summary["test_accuracy"]["ensemble"]["best"] > 0.5
 
 
+def test_peers_times_replicas_equal_the_in_process_trainer_and_resume_from_their_last_kept_checkpoint(
+    fake_fmnist_root, tmp_path, local_ray
+):
+    """D = 2 replicas of each peer, each on half of every batch, with gradients averaged (DDP),
+    train as one peer on the whole batch does: the same losses and accuracies as the in-process
+    trainer, within float reordering. An MLP (no batch norm, no dropout: those see the shard)
+    and DML (every loss term a mean over the batch). A run killed in epoch 3 with
+    checkpoint_every 2 resumes from the checkpoint after epoch 2 (the only one kept) and ends
+    where the uninterrupted run ends."""
+    from cmd_ray.ray_train import train_on_ray
+
+    common = dict(
+        method="dml",
+        model__name="mlp",
+        epochs=4,
+        data__train_subset=None,
+        data__test_subset=None,
+        ray__max_failures=1,
+        ray__checkpoint_every=2,
+        ray__checkpoints_to_keep=1,
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = train_in_process(tiny_config(fake_fmnist_root, **common), log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    clean = train_on_ray(tiny_config(fake_fmnist_root, **common, replicas=2, output_dir=str(tmp_path / "a")),
+                         log=lambda _: None)  # fmt: skip
+    assert clean["workers"] == 4
+    for want, got in zip(ref["history"], clean["history"], strict=True):
+        for peer in ("peer0", "peer1"):
+            assert got[f"{peer}/loss"] == pytest.approx(want[f"{peer}/loss"], rel=1e-4), got["epoch"]
+            assert got[f"{peer}/test_accuracy"] == pytest.approx(want[f"{peer}/test_accuracy"], abs=2 / 200)
+    crashed_cfg = tiny_config(fake_fmnist_root, **common, replicas=2, output_dir=str(tmp_path / "b"),
+                              testing__crash_epoch=3, testing__crash_step=2, testing__crash_rank=3)  # fmt: skip
+    lines: list[str] = []
+    crashed = train_on_ray(crashed_cfg, log=lines.append, run_name="crash")
+    run = tmp_path / "b" / "ray" / "crash"
+    killed_at = (run / ".crash-injected").stat().st_mtime
+    history = crashed["history"]
+    assert [r["epoch"] for r in history] == [0, 1, 2, 3]
+    # Epochs 0-1 from the checkpoint; epoch 2 (trained before the kill, never checkpointed) again.
+    assert history[1]["finished_at"] < killed_at < history[2]["finished_at"]
+    kept = [p.name for p in run.iterdir() if (p / "history.json").is_file()]
+    assert len(kept) == 1, kept
+    assert sorted(p.name for p in (run / kept[0]).iterdir()) == [
+        "history.json", *(f"peer{p}_replica{r}.pt" for p in range(2) for r in range(2))
+    ]
+    for a, b in zip(clean["history"], history, strict=True):
+        assert b["peer0/loss"] == pytest.approx(a["peer0/loss"], rel=1e-6)
+    assert crashed["test_accuracy"] == clean["test_accuracy"]
+
+
 def test_killed_worker_resumes_from_checkpoint_with_the_same_final_metrics(fake_fmnist_root, tmp_path, local_ray):
     from cmd_ray.ray_train import train_on_ray
 
