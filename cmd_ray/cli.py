@@ -198,8 +198,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from cmd_ray.sweep import run_sweep, wandb_dir, wandb_mode
 
     folder = run_sweep(cfg, resume=args.resume)
-    table, plots = report(folder)
-    print(table)
+    _, plots = report(folder)
     print(f"results: {join(folder, 'results.parquet')}")
     print("plots:   " + ", ".join(str(p) for p in plots))
     mode = wandb_mode(cfg)
@@ -232,17 +231,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         if args.validation:
             return _print_validation_choice(args.folder, args.last_epochs)
-        table, plots = report(args.folder, args.last_epochs, joined=args.joined)
         if args.compare:
             from cmd_ray.results import compare_table, read_results
 
-            table += "\n\nCompared with " + args.compare + " (final, %):\n"
-            table += compare_table(read_results(args.folder), read_results(args.compare), args.last_epochs)
+            comparison = compare_table(read_results(args.folder), read_results(args.compare), args.last_epochs)
+        _, plots = report(args.folder, args.last_epochs, joined=args.joined)
     except FileNotFoundError as err:
         raise ConfigError(f"{'--compare' if args.compare and args.compare in str(err) else 'folder'}: {err}") from None
     except ValueError as err:
         raise ConfigError(f"{'--with' if args.joined and not args.validation else '--validation'}: {err}") from None
-    print(table)
+    if args.compare:
+        print("\nCompared with " + args.compare + " (final, %):\n" + comparison)
     print("plots: " + ", ".join(str(p) for p in plots))
     return 0
 
@@ -293,8 +292,7 @@ def bench_accuracy(args: argparse.Namespace) -> int:
     bench.accuracy(cfg, folder, resume=args.resume)
     if cfg.data.validation_fraction > 0:  # a hyper-parameter sweep: rank on validation only
         return _print_validation_choice(folder, last_epochs=args.last_epochs)
-    table, plots = report(folder, last_epochs=args.last_epochs)
-    print(table)
+    _, plots = report(folder, last_epochs=args.last_epochs)
     print("plots: " + ", ".join(str(p) for p in plots))
     return 0
 

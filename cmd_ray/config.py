@@ -123,6 +123,9 @@ class TestingConfig:
     crash_epoch: Optional[int] = None  # kill one worker process once, in this epoch (0-based) ...
     crash_step: int = 0  # ... at this step ...
     crash_rank: int = 1  # ... the worker of this world rank
+    # exit: the process exits at once; hang: it stops there (writing the same marker file) until
+    # something outside kills it, e.g. a test removing its node (an event, not a time window).
+    crash_mode: Literal["exit", "hang"] = "exit"
     nan_step: Optional[int] = None  # make peer `nan_peer`'s logits NaN at this global step (0-based)
     nan_peer: int = 1
     measure_wait: bool = False  # time waiting on the slower peer apart from the exchange (one more collective)

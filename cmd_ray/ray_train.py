@@ -191,14 +191,19 @@ def _epoch_record_across_workers(
 
 
 def _crash_hook(cfg: Config, rank: int, marker: str) -> Optional[Callable]:
-    """Test hook: kill this worker process once, mid-epoch, to exercise fault tolerance."""
+    """Test hook: kill (or stop, `testing.crash_mode`) this worker process once, mid-epoch, to
+    exercise fault tolerance; the marker file says it happened."""
     t = cfg.testing
     if t.crash_epoch is None or rank != t.crash_rank:
         return None
 
     def maybe_crash(epoch: int, step: int, *_):
         if epoch == t.crash_epoch and step == t.crash_step and not exists(marker):
-            write_bytes(marker, f"killed rank {rank} at epoch {epoch} step {step}\n".encode())
+            write_bytes(marker, f"{t.crash_mode} rank {rank} at epoch {epoch} step {step}\n".encode())
+            if t.crash_mode == "hang":
+                console(f"[cmd-ray] testing.crash_epoch: worker rank {rank} stops at epoch {epoch}, step {step}")
+                while True:
+                    time.sleep(60)
             console(f"[cmd-ray] testing.crash_epoch: killing worker rank {rank} at epoch {epoch}, step {step}")
             os._exit(1)
 
@@ -344,6 +349,7 @@ def init_ray(cfg: Config, extra_resources: Optional[dict[str, float]] = None) ->
     if address:
         os.environ.pop("RAY_API_SERVER_ADDRESS", None)  # a local Ray's, set by start_local_ray, is not this one's
         ray.init(address=address, logging_level="WARNING")
+        release_orphaned_placement_groups()
         return
     # A local embedded Ray has no preemptible nodes: skip Ray Train's preemption watcher,
     # whose actor logs a restart warning at every start.
@@ -354,6 +360,37 @@ def init_ray(cfg: Config, extra_resources: Optional[dict[str, float]] = None) ->
 
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     start_local_ray(cfg.ray.num_cpus, extra_resources)
+
+
+def release_orphaned_placement_groups(log: Callable[[str], None] = console) -> list[str]:
+    """Remove the placement groups that drivers which have died left holding a cluster's resources.
+
+    A Ray Train run reserves its workers' CPUs/GPUs in a placement group, and a helper actor
+    removes it if the run's controller dies. When the driver dies while a worker group is being
+    started (e.g. a sweep's driver killed mid-sweep), the group is created but not yet handed to
+    that helper, and Ray 2.60 keeps it after the job has ended: a `--resume` then waits forever for
+    resources nobody uses. Only non-detached groups of jobs that are no longer running are
+    removed (a detached group is meant to outlive its job). Returns the ids removed.
+    """
+    from ray import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.state import list_jobs, list_placement_groups
+
+    try:
+        running = {job.job_id for job in list_jobs(limit=10_000) if str(job.status).endswith("RUNNING")}
+        held = list_placement_groups(detail=True, limit=10_000, filters=[("state", "!=", "REMOVED")])
+    except Exception as err:  # noqa: BLE001 - the State API is an aid here, never a reason to stop
+        log(f"[cmd-ray] could not look for placement groups left by dead drivers ({type(err).__name__})")
+        return []
+    orphans = [g for g in held if not g.is_detached and g.creator_job_id not in running]
+    for group in orphans:
+        remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(group.placement_group_id)))
+    if orphans:
+        log(
+            f"[cmd-ray] removed {len(orphans)} placement group(s) that drivers which died left holding "
+            "resources: " + ", ".join(f"{g.placement_group_id} (job {g.creator_job_id})" for g in orphans)
+        )
+    return [g.placement_group_id for g in orphans]
 
 
 def keep_every_log_line() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -356,13 +357,17 @@ def report(
     last_epochs: int = 1,
     plots_dir: Optional[str | Path] = None,
     joined: Optional[list[str | Path]] = None,
+    show: Callable[[str], None] = print,
 ) -> tuple[str, list[str]]:
-    """The printed table and the plot paths for the sweep in `folder` (with the sweeps in `joined`)."""
+    """The sweep's table for `folder` (with the sweeps in `joined`), handed to `show` before the
+    plots are written (a full disk then costs the plots, never the figures); returns the table
+    and the plot paths."""
     rows = read_joined(folder, joined or [])
     metric = headline_metric(rows)
     table = "" if metric == ACCURACY else "No test split: accuracy on the held-out noisy labels (%).\n"
     table += report_table(rows, last_epochs, metric)
     table += "\n\nAt the last epoch, mean over seeds (%):\n" + selection_table(rows, metric)
+    show(table)
     paths = write_plots(rows, plots_dir or join(folder, "plots"), last_epochs, validation=metric == VALIDATION)
     return table, paths
 

@@ -2,10 +2,11 @@
 run state and results on S3 (a moto server on 127.0.0.1), data through Ray's object store.
 
 - a 2-peer run puts its peers on different nodes; the node holding one peer is removed
-  mid-run, and the run resumes from its s3:// checkpoint on another node with the same final
-  metrics as an uninterrupted run;
+  mid-run, and the run resumes from its s3:// checkpoint (the epochs in it not trained again)
+  on another node with the same final metrics as an uninterrupted run;
 - a 2-trial sweep on the cluster keeps everything on s3://; its driver is killed and the
-  sweep resumes from s3://; `cmd-ray report s3://...` reads it; no secret lands in any object.
+  sweep resumes from s3:// where its trials' checkpoints were; `cmd-ray report s3://...` reads
+  it; no secret lands in any object, and the W&B key in no log of the cluster's Ray.
 """
 
 from __future__ import annotations
@@ -52,14 +53,37 @@ def _placement(run_dir: str) -> list[str]:
     return [w["node"] for w in json.loads(storage.read_bytes(storage.join(run_dir, "placement.json")))["workers"]]
 
 
-def _registered_epochs(run_dir: str) -> int:
-    """Epochs in the latest checkpoint Ray Train registered for the run (0 if none yet)."""
+def _registered_history(run_dir: str) -> list[dict]:
+    """The history in the latest checkpoint Ray Train registered for the run ([] if none yet)."""
     try:
         snapshot = json.loads(storage.read_bytes(storage.join(run_dir, "checkpoint_manager_snapshot.json")))
         latest = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
-        return len(json.loads(storage.read_bytes(storage.join(run_dir, latest, "history.json"))))
+        return json.loads(storage.read_bytes(storage.join(run_dir, latest, "history.json")))
     except (OSError, FileNotFoundError, TypeError, KeyError, ValueError):
-        return 0
+        return []
+
+
+def _registered_epochs(run_dir: str) -> int:
+    return len(_registered_history(run_dir))
+
+
+def _sweep_histories(sweep: str) -> dict[str, list[dict]]:
+    """Each trial's registered history in a sweep on object storage, by Train run folder."""
+    runs = {o.split("/train/", 1)[1].split("/", 1)[0] for o in storage.list_files(storage.join(sweep, "train"))}
+    return {run: _registered_history(storage.join(sweep, "train", run)) for run in runs}
+
+
+def _files_holding(folder: str, secret: bytes) -> list[str]:
+    from pathlib import Path
+
+    found = []
+    for path in Path(folder).rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink() and secret in path.read_bytes():
+                found.append(str(path))
+        except OSError:
+            pass
+    return found
 
 
 def test_peers_run_on_different_nodes_and_a_removed_node_resumes_from_s3(fake_fmnist_root, s3_bucket, cluster):
@@ -73,7 +97,6 @@ def test_peers_run_on_different_nodes_and_a_removed_node_resumes_from_s3(fake_fm
         ray__max_failures=2,
         ray__cpus_per_worker=1.0,
         ray__storage_path=storage.join(s3_bucket, "train"),
-        testing__step_sleep=0.3,  # about 3 s an epoch, so the node can go mid-run
     )
     clean = train_on_ray(tiny_config(fake_fmnist_root, **common, output_dir=str(fake_fmnist_root / "a")), log=print)
     clean_dir = clean["run_dir"]
@@ -83,23 +106,32 @@ def test_peers_run_on_different_nodes_and_a_removed_node_resumes_from_s3(fake_fm
     objects = storage.list_files(clean_dir)
     assert any(o.endswith("peer1_replica0.pt") for o in objects) and any(o.endswith("history.json") for o in objects)
 
-    cfg = tiny_config(fake_fmnist_root, **common, output_dir=str(fake_fmnist_root / "b"))
+    # Peer 1's worker stops mid-epoch 1 (after epoch 0's checkpoint) and stays stopped until
+    # its node is removed: the removal lands mid-run however slow the machine.
+    cfg = tiny_config(fake_fmnist_root, **common, output_dir=str(fake_fmnist_root / "b"), testing__crash_epoch=1,
+                      testing__crash_step=3, testing__crash_mode="hang")  # fmt: skip
     run_dir = storage.join(s3_bucket, "train", "node-lost")
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(train_on_ray(cfg, log=print, run_name="node-lost")))
     runner.start()
     deadline = time.time() + 300
-    while _registered_epochs(run_dir) < 1 and time.time() < deadline:
+    stopped = storage.join(run_dir, ".crash-injected")
+    while not (storage.exists(stopped) and _registered_epochs(run_dir) == 1) and time.time() < deadline:
         time.sleep(0.2)
-    assert _registered_epochs(run_dir) >= 1, "no checkpoint reached S3"
+    assert storage.exists(stopped) and _registered_epochs(run_dir) == 1, "peer 1 never stopped after epoch 0"
     lost = _placement(run_dir)[1]
     node = next(n for n in nodes if n.node_id == lost)
+    removed_at = time.time()
     head_cluster.remove_node(node, allow_graceful=False)  # the node holding peer 1 goes away
     runner.join(timeout=600)
     assert not runner.is_alive() and result, "the run did not finish after losing a node"
     after = _placement(run_dir)
     assert lost not in after and after[0] != after[1]
-    for a, b in zip(clean["history"], result["history"]):
+    # Resumed from the checkpoint after epoch 0 (kept, not trained again); epochs 1-2 after.
+    history = result["history"]
+    assert [r["epoch"] for r in history] == [0, 1, 2]
+    assert history[0]["finished_at"] < removed_at < history[1]["finished_at"]
+    for a, b in zip(clean["history"], history, strict=True):
         assert b["peer0/loss"] == pytest.approx(a["peer0/loss"], rel=1e-6)
         assert b["peer1/test_accuracy"] == a["peer1/test_accuracy"]
     assert result["test_accuracy"] == clean["test_accuracy"]
@@ -140,9 +172,10 @@ def test_a_sweep_on_the_cluster_keeps_everything_on_s3_and_resumes_after_its_dri
     driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)  # fmt: skip
     deadline = time.time() + 300
-    while time.time() < deadline:  # a checkpoint of some trial reached S3
+    while time.time() < deadline:  # a trial registered a checkpoint on S3, and none is complete
         time.sleep(0.5)
-        if any(o.endswith("history.json") for o in storage.list_files(storage.join(sweep, "train"))):
+        histories = _sweep_histories(sweep)
+        if any(histories.values()):
             break
     else:
         driver.kill()
@@ -150,12 +183,21 @@ def test_a_sweep_on_the_cluster_keeps_everything_on_s3_and_resumes_after_its_dri
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait(timeout=60)
     assert not storage.exists(storage.join(sweep, "results.parquet"))
+    before = {run: history for run, history in _sweep_histories(sweep).items() if history}
+    assert before and any(len(h) < 3 for h in before.values()), before
 
     resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     table = storage.read_parquet(storage.join(sweep, "results.parquet")).to_pylist()
     assert {r["method"] for r in table} == {"ce", "cmd-p"}
     assert all(r["status"] == "finished" for r in table) and len(table) == 6  # 2 trials x 3 epochs
+    # From where: every epoch checkpointed on S3 before the kill was kept, not trained again.
+    after = _sweep_histories(sweep)
+    for run, history in before.items():
+        assert len(after[run]) == 3
+        assert [r["finished_at"] for r in after[run][: len(history)]] == [r["finished_at"] for r in history], run
+    resumed_from = {f"resumed from the checkpoint after epoch {len(h)}" for h in before.values() if len(h) < 3}
+    assert all(line in resumed.stdout + resumed.stderr for line in resumed_from), resumed.stdout[-3000:]
     assert any(o.endswith(".png") for o in storage.list_files(storage.join(sweep, "plots")))
 
     report = subprocess.run(
@@ -171,3 +213,9 @@ def test_a_sweep_on_the_cluster_keeps_everything_on_s3_and_resumes_after_its_dri
         for path in (tmp_path / "home").rglob("*"):
             if path.is_file() and not path.is_symlink():
                 assert secret.encode() not in path.read_bytes(), path
+    # ... nor in any log or record of the cluster's Ray (every node's session folder): on a
+    # cluster the driver hands the key to the W&B actor in a call, never as a runtime env.
+    sessions = {node.get_session_dir_path() for node in [head_cluster.head_node, *head_cluster.worker_nodes]}
+    assert sessions
+    for session in sessions:
+        assert _files_holding(session, FAKE_WANDB_KEY.encode()) == [], session

@@ -167,7 +167,8 @@ def test_peers_times_replicas_equal_the_in_process_trainer_and_resume_from_their
     kept = [p.name for p in run.iterdir() if (p / "history.json").is_file()]
     assert len(kept) == 1, kept
     assert sorted(p.name for p in (run / kept[0]).iterdir()) == [
-        "history.json", *(f"peer{p}_replica{r}.pt" for p in range(2) for r in range(2))
+        "history.json",
+        *(f"peer{p}_replica{r}.pt" for p in range(2) for r in range(2)),
     ]
     for a, b in zip(clean["history"], history, strict=True):
         assert b["peer0/loss"] == pytest.approx(a["peer0/loss"], rel=1e-6)
@@ -305,3 +306,36 @@ def test_no_secret_from_the_environment_lands_in_a_runs_files(fake_fmnist_root, 
         if path.is_file():
             data = path.read_bytes()
             assert not any(v.encode() in data for v in secrets.values()), path
+
+
+def test_only_placement_groups_of_drivers_that_died_are_released(monkeypatch):
+    """A driver killed while its Train run starts a worker group leaves the group's placement
+    group holding CPUs after the job ended (Ray 2.60); joining the cluster releases those,
+    never a running job's nor a detached one."""
+    from types import SimpleNamespace
+
+    import importlib
+
+    import ray.util.state as state
+
+    pg_module = importlib.import_module("ray.util.placement_group")  # the module, not its function
+
+    from cmd_ray.ray_train import release_orphaned_placement_groups
+
+    jobs = [SimpleNamespace(job_id="01000000", status="JobStatus.RUNNING"),
+            SimpleNamespace(job_id="02000000", status="JobStatus.SUCCEEDED")]  # fmt: skip
+    groups = [
+        SimpleNamespace(placement_group_id="aa" * 18, creator_job_id="02000000", is_detached=False),  # orphaned
+        SimpleNamespace(placement_group_id="bb" * 18, creator_job_id="01000000", is_detached=False),  # running job's
+        SimpleNamespace(placement_group_id="cc" * 18, creator_job_id="02000000", is_detached=True),  # meant to outlive
+    ]
+    removed = []
+    monkeypatch.setattr(state, "list_jobs", lambda **_: jobs)
+    monkeypatch.setattr(state, "list_placement_groups", lambda **_: groups)
+    monkeypatch.setattr(pg_module, "remove_placement_group", lambda pg: removed.append(pg.id.hex()))
+    lines: list[str] = []
+    assert release_orphaned_placement_groups(lines.append) == ["aa" * 18]
+    assert removed == ["aa" * 18]
+    assert len(lines) == 1 and "job 02000000" in lines[0]
+    groups.pop(0)
+    assert release_orphaned_placement_groups(lines.append) == [] and len(lines) == 1  # nothing to say

@@ -93,3 +93,68 @@ def test_training_on_full_storage_fails_in_one_line_keeps_the_old_summary_and_pr
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     printed = json.loads(done.stdout[done.stdout.index("{") :])
     assert printed["test_accuracy"]["ensemble"]["final"] >= 0.0
+
+
+def _run_limited(args: list[str], cwd: Path, limit: int) -> subprocess.CompletedProcess:
+    """`cmd-ray ARGS` with files limited to `limit` bytes (a full disk, as the process sees it)."""
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "MPLCONFIGDIR": str(cwd / "mpl")}
+    # matplotlib's font cache is written on first use: build it without the limit.
+    subprocess.run([sys.executable, "-c", "import matplotlib.pyplot"], check=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "cmd_ray.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+        preexec_fn=_limit_file_size(limit),
+    )
+
+
+def _one_error_line(done: subprocess.CompletedProcess) -> str:
+    lines = [line for line in done.stderr.splitlines() if line.startswith("cmd-ray:")]
+    assert done.returncode == 1 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    return lines[0]
+
+
+def test_a_report_on_full_storage_prints_the_table_and_fails_on_the_plots_in_one_line(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cmd_ray.config import from_dict
+    from cmd_ray.results import trial_rows
+
+    base = from_dict({}).to_dict()
+    rows = []
+    for seed in (0, 1):
+        history = [{"epoch": e, "mean/test_accuracy": 0.5 + e / 10 + seed / 100} for e in range(3)]
+        rows += trial_rows(f"t{seed}", {"seed": seed, "method": "cmd-p"}, base, history, "finished", "")
+    sweep = tmp_path / "sweep"
+    (sweep / "plots").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), sweep / "results.parquet")
+    done = _run_limited(["report", str(sweep)], tmp_path, 4096)  # every plot is larger
+    line = _one_error_line(done)
+    assert line.startswith(f"cmd-ray: error: {sweep / 'plots'}/") and "cannot write (File too large)" in line
+    assert "nothing was written there" in line
+    assert "cmd-p " in done.stdout and "(n=2)" in done.stdout  # the figures reached the console first
+    assert list((sweep / "plots").iterdir()) == []  # no partial or temporary plot left
+
+
+def test_a_data_cache_on_full_storage_fails_in_one_line_and_leaves_no_partial_cache(fake_fmnist_root, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for name in ("fashion-mnist",):  # the raw files the cache is built from
+        (cache / name).symlink_to(fake_fmnist_root / name)
+    done = _run_limited(["prepare", "--set", f"data.root={cache}"], tmp_path, 64 * 1024)
+    line = _one_error_line(done)
+    assert line.startswith(f"cmd-ray: error: {cache}/") and ".parquet: cannot write (File too large)" in line
+    assert not [p for p in cache.iterdir() if p.suffix in (".parquet", ".tmp") or p.name.endswith(".tmp")]
+    again = subprocess.run(
+        [sys.executable, "-m", "cmd_ray.cli", "prepare", "--set", f"data.root={cache}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )  # with room again, the cache builds
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [p for p in cache.iterdir() if p.suffix == ".parquet"]
