@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -17,6 +18,9 @@ from cmd_ray.data import DataError
 from cmd_ray.noise import NoiseError
 from cmd_ray.peer import NonFiniteLossError
 from cmd_ray.storage import StorageError, join
+
+# A Ray Train run's folder name under ray.storage_path (one path segment, portable).
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-json", help="also write the summary JSON here")
     train.add_argument(
         "--address", help="Ray cluster to join (e.g. auto); default: $RAY_ADDRESS or a local embedded Ray"
+    )
+    train.add_argument(
+        "--run-name",
+        help="name of the Ray Train run under ray.storage_path (default: <method>-<time>); running "
+        "again with the same name resumes that run from its latest checkpoint",
     )
     train.add_argument(
         "--in-process",
@@ -151,6 +160,9 @@ def _load(args: argparse.Namespace) -> Config:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    if args.run_name is not None and (args.in_process or not RUN_NAME.fullmatch(args.run_name)):
+        allowed = "only with the Ray path" if args.in_process else "letters, digits, '.', '_' and '-'"
+        raise ConfigError(f"--run-name: got {args.run_name!r}; allowed: {allowed}")
     if cfg.use_gpu and (args.in_process or not (args.address or cfg.ray.address or os.environ.get("RAY_ADDRESS"))):
         import torch
 
@@ -164,9 +176,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         summary = train_in_process(cfg)
     else:
-        from cmd_ray.ray_train import train_on_ray
+        from cmd_ray.ray_train import default_run_name, train_on_ray
 
-        summary = train_on_ray(cfg)
+        run_name = args.run_name or default_run_name(cfg)
+        try:
+            summary = train_on_ray(cfg, run_name=run_name)
+        except Exception as err:
+            if _is_ray_failure(err):  # not a NaN stop: that would happen again at the same step
+                print(f"cmd-ray: resume from the last checkpoint: the same command with --run-name {run_name}",
+                      file=sys.stderr)  # fmt: skip
+            raise
     # Printed before writing, so a full disk cannot take the figures with it.
     print(json.dumps(_compact(summary), indent=2, default=str))
     write_json_atomic(join(cfg.output_dir, "summary.json"), summary)
@@ -185,6 +204,18 @@ def resolve_config_path(path: Optional[str]) -> Optional[str]:
         if candidate.is_file():
             return str(candidate)
     return path
+
+
+# Written by `ray start` on a node where a cluster is up (the head, as `ray submit` uses it).
+CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
+
+
+def head_node_args(args: list[str], current_cluster: Path = CURRENT_CLUSTER) -> list[str]:
+    """launch/tune.py's arguments: `ray submit` runs it on the head, where a cluster is up, so
+    join that cluster (`--address auto`) unless an address is given; elsewhere start a local Ray."""
+    if "--address" in args or os.environ.get("RAY_ADDRESS") or not current_cluster.exists():
+        return list(args)
+    return [*args, "--address", "auto"]
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -400,6 +431,11 @@ COMMANDS = {
 }
 
 
+def _is_ray_failure(err: Exception) -> bool:
+    """A run that Ray gave up on (workers failed past ray.max_failures, the controller failed)."""
+    return type(err).__name__ in ("WorkerGroupError", "ControllerError", "TrainingFailedError", "TuneError")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from cmd_ray.ray_train import keep_every_log_line
 
@@ -421,7 +457,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("cmd-ray: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        if type(err).__name__ in ("WorkerGroupError", "ControllerError", "TrainingFailedError", "TuneError"):
+        if _is_ray_failure(err):
             # Ray already printed each worker's traceback above; end with the cause in one line.
             cause = [line for line in str(err).strip().splitlines() if line.strip()]
             print(f"cmd-ray: training failed: {cause[-1] if cause else type(err).__name__}", file=sys.stderr)

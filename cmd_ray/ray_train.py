@@ -534,6 +534,11 @@ def read_history(checkpoint_path: str | Path) -> list[dict[str, Any]]:
     return json.loads(read_bytes(join(checkpoint_path, HISTORY_FILE)))
 
 
+def default_run_name(cfg: Config) -> str:
+    """`<method>-<date>-<time>`: a new run folder each time."""
+    return f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def train_on_ray(cfg: Config, log: Callable[[str], None] = print, run_name: Optional[str] = None) -> dict[str, Any]:
     """Run one CMD training as a Ray Train TorchTrainer; return the run summary.
 
@@ -544,7 +549,7 @@ def train_on_ray(cfg: Config, log: Callable[[str], None] = print, run_name: Opti
     data = load_run_data(cfg)  # builds the Parquet cache once, here, and checks the data
     init_ray(cfg)
     check_cluster_resources(cfg)
-    run_name = run_name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = run_name or default_run_name(cfg)
     storage = storage_path(cfg)
     workers = cfg.peers * cfg.replicas
     log(

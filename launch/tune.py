@@ -8,14 +8,9 @@ On a cluster's head node (as `ray submit` runs it) it joins the running cluster;
 else it starts a local embedded Ray. Same as `cmd-ray sweep`.
 """
 
-import os
 import sys
 
-from cmd_ray.cli import main
+from cmd_ray.cli import head_node_args, main
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    # `ray submit` runs this on the head, where a cluster is up: join it rather than start one.
-    if "--address" not in args and not os.environ.get("RAY_ADDRESS") and os.path.exists("/tmp/ray/ray_current_cluster"):
-        args += ["--address", "auto"]
-    sys.exit(main(["sweep", *args]))
+    sys.exit(main(["sweep", *head_node_args(sys.argv[1:])]))

@@ -131,6 +131,8 @@ CASES = [
      re.compile(r"data\.root: \S+/train-images-idx3-ubyte\.gz: truncated IDX data \(2 bytes, header says 125\)")),
     ("unwritable output", lambda t: ["train", "--set", f"output_dir={_files(t, 'f', 'x')}/sub"],
      "output_dir: cannot write to"),
+    ("run name with a folder", lambda t: ["train", "--run-name", "../elsewhere"], "--run-name: got '../elsewhere'"),
+    ("run name in-process", lambda t: ["train", "--in-process", "--run-name", "x"], "--run-name: got 'x'; allowed"),
     ("gpu without one", lambda t: ["train", "--set", "use_gpu=true"], "use_gpu: got true, but"),
     ("bad grid", lambda t: ["sweep", "--set", "sweep.grid={noise.rate: [0.2, 2]}"], "sweep.grid: the point"),
     ("unwritable sweep storage", lambda t: ["sweep", "--set", f"sweep.storage_path={_files(t, 'g', 'x')}/s"],

@@ -130,11 +130,20 @@ def test_load_sampler_counts_the_memory_of_child_processes():
 
     sampler = bench.LoadSampler(interval=0.1)
     sampler.start()
-    hold = "import time; x = bytearray(300 * 1024 * 1024); x[::4096] = b'1' * len(x[::4096]); time.sleep(3)"
-    child = subprocess.Popen([sys.executable, "-c", hold])
-    time.sleep(2.0)
+    # The child says when its memory is held and keeps it until told to go: the sampler gets
+    # two looks at it however slow the machine (no fixed window).
+    hold = (
+        "import sys; x = bytearray(300 * 1024 * 1024); x[::4096] = b'1' * len(x[::4096]); "
+        "print('held', flush=True); sys.stdin.read()"
+    )
+    child = subprocess.Popen([sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    seen = len(sampler.samples)
+    deadline = time.time() + 120
+    while len(sampler.samples) < seen + 2 and time.time() < deadline:
+        time.sleep(0.05)
     samples = sampler.stop()
-    child.wait()
+    child.communicate("")
     assert samples and max(s["tree_pss"] for s in samples) > 300 * 1024 * 1024
     assert all(s["train_workers"] == 0 for s in samples)
     peak = max(samples, key=lambda s: s["tree_pss"])

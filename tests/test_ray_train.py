@@ -312,9 +312,8 @@ def test_only_placement_groups_of_drivers_that_died_are_released(monkeypatch):
     """A driver killed while its Train run starts a worker group leaves the group's placement
     group holding CPUs after the job ended (Ray 2.60); joining the cluster releases those,
     never a running job's nor a detached one."""
-    from types import SimpleNamespace
-
     import importlib
+    from types import SimpleNamespace
 
     import ray.util.state as state
 
@@ -339,3 +338,36 @@ def test_only_placement_groups_of_drivers_that_died_are_released(monkeypatch):
     assert len(lines) == 1 and "job 02000000" in lines[0]
     groups.pop(0)
     assert release_orphaned_placement_groups(lines.append) == [] and len(lines) == 1  # nothing to say
+
+
+def test_cli_train_exits_1_when_failures_run_out_says_how_to_resume_and_resumes_from_the_checkpoint(
+    fake_fmnist_root, tmp_path, local_ray, capsys
+):
+    out = tmp_path / "out"
+    argv = ["train", "--set", f"data.root={fake_fmnist_root}", "--set", "epochs=3", "--set", "data.train_subset=null",
+            "--set", "data.test_subset=null", "--set", f"output_dir={out}", "--set", "ray.max_failures=0",
+            "--set", "testing.crash_epoch=1", "--set", "testing.crash_step=2",
+            "--run-name", "flaky", "--output-json", str(tmp_path / "summary.json")]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("cmd-ray:")]
+    assert ours[0] == "cmd-ray: resume from the last checkpoint: the same command with --run-name flaky"
+    assert ours[-1].startswith("cmd-ray: training failed: ") and len(ours) == 2, err[-3000:]
+    killed_at = (out / "ray" / "flaky" / ".crash-injected").stat().st_mtime
+    assert main(argv) == 0  # the same command (the crash hook fires once): resumed, not restarted
+    printed = capsys.readouterr()
+    assert "resumed from the checkpoint after epoch 1" in printed.out + printed.err
+    history = json.loads((tmp_path / "summary.json").read_text())["history"]
+    assert [r["epoch"] for r in history] == [0, 1, 2]
+    assert history[0]["finished_at"] < killed_at < history[1]["finished_at"]
+
+
+def test_cli_train_exits_1_on_a_nan_loss_naming_peer_and_step_without_a_resume_hint(
+    fake_fmnist_root, tmp_path, local_ray, capsys
+):
+    argv = ["train", "--set", f"data.root={fake_fmnist_root}", "--set", "epochs=2", "--set", "testing.nan_step=3",
+            "--set", f"output_dir={tmp_path}", "--run-name", "nan"]  # fmt: skip
+    assert main(argv) == 1
+    ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cmd-ray:")]
+    assert ours == ["cmd-ray: training stopped: peer 1: loss is nan at epoch 0, global step 3"]
+    assert not (tmp_path / "summary.json").exists()

@@ -128,6 +128,10 @@ def sweep_env(fake_fmnist_root, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WANDB_"))}
     env.update(WANDB_API_KEY=FAKE_KEY, WANDB_MODE="offline", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
     env["HOME"] = str(tmp_path / "home")  # no ~/.netrc, nothing shared with the user's W&B
+    # Tune warns of a callback slower than 0.5 s, which a loaded 2-core machine can reach by
+    # scheduling alone; that our callback never waits is pinned without a clock
+    # (test_the_wandb_callback_never_waits_on_wandb_while_trials_run), a blocking one still shows.
+    env["TUNE_WARN_THRESHOLD_S"] = "5"
     return env
 
 
@@ -282,6 +286,15 @@ def test_sweep_resumes_after_its_driver_is_killed(fake_fmnist_root, tmp_path, sw
     unfinished_before = {t: h for t, h in before.items() if len(h) < 3}
     assert finished_before and unfinished_before
 
+    # The same command without --resume would start the sweep over its results: refused, in one line.
+    refused = subprocess.run(cmd, env=sweep_env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines() == [
+        f"cmd-ray: error: sweep.name: a sweep named 'resume' already exists at {sweep}; "
+        "pass --resume to continue it, or choose another sweep.name"
+    ]
+    assert _trial_histories(sweep) == before
+
     proc = subprocess.run(cmd + ["--resume"], env=sweep_env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     after = _trial_histories(sweep)
@@ -412,3 +425,39 @@ def test_a_trial_placed_in_its_own_process_steps_exactly_as_the_in_process_train
     for row, expected in zip(rows, ref):
         for key in ("peer0/test_accuracy", "peer1/test_accuracy", "ensemble/test_accuracy", "mean/selected_fraction"):
             assert row[key] == pytest.approx(expected[key], abs=1e-9), key
+
+
+def test_the_wandb_callback_never_waits_on_wandb_while_trials_run(monkeypatch):
+    """Tune's loop calls the callback on every result; W&B's work happens in its own actor,
+    and the callback only sends to it (waiting there made Tune warn "may be a performance
+    bottleneck" and slowed every trial). Only the sweep's end waits for W&B to finish."""
+    from types import SimpleNamespace
+
+    import ray
+
+    from cmd_ray.wandb_runs import SweepWandbCallback
+
+    sent: list[tuple] = []
+
+    class Sender:
+        def __getattr__(self, method):
+            return SimpleNamespace(remote=lambda *args: sent.append((method, *args)) or f"ref-{method}")
+
+    def no_waiting(*_, **__):
+        raise AssertionError("the callback waited on the W&B actor during the sweep")
+
+    callback = SweepWandbCallback("cmd-ray", "smoke")
+    callback._runs = Sender()
+    monkeypatch.setattr(ray, "get", no_waiting)
+    trial = SimpleNamespace(trial_id="t1", config={"base": from_dict({}).to_dict(), "method": "ce"})
+    callback.on_trial_start(0, [trial], trial)
+    callback.on_trial_result(1, [trial], trial, {"mean/test_accuracy": 0.5, "trial_id": "t1", "nan": float("nan")})
+    callback.on_trial_complete(2, [trial], trial)
+    assert [s[0] for s in sent] == ["start", "log", "finish"]
+    assert sent[0][2]["config"]["method"] == "ce" and sent[0][2]["group"] == "smoke"
+    assert sent[1][2] == {"mean/test_accuracy": 0.5}  # Tune's bookkeeping and non-finite values left out
+    waited = []
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: waited.append(ref))
+    monkeypatch.setattr(ray, "kill", lambda actor: None)
+    callback.on_experiment_end([trial])
+    assert waited == ["ref-close"] and callback._runs is None
