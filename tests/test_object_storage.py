@@ -91,3 +91,23 @@ def test_a_users_parquet_data_set_is_read_from_object_storage(s3_bucket, tmp_pat
     data = load_data("parquet", cache, NoiseSpec("symmetric", 0.25), 0, source=UserSource("parquet", uri))
     assert len(data.train) == 12 and len(data.test) == 6 and data.train.meta["source"]["path"] == uri
     assert any("parquet-shapes-train-symmetric" in p for p in storage.list_files(cache))
+
+
+def test_a_write_the_store_refuses_mid_run_is_one_line_naming_the_object(s3_bucket):
+    """The bucket checked at start-up can go (deleted, or access revoked) before a result is
+    written: the write fails with one line naming the object, never a pyarrow traceback."""
+    import os
+
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    s3.create_bucket(Bucket="vanishing")
+    target = "s3://vanishing/run/summary.json"
+    storage.write_json_atomic(target, {"epoch": 1})
+    s3.delete_object(Bucket="vanishing", Key="run/summary.json")
+    s3.delete_bucket(Bucket="vanishing")
+    with pytest.raises(storage.StorageError) as caught:
+        storage.write_json_atomic(target, {"epoch": 2})
+    message = caught.value.strerror
+    assert message.startswith(f"{target}: cannot write (") and message.endswith("); nothing was written there")
+    assert "\n" not in message
