@@ -240,6 +240,18 @@ def _describe(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
+# YAML 1.1 (PyYAML, in files and in --set) reads these words as booleans.
+_YAML_TRUE, _YAML_FALSE = ("on", "yes", "true", "y"), ("off", "no", "false", "n")
+
+
+def _yaml_word(value: bool, allowed: tuple) -> Any:
+    """The allowed value a YAML boolean was typed as: `augment: off` reaches us as False, and
+    means 'off' where 'off' is an allowed value (else the boolean, refused by the caller)."""
+    words = _YAML_TRUE if value else _YAML_FALSE
+    matches = [a for a in allowed if isinstance(a, str) and a.lower() in words]
+    return matches[0] if len(matches) == 1 else value
+
+
 def _coerce(name: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     bad = ConfigError(f"{name}: got {value!r}; allowed: {_describe(tp)}")
@@ -249,6 +261,8 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
         return _coerce(name, value, inner)
     if origin is Literal:
+        if isinstance(value, bool):
+            value = _yaml_word(value, typing.get_args(tp))
         if value not in typing.get_args(tp):
             raise bad
         return value

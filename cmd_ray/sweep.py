@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from cmd_ray.config import VARIANT, Config, ConfigError, check_grid, set_path, trial_config, variant_label
 from cmd_ray.results import rows_table, trial_rows
-from cmd_ray.storage import exists, is_uri, join, write_json_atomic, write_parquet_atomic
+from cmd_ray.storage import StorageError, exists, is_uri, join, write_json_atomic, write_parquet_atomic
 
 DRIVER_RESOURCE = "TRAIN_DRIVER"
 TIMELINE_FILE = "timeline.json"  # in each trial's folder: when it reached each phase
@@ -370,7 +370,12 @@ def run_sweep(
     tuner = build_tuner(cfg, folder, resume, ([callback] if callback else []) + list(callbacks or []))
     grid = tuner.fit()
     table = collect_results(grid)
-    path = write_parquet_atomic(join(folder, "results.parquet"), table)
+    try:
+        path = write_parquet_atomic(join(folder, "results.parquet"), table)
+    except StorageError as err:  # every trial is in Tune's state and its checkpoints
+        raise StorageError(
+            err.errno, f"{err.strerror}; the trials are kept: --resume writes it without training"
+        ) from None
     failed = [r for r in grid if r.error is not None]
     log(
         f"[cmd-ray] sweep done in {time.perf_counter() - started:.0f} s: {len(grid) - len(failed)} trials finished, "

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cmd_ray.cli import main
-from cmd_ray.config import Config, ConfigError, apply_overrides, from_dict, load_config
+from cmd_ray.config import Config, ConfigError, apply_overrides, check_grid, from_dict, load_config, trial_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,3 +176,16 @@ def test_a_variant_axis_sets_several_keys_together_and_is_checked():
 )
 def test_auto_placement_decides_from_what_a_trial_requests(values, placement):
     assert from_dict(values).placement == placement
+
+
+def test_on_and_off_read_as_written_in_files_overrides_and_grids(tmp_path):
+    """YAML 1.1 reads on/off/yes/no as booleans; an enumerated value reads as the word typed."""
+    preset = tmp_path / "p.yaml"
+    preset.write_text("data:\n  augment: off\n")
+    assert load_config(preset).data.augment == "off"
+    assert load_config(preset, ["data.augment=on"]).data.augment == "on"
+    assert load_config(preset, ["data.augment=yes"]).data.augment == "on"  # the same word to YAML
+    cfg = load_config(preset, ["sweep.grid={data.augment: [on, off]}"])
+    assert [trial_config(cfg.to_dict(), p).data.augment for p in check_grid(cfg)] == ["on", "off"]
+    with pytest.raises(ConfigError, match=r"^precision: got True; allowed: one of 'fp32', 'bf16'$"):
+        load_config(preset, ["precision=on"])  # no on/off word to match: refused as typed

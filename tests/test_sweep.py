@@ -293,7 +293,9 @@ def test_sweep_resumes_after_its_driver_is_killed(fake_fmnist_root, tmp_path, sw
         f"cmd-ray: error: sweep.name: a sweep named 'resume' already exists at {sweep}; "
         "pass --resume to continue it, or choose another sweep.name"
     ]
-    assert _trial_histories(sweep) == before
+    assert {t: [r["finished_at"] for r in h] for t, h in _trial_histories(sweep).items()} == {
+        t: [r["finished_at"] for r in h] for t, h in before.items()
+    }  # nothing trained, nothing overwritten
 
     proc = subprocess.run(cmd + ["--resume"], env=sweep_env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -461,3 +463,44 @@ def test_the_wandb_callback_never_waits_on_wandb_while_trials_run(monkeypatch):
     monkeypatch.setattr(ray, "kill", lambda actor: None)
     callback.on_experiment_end([trial])
     assert waited == ["ref-close"] and callback._runs is None
+
+
+def test_a_results_table_the_storage_refuses_is_one_line_and_resume_writes_it_without_training(
+    fake_fmnist_root, tmp_path, local_ray, monkeypatch
+):
+    import errno
+
+    from cmd_ray import sweep as sweep_module
+    from cmd_ray.results import read_results
+    from cmd_ray.storage import StorageError
+    from cmd_ray.sweep import run_sweep
+
+    from .conftest import tiny_config
+
+    cfg = tiny_config(
+        fake_fmnist_root,
+        epochs=1,
+        sweep__name="full",
+        sweep__storage_path=str(tmp_path / "sweeps"),
+        sweep__placement="trial",
+        sweep__grid={"method": ["ce"]},
+        sweep__wandb={"mode": "disabled"},
+    )
+
+    def full(path, table):
+        raise StorageError(errno.ENOSPC, f"{path}: cannot write (No space left on device); nothing was written there")
+
+    monkeypatch.setattr(sweep_module, "write_parquet_atomic", full)
+    with pytest.raises(StorageError) as caught:
+        run_sweep(cfg, log=lambda _: None)
+    sweep = tmp_path / "sweeps" / "full"
+    assert caught.value.strerror == (
+        f"{sweep / 'results.parquet'}: cannot write (No space left on device); nothing was written there; "
+        "the trials are kept: --resume writes it without training"
+    )
+    trained = _trial_histories(sweep)
+    assert len(trained) == 1 and not (sweep / "results.parquet").exists()
+    monkeypatch.undo()
+    run_sweep(cfg, resume=True, log=lambda _: None)
+    rows = read_results(sweep)
+    assert [r["finished_at"] for r in rows] == [r["finished_at"] for r in next(iter(trained.values()))]
