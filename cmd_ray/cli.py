@@ -6,7 +6,6 @@ Bad input exits with status 2 and one line `cmd-ray: error: <field>: ...` before
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -14,10 +13,9 @@ from pathlib import Path
 from typing import Optional
 
 from cmd_ray.config import Config, ConfigError, load_config
-from cmd_ray.data import DataError
-from cmd_ray.noise import NoiseError
-from cmd_ray.peer import NonFiniteLossError
-from cmd_ray.storage import StorageError, join
+from cmd_ray.console import keep_every_log_line
+from cmd_ray.errors import DataError, NoiseError, NonFiniteLossError
+from cmd_ray.storage import StorageError, join, to_json
 
 # A Ray Train run's folder name under ray.storage_path (one path segment, portable).
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -187,7 +185,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       file=sys.stderr)  # fmt: skip
             raise
     # Printed before writing, so a full disk cannot take the figures with it.
-    print(json.dumps(_compact(summary), indent=2, default=str))
+    print(to_json(_compact(summary)))
     write_json_atomic(join(cfg.output_dir, "summary.json"), summary)
     if args.output_json:
         write_json_atomic(args.output_json, summary)
@@ -381,7 +379,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     data = load_run_data(cfg)
     noise = data.noise
     print(
-        json.dumps(
+        to_json(
             {
                 "dataset": cfg.data.name,
                 "classes": data.train.meta.get("classes"),
@@ -395,8 +393,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                 "realised_rate": noise["realised_rate"],
                 "subset_realised_rate": noise["subset_realised_rate"],
                 "realised_matrix": noise["realised_matrix"],
-            },
-            indent=2,
+            }
         )
     )
     return 0
@@ -437,8 +434,6 @@ def _is_ray_failure(err: Exception) -> bool:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from cmd_ray.ray_train import keep_every_log_line
-
     keep_every_log_line()
     parser = build_parser()
     args = parser.parse_args(argv)

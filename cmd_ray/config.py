@@ -20,7 +20,7 @@ import yaml
 
 from cmd_ray import methods
 from cmd_ray.catalogue import DATA_NAMES, DATASETS, MODELS, NOISE_TYPES, USER_DATASETS, model_fit_error
-from cmd_ray.errors import ConfigError, check_above, check_positive, check_range
+from cmd_ray.errors import ConfigError, NoiseError, check_above, check_positive, check_range
 
 METHODS = methods.NAMES
 
@@ -364,7 +364,7 @@ def _check_models_and_data(cfg: Config) -> None:
     if size:  # a user's images without data.image_size are checked once imported
         check_models_fit(cfg, size, cfg.data.name)
     if cfg.noise.type == "matrix" and cfg.noise.matrix:
-        from cmd_ray.noise import NoiseError, read_matrix_file
+        from cmd_ray.noise import read_matrix_file
 
         try:  # a user's class count is known once the data are read: the file's own shape for now
             read_matrix_file(cfg.noise.matrix, None if own else DATASETS[cfg.data.name].num_classes)

@@ -35,6 +35,8 @@ import torch
 from filelock import FileLock
 
 from cmd_ray.catalogue import DATASETS, DatasetInfo
+from cmd_ray.console import console
+from cmd_ray.errors import DataError
 from cmd_ray.noise import NoiseSpec, apply_noise
 from cmd_ray.storage import exists, is_uri, join, local, read_parquet, write_parquet_atomic
 
@@ -43,10 +45,6 @@ if TYPE_CHECKING:
 
 CACHE_FORMAT = 1
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-class DataError(RuntimeError):
-    """Data are missing or unreadable; the message names the path and what to do."""
 
 
 # --------------------------------------------------------------------------------------
@@ -180,7 +178,7 @@ def _torchvision_download(name: str, root: Path) -> Path:
         "cifar10": torchvision.datasets.CIFAR10,
         "cifar100": torchvision.datasets.CIFAR100,
     }[name]
-    print(f"[cmd-ray] {name} not found under {root}; downloading with torchvision ...", flush=True)
+    console(f"[cmd-ray] {name} not found under {root}; downloading with torchvision ...")
     try:
         root.mkdir(parents=True, exist_ok=True)
         for train in (True, False):
@@ -395,7 +393,7 @@ def _materialise_user(
     """Import a user's data set (decode every image once) and write its cache files."""
     from cmd_ray.user_data import channel_stats, read_user_data
 
-    print(f"[cmd-ray] importing {source.kind} {source.path} into the cache (once) ...", flush=True)
+    console(f"[cmd-ray] importing {source.kind} {source.path} into the cache (once) ...")
     started = time.perf_counter()
     raw = read_user_data(source)
     if require_test and raw.test_images is None:
@@ -421,10 +419,9 @@ def _materialise_user(
         },
     }
     train_count, test_count = len(raw.train_labels), 0 if raw.test_labels is None else len(raw.test_labels)
-    print(
+    console(
         f"[cmd-ray] imported {train_count} training and {test_count} test images "
-        f"({'x'.join(map(str, base['shape']))}, {len(raw.classes)} classes) in {seconds:.1f} s",
-        flush=True,
+        f"({'x'.join(map(str, base['shape']))}, {len(raw.classes)} classes) in {seconds:.1f} s"
     )
     if spec.type == "none":  # the user's labels are the noisy ones; no clean labels exist
         clean, noisy, report = None, raw.train_labels, UNKNOWN_NOISE
@@ -487,15 +484,20 @@ def load_data(
         if validation_fraction == 0:
             raise no_test_split(source.path if source else name)
         test = None
-    if train_subset is not None and train_subset < len(train):
+    subset = train_subset is not None and train_subset < len(train)
+    if subset:
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:train_subset]
         train = train.subset(torch.sort(keep).values)
     if test is not None and test_subset is not None and test_subset < len(test):
         test = test.subset(torch.arange(test_subset))
     train, validation = split_validation(train, validation_fraction, seed)
     noise = {k: train.meta[k] for k in ("noise", "realised_rate", "asked_matrix", "realised_matrix")}
+    # The rate among the samples trained on, where that is not the whole cached set (a subset or
+    # a validation split was taken); null otherwise (realised_rate is it) or without clean labels.
     noise["subset_realised_rate"] = (
-        None if train.clean_labels is None else float((train.noisy_labels != train.clean_labels).float().mean())
+        None
+        if train.clean_labels is None or not (subset or validation is not None)
+        else float((train.noisy_labels != train.clean_labels).float().mean())
     )
     info = dataset_info(train.meta)
     return DataBundle(train=train, test=test, info=info, noise=noise, validation=validation)

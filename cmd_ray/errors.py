@@ -1,4 +1,5 @@
-"""Errors a user can meet, and the one-line range checks that raise them; imports nothing of the package."""
+"""Errors a user can meet, and the one-line range checks that raise them; imports nothing of the
+package (and nothing heavy), so the command line can name every error without loading torch."""
 
 from __future__ import annotations
 
@@ -7,6 +8,18 @@ from typing import Optional
 
 class ConfigError(ValueError):
     """A configuration value is not allowed; the message is one line naming the field."""
+
+
+class NoiseError(ValueError):
+    """A noise specification is not allowed; the message is one line naming the field."""
+
+
+class DataError(RuntimeError):
+    """Data are missing or unreadable; the message names the path and what to do."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A peer's loss became NaN or inf; training stops rather than training through it."""
 
 
 def check_range(name: str, value: float, low: float, high: float) -> None:

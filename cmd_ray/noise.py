@@ -26,12 +26,9 @@ from typing import Optional
 import numpy as np
 
 from cmd_ray.catalogue import DATASETS, NOISE_TYPES
+from cmd_ray.errors import NoiseError
 
 LABEL_FILE_SUFFIXES = (".npy", ".csv", ".pt")
-
-
-class NoiseError(ValueError):
-    """A noise specification is not allowed; the message is one line naming the field."""
 
 
 FASHION_MNIST_ASYMMETRIC = {0: 6, 6: 0, 2: 4, 5: 7}

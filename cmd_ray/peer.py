@@ -20,14 +20,11 @@ from cmd_ray import methods
 from cmd_ray.catalogue import DATASETS
 from cmd_ray.config import Config
 from cmd_ray.data import DataBundle, DatasetInfo, Split, augment, normalise
+from cmd_ray.errors import NonFiniteLossError
 from cmd_ray.knowledge import LossParts
 from cmd_ray.methods import Plan, StepSchedule
 from cmd_ray.models import build_model
 from cmd_ray.noise import NoiseSpec, expected_flip_rate
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A peer's loss became NaN or inf; training stops rather than training through it."""
 
 
 @dataclass

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from cmd_ray.config import Config, ConfigError, from_dict
+from cmd_ray.console import console, keep_every_log_line
 from cmd_ray.data import DataBundle, DatasetInfo, Split, labels_digest
 from cmd_ray.exchange import (
     CollectiveExchange,
@@ -46,7 +47,7 @@ from cmd_ray.peer import (
     test_probabilities,
 )
 from cmd_ray.storage import exists, is_uri, join, read_bytes, write_bytes, write_json_atomic
-from cmd_ray.summary import console, epoch_record, progress_line, summarise
+from cmd_ray.summary import epoch_record, progress_line, summarise
 from cmd_ray.trainer import (
     HISTORY_FILE,
     EpochStats,
@@ -393,13 +394,6 @@ def release_orphaned_placement_groups(log: Callable[[str], None] = console) -> l
     return [g.placement_group_id for g in orphans]
 
 
-def keep_every_log_line() -> None:
-    """Ray folds lines of different processes that differ only in numbers into one "[repeated Nx
-    across cluster]", which hides concurrent trials' progress lines. Ray reads the switch when it
-    is first imported, so this must run before `import ray` (the CLI calls it first thing)."""
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-
-
 def start_local_ray(num_cpus: Optional[float] = None, resources: Optional[dict[str, float]] = None) -> None:
     """A new embedded Ray on this machine that talks only to itself, whatever other local Rays run.
 
@@ -539,7 +533,7 @@ def default_run_name(cfg: Config) -> str:
     return f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def train_on_ray(cfg: Config, log: Callable[[str], None] = print, run_name: Optional[str] = None) -> dict[str, Any]:
+def train_on_ray(cfg: Config, log: Callable[[str], None] = console, run_name: Optional[str] = None) -> dict[str, Any]:
     """Run one CMD training as a Ray Train TorchTrainer; return the run summary.
 
     Re-running with the same `run_name` (and storage) resumes that run from its latest

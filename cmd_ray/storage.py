@@ -204,9 +204,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def to_json(data: Any) -> str:
+    """Strict JSON (NaN and inf as null, which any JSON reader takes), indented; values JSON has
+    no type for (paths, numpy scalars) as strings."""
+    return json.dumps(_jsonable(data), indent=2, default=str, allow_nan=False)
+
+
 def write_json_atomic(path: str | Path, data: dict[str, Any]) -> str:
     """Write JSON (NaN -> null) to a local file or an object, atomically."""
-    return write_bytes(path, (json.dumps(_jsonable(data), indent=2) + "\n").encode())
+    return write_bytes(path, (to_json(data) + "\n").encode())
 
 
 def write_parquet_atomic(path: str | Path, table) -> str:

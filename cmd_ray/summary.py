@@ -6,20 +6,11 @@ Shared by the in-process trainer and the Ray Train path so both report the same 
 from __future__ import annotations
 
 import math
-import sys
 import time
 from typing import Any
 
 from cmd_ray.config import Config
 from cmd_ray.peer import epoch_metrics
-
-
-def console(line: str) -> None:
-    """One line to the driver's console from a Ray worker or Tune trial. Ray Train patches
-    print() into its logger, which shows each line twice; the process's real stdout is
-    streamed to the driver once."""
-    sys.__stdout__.write(line + "\n")
-    sys.__stdout__.flush()
 
 
 def epoch_record(

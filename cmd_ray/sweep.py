@@ -27,6 +27,7 @@ from typing import Any, Optional
 import pyarrow as pa
 
 from cmd_ray.config import VARIANT, Config, ConfigError, check_grid, set_path, trial_config, variant_label
+from cmd_ray.console import console
 from cmd_ray.results import rows_table, trial_rows
 from cmd_ray.storage import StorageError, exists, is_uri, join, write_json_atomic, write_parquet_atomic
 
@@ -160,7 +161,6 @@ def _train_in_trial(cfg: Config, data, label: str, timeline: dict[str, float]) -
     from ray import tune
 
     from cmd_ray.storage import read_bytes, write_bytes
-    from cmd_ray.summary import console
     from cmd_ray.trainer import HISTORY_FILE, checkpoint_bytes, load_checkpoint_bytes, train_in_process
 
     # Ray's INFO line per saved checkpoint is noise on a sweep's console.
@@ -349,7 +349,7 @@ def check_resume(cfg: Config, folder: str, resume: bool) -> None:
 
 
 def run_sweep(
-    cfg: Config, resume: bool = False, log: Callable[[str], None] = print, callbacks: Optional[list[Any]] = None
+    cfg: Config, resume: bool = False, log: Callable[[str], None] = console, callbacks: Optional[list[Any]] = None
 ) -> str:
     """Run (or resume) the sweep's grid; write results.parquet; return the sweep folder (or URI).
     `callbacks`: more Tune callbacks (e.g. the benchmark's trial clock)."""

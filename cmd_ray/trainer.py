@@ -20,6 +20,7 @@ import torch
 
 from cmd_ray.catalogue import USER_DATASETS
 from cmd_ray.config import Config, check_models_fit
+from cmd_ray.console import console
 from cmd_ray.data import DataBundle, epoch_batches, load_data, shard
 from cmd_ray.methods import Plan
 from cmd_ray.noise import NoiseSpec
@@ -126,6 +127,7 @@ def describe_data(cfg: Config, data: DataBundle) -> str:
     """'3000 train / 10000 test, noise symmetric 0.5 (realised 0.497)' for the start-up line."""
     test = f"{len(data.test)} test" if data.test is not None else f"no test split, {len(data.validation)} validation"
     rate = data.noise["subset_realised_rate"]
+    rate = data.noise["realised_rate"] if rate is None else rate
     noise = {"none": "noise none", "labels": f"noisy labels from {cfg.noise.labels}"}.get(
         cfg.noise.type, f"noise {cfg.noise.type} {cfg.noise.rate:g}"
     )
@@ -238,7 +240,7 @@ def _evaluate_in_process(peers: list[Peer], data: DataBundle) -> dict[str, float
 def train_in_process(
     cfg: Config,
     data: Optional[DataBundle] = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = console,
     on_step: Optional[StepHook] = None,
     *,
     resume: Optional[Resume] = None,

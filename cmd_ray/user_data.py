@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from cmd_ray import storage
-from cmd_ray.data import DataError
+from cmd_ray.errors import DataError
 from cmd_ray.storage import is_uri
 
 if TYPE_CHECKING:
@@ -130,7 +131,10 @@ def _decode(blob: bytes, where: str) -> Image:
         image = Image.open(io.BytesIO(blob))
         image.load()  # decode now: a truncated file fails here, not later
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise _BadImage(f"{where}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        # PIL names the in-memory buffer ("<_io.BytesIO object at 0x7f...>"): an address, not a file.
+        reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", reason)
+        raise _BadImage(f"{where}: {reason}") from None
     if image.mode in ("L", "RGB"):
         return image
     # Grey stays grey (high bit depths scaled to 8 bits); anything else (palette, alpha, CMYK) is colour.

@@ -89,7 +89,7 @@ def test_missing_cache_file_names_the_path(tmp_path):
         read_parquet_split(tmp_path / "nope.parquet")
 
 
-def test_missing_raw_data_without_network_gives_a_clear_error(tmp_path, monkeypatch, capsys):
+def test_missing_raw_data_without_network_gives_a_clear_error(tmp_path, monkeypatch, capfd):
     import urllib.error
 
     import torchvision
@@ -108,7 +108,7 @@ def test_missing_raw_data_without_network_gives_a_clear_error(tmp_path, monkeypa
     assert message.endswith(
         f"install Debian's dataset-fashion-mnist or put the four IDX files in {tmp_path}/fashion-mnist"
     )
-    assert "downloading with torchvision" in capsys.readouterr().out
+    assert "downloading with torchvision" in capfd.readouterr().err
     assert not list(tmp_path.glob("*.parquet"))  # no cache written
 
 
@@ -222,3 +222,14 @@ def test_labels_digest_changes_with_any_noisy_label_or_sample_id(fake_fmnist_roo
     assert labels_digest(again) == before
     bundle.validation.noisy_labels[3] = (bundle.validation.noisy_labels[3] + 1) % 10
     assert labels_digest(bundle) != before
+
+
+def test_the_subset_rate_is_reported_only_where_training_uses_a_subset(fake_fmnist_root):
+    spec = NoiseSpec("symmetric", 0.4)
+    whole = load_data("fashion-mnist", fake_fmnist_root, spec, 0)
+    assert whole.noise["subset_realised_rate"] is None and whole.noise["realised_rate"] > 0.3
+    part = load_data("fashion-mnist", fake_fmnist_root, spec, 0, train_subset=300)
+    held = load_data("fashion-mnist", fake_fmnist_root, spec, 0, validation_fraction=0.2)
+    for bundle in (part, held):
+        rate = bundle.noise["subset_realised_rate"]
+        assert rate == float((bundle.train.noisy_labels != bundle.train.clean_labels).float().mean())

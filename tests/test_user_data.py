@@ -103,11 +103,11 @@ def test_parquet_with_a_split_column_class_names_and_a_hugging_face_image_struct
     assert torch.equal(other.train.noisy_labels, data.train.noisy_labels)
 
 
-def test_a_changed_source_is_rebuilt_and_the_cache_records_its_identity(tmp_path, capsys):
+def test_a_changed_source_is_rebuilt_and_the_cache_records_its_identity(tmp_path, capfd):
     train = write_image_folder(tmp_path / "train", per_class=5)
     first = _load(tmp_path, train, data__validation_fraction=0.2)
     assert _load(tmp_path, train, data__validation_fraction=0.2).train.meta == first.train.meta  # reused
-    assert capsys.readouterr().out.count("importing image_folder") == 1
+    assert capfd.readouterr().err.count("importing image_folder") == 1  # progress: stderr
     source = first.train.meta["source"]
     assert source["path"] == str(train) and source["bytes"] > 0 and len(source["sha256"]) == 64
     assert source["modified"].startswith("20")  # ISO 8601, the newest file's time
@@ -115,7 +115,7 @@ def test_a_changed_source_is_rebuilt_and_the_cache_records_its_identity(tmp_path
     image.write_bytes(png_bytes(class_image(0, 28, np.random.default_rng(9))))
     os.utime(image, ns=(1, 1))  # a new size or modification time, whichever
     second = _load(tmp_path, train, data__validation_fraction=0.2)
-    assert "importing image_folder" in capsys.readouterr().out
+    assert "importing image_folder" in capfd.readouterr().err
     assert second.train.meta["source"]["sha256"] != source["sha256"]
     assert len(list((tmp_path / "cache" / "cmd-ray-cache").glob("image_folder-*-symmetric-*"))) == 2
 
