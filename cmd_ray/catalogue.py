@@ -27,6 +27,39 @@ DATASETS = {
     "cifar100": DatasetInfo(100, (32, 32, 3), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 DATASET_NAMES = tuple(DATASETS)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """A random crop of the image zero-padded by `crop_padding` pixels a side, and a horizontal
+    flip of half the images where `flip`."""
+
+    crop_padding: int
+    flip: bool
+
+
+# What `data.augment: auto` does per built-in data set: CIFAR's published recipe (crop 4 + flip)
+# for its natural 32x32 images; none for Fashion-MNIST (the peers memorise more slowly without,
+# and the memorisation regime is the point there). A user's data set is off under auto.
+DEFAULT_AUGMENTATION: dict[str, Optional[Augmentation]] = {
+    "fashion-mnist": None,
+    "cifar10": Augmentation(crop_padding=4, flip=True),
+    "cifar100": Augmentation(crop_padding=4, flip=True),
+}
+
+
+def augmentation(name: str, mode: str, image_side: int, flip: Optional[bool] = None) -> Optional[Augmentation]:
+    """The augmentation a run uses (None = none). `mode`: auto = the data set's default (see
+    DEFAULT_AUGMENTATION; off for a user's data), on, off. On without a default: a crop padded by
+    an eighth of the image side (4 px at 32, 1 px at 8; a fixed 4 px ruins small images) and no
+    flip (wrong for digits and text). `flip` (data.flip) overrides the flip either way."""
+    default = DEFAULT_AUGMENTATION.get(name)
+    if mode == "off" or (mode == "auto" and default is None):
+        return None
+    chosen = default or Augmentation(crop_padding=max(1, image_side // 8), flip=False)
+    return chosen if flip is None else Augmentation(chosen.crop_padding, flip)
+
+
 # A user's own data set by layout (cmd_ray.user_data); its classes, shape and statistics come
 # from the data at import.
 USER_DATASETS = ("image_folder", "parquet")

@@ -55,8 +55,13 @@ class DataConfig:
     # val_accuracy. 0 = no validation split. Choose settings on this, never on the test set.
     # Your own data without a test split needs it: val_accuracy is then the headline.
     validation_fraction: float = 0.0
-    # Random crop (padding 4) + horizontal flip; "auto" = off for Fashion-MNIST, on otherwise.
+    # Random crop + horizontal flip. auto: CIFAR's recipe (crop padded 4 px + flip) for CIFAR-10/100,
+    # off for Fashion-MNIST and for your own data. on: that recipe for CIFAR, else a crop padded by
+    # an eighth of the image side, no flip. off: none.
     augment: Literal["auto", "on", "off"] = "auto"
+    # Horizontal flips when augmenting: null = as `augment` says; true/false to choose (flips are
+    # wrong for digits, text and anything with a handedness).
+    flip: Optional[bool] = None
 
 
 @dataclass

@@ -555,13 +555,14 @@ def normalise(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """Random crop (zero padding `padding`) and horizontal flip of a (B, C, H, W) batch."""
+def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4, flip: bool = True) -> torch.Tensor:
+    """Random crop (zero padding `padding`) and, where `flip`, horizontal flip of half of a
+    (B, C, H, W) batch. The draws are the same either way (one seed, one stream)."""
     batch, _, height, width = images.shape
     padded = torch.nn.functional.pad(images, (padding,) * 4)
     dy = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)
     dx = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)
-    flip = torch.rand(batch, generator=generator) < 0.5
+    flip = (torch.rand(batch, generator=generator) < 0.5) & flip
     rows = (dy[:, None] + torch.arange(height)[None, :]).to(images.device)
     cols = (dx[:, None] + torch.arange(width)[None, :]).to(images.device)
     cols = torch.where(flip.to(images.device)[:, None], cols.flip(1), cols)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cmd_ray import methods
-from cmd_ray.catalogue import DATASETS
+from cmd_ray.catalogue import DATASETS, Augmentation, augmentation
 from cmd_ray.config import Config
 from cmd_ray.data import DataBundle, DatasetInfo, Split, augment, normalise
 from cmd_ray.errors import NonFiniteLossError
@@ -109,11 +109,14 @@ def make_batch(
     info: DatasetInfo,
     device: torch.device,
     augment_seed: Optional[int] = None,
+    augmentation: Optional[Augmentation] = None,
 ) -> Batch:
-    """Gather, (optionally) augment with a seeded generator, normalise, move to `device`."""
+    """Gather, augment (when `augmentation` and a seed are given) with a seeded generator,
+    normalise, move to `device`."""
     images = split.images[positions]
-    if augment_seed is not None:
-        images = augment(images, torch.Generator().manual_seed(augment_seed))
+    if augment_seed is not None and augmentation is not None:
+        generator = torch.Generator().manual_seed(augment_seed)
+        images = augment(images, generator, augmentation.crop_padding, augmentation.flip)
     return Batch(
         images=normalise(images.to(device, non_blocking=True), info),
         noisy_labels=split.noisy_labels[positions].to(device),
@@ -122,10 +125,14 @@ def make_batch(
     )
 
 
-def augment_seed(cfg: Config, epoch: int, step: int) -> Optional[int]:
-    """Seed of a step's augmentation, shared by every peer; None when augmentation is off."""
-    on = cfg.data.augment == "on" or (cfg.data.augment == "auto" and cfg.data.name != "fashion-mnist")
-    return (cfg.seed * 1_000_003 + epoch) * 100_003 + step if on else None
+def run_augmentation(cfg: Config, info: DatasetInfo) -> Optional[Augmentation]:
+    """The run's augmentation (None = none), from data.augment, data.flip and the image side."""
+    return augmentation(cfg.data.name, cfg.data.augment, info.shape[0], cfg.data.flip)
+
+
+def augment_seed(cfg: Config, epoch: int, step: int) -> int:
+    """Seed of a step's augmentation, shared by every peer."""
+    return (cfg.seed * 1_000_003 + epoch) * 100_003 + step
 
 
 def _autocast(peer: Peer):

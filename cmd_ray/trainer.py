@@ -39,6 +39,7 @@ from cmd_ray.peer import (
     method_plan,
     peer_state,
     peer_step,
+    run_augmentation,
     steps_per_epoch,
     test_probabilities,
 )
@@ -173,10 +174,11 @@ def train_epoch(
     first_step_at = time.time()
     start = time.perf_counter()
     device = peers[0].device
+    policy = run_augmentation(cfg, data.info)
     for step, global_positions in enumerate(epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch)):
         positions = shard(global_positions, replica, cfg.replicas)
-        seed = augment_seed(cfg, epoch, step)
-        batch = make_batch(data.train, positions, data.info, device, None if seed is None else seed + replica)
+        seed = augment_seed(cfg, epoch, step) + replica
+        batch = make_batch(data.train, positions, data.info, device, seed, policy)
         logits = [forward(peer, batch.images) for peer in peers]
         if cfg.testing.nan_step == epoch * per_epoch + step:  # test hook: a numerical fault
             logits = [z * float("nan") if p.index == cfg.testing.nan_peer else z for p, z in zip(peers, logits)]

@@ -233,3 +233,23 @@ def test_the_subset_rate_is_reported_only_where_training_uses_a_subset(fake_fmni
     for bundle in (part, held):
         rate = bundle.noise["subset_realised_rate"]
         assert rate == float((bundle.train.noisy_labels != bundle.train.clean_labels).float().mean())
+
+
+def test_augmentation_is_off_for_your_own_data_and_scales_with_the_image_when_asked():
+    from cmd_ray.catalogue import Augmentation, augmentation
+
+    assert augmentation("image_folder", "auto", 8) is None and augmentation("parquet", "auto", 32) is None
+    assert augmentation("fashion-mnist", "auto", 28) is None
+    assert augmentation("cifar10", "auto", 32) == Augmentation(4, True)  # the published recipe, unchanged
+    assert augmentation("image_folder", "on", 8) == Augmentation(1, False)  # an eighth of the side, no flip
+    assert augmentation("image_folder", "on", 64) == Augmentation(8, False)
+    assert augmentation("image_folder", "on", 8, flip=True) == Augmentation(1, True)
+    assert augmentation("cifar100", "on", 32, flip=False) == Augmentation(4, False)
+    assert augmentation("cifar10", "off", 32) is None
+    # Without flips the crop draws are the same, and no image is mirrored.
+    images = torch.randn(32, 1, 8, 8)
+    g = torch.Generator
+    crops = augment(images, g().manual_seed(3), padding=1, flip=False)
+    both = augment(images, g().manual_seed(3), padding=1, flip=True)
+    assert all(torch.equal(c, b) or torch.equal(c.flip(-1), b) for c, b in zip(crops, both))
+    assert not torch.equal(crops, both)

@@ -341,7 +341,7 @@ def test_only_placement_groups_of_drivers_that_died_are_released(monkeypatch):
 
 
 def test_cli_train_exits_1_when_failures_run_out_says_how_to_resume_and_resumes_from_the_checkpoint(
-    fake_fmnist_root, tmp_path, local_ray, capsys
+    fake_fmnist_root, tmp_path, local_ray, capfd
 ):
     out = tmp_path / "out"
     argv = ["train", "--set", f"data.root={fake_fmnist_root}", "--set", "epochs=3", "--set", "data.train_subset=null",
@@ -349,13 +349,13 @@ def test_cli_train_exits_1_when_failures_run_out_says_how_to_resume_and_resumes_
             "--set", "testing.crash_epoch=1", "--set", "testing.crash_step=2",
             "--run-name", "flaky", "--output-json", str(tmp_path / "summary.json")]  # fmt: skip
     assert main(argv) == 1
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     ours = [line for line in err.splitlines() if line.startswith("cmd-ray:")]
     assert ours[0] == "cmd-ray: resume from the last checkpoint: the same command with --run-name flaky"
     assert ours[-1].startswith("cmd-ray: training failed: ") and len(ours) == 2, err[-3000:]
     killed_at = (out / "ray" / "flaky" / ".crash-injected").stat().st_mtime
     assert main(argv) == 0  # the same command (the crash hook fires once): resumed, not restarted
-    printed = capsys.readouterr()
+    printed = capfd.readouterr()
     assert "resumed from the checkpoint after epoch 1" in printed.out + printed.err
     history = json.loads((tmp_path / "summary.json").read_text())["history"]
     assert [r["epoch"] for r in history] == [0, 1, 2]
