@@ -166,6 +166,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise ConfigError("use_gpu: got true, but this machine has no CUDA GPU; allowed here: false")
+    from cmd_ray.trainer import check_models_fit_before_import
+
+    check_models_fit_before_import(cfg)
     _check_output_dir(cfg, args.in_process)
     from cmd_ray.storage import write_json_atomic
 
@@ -376,7 +379,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from cmd_ray.trainer import load_run_data
 
-    data = load_run_data(cfg)
+    data = load_run_data(cfg, check_models=False)  # the cache is the same whatever the model
     noise = data.noise
     print(
         to_json(

@@ -19,7 +19,15 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from cmd_ray import methods
-from cmd_ray.catalogue import DATA_NAMES, DATASETS, MODELS, NOISE_TYPES, USER_DATASETS, model_fit_error
+from cmd_ray.catalogue import (
+    DATA_NAMES,
+    DATASETS,
+    MODEL_INPUT_SIZE,
+    MODELS,
+    NOISE_TYPES,
+    USER_DATASETS,
+    model_fit_error,
+)
 from cmd_ray.errors import ConfigError, NoiseError, check_above, check_positive, check_range
 
 METHODS = methods.NAMES
@@ -355,10 +363,14 @@ def _check_method(cfg: Config) -> None:
 
 def check_models_fit(cfg: Config, image_size: int, images: str) -> None:
     """Every peer's architecture takes square images of side `image_size` (`images` names them
-    in the message); raise ConfigError naming model.name or model.per_peer[i] if one does not."""
+    in the message); raise ConfigError naming model.name or model.per_peer[i] if one does not.
+    For a user's data, whose images are resized at import when asked, the message says how."""
     for i, name in enumerate(cfg.model.per_peer or [cfg.model.name]):
         problem = model_fit_error(name, image_size, images) if name in MODELS else None
         if problem:
+            takes = MODEL_INPUT_SIZE[name]
+            if cfg.data.name in USER_DATASETS and cfg.data.image_size is None:
+                problem += f"; or set data.image_size: {takes} to resize the images at import"
             raise ConfigError(f"{f'model.per_peer[{i}]' if cfg.model.per_peer else 'model.name'}: {problem}")
 
 

@@ -44,7 +44,7 @@ from cmd_ray.peer import (
     test_probabilities,
 )
 from cmd_ray.summary import epoch_record, progress_line, summarise
-from cmd_ray.user_data import UserSource
+from cmd_ray.user_data import UserSource, first_image_side
 
 # exchange(local peers' logits with graph, batch) -> every peer's detached logits (P, B, C)
 Exchange = Callable[[list[torch.Tensor], Batch], torch.Tensor]
@@ -114,13 +114,29 @@ def data_source(cfg: Config) -> Optional[UserSource]:
     )
 
 
-def load_run_data(cfg: Config) -> DataBundle:
-    """The noisy train split and the test split a config asks for (cached as Parquet); a user's
-    images that no peer architecture can take are refused here, before any training."""
+def check_models_fit_before_import(cfg: Config) -> None:
+    """Refuse a user's image folder whose images no peer architecture takes, from its first
+    image's header, before anything is imported or written (data.image_size resizes at import
+    and is checked with the config)."""
+    source = data_source(cfg)
+    if source is not None and cfg.data.image_size is None:
+        side = first_image_side(source)
+        if side is not None:
+            check_models_fit(cfg, side, cfg.data.path)
+
+
+def load_run_data(cfg: Config, check_models: bool = True) -> DataBundle:
+    """The noisy train split and the test split a config asks for (cached as Parquet). With
+    `check_models`, a user's images that no peer architecture can take are refused: before the
+    import where one image's header tells (an image folder), else once imported; never after
+    training started. `cmd-ray prepare` builds the cache whatever the model."""
     d = cfg.data
     spec, source = noise_spec(cfg), data_source(cfg)
+    if check_models:
+        check_models_fit_before_import(cfg)
     data = load_data(d.name, d.root, spec, cfg.seed, d.train_subset, d.test_subset, d.validation_fraction, source)
-    check_models_fit(cfg, data.info.shape[0], d.path or d.name)  # images are square once imported
+    if check_models:
+        check_models_fit(cfg, data.info.shape[0], d.path or d.name)  # images are square once imported
     return data
 
 

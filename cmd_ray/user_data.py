@@ -120,6 +120,25 @@ def _folder_files(path: str, field: str = "data.path") -> list[tuple[Path, Path]
     return out
 
 
+def first_image_side(source: UserSource) -> Optional[int]:
+    """The side of an image folder's first image, read from its header alone (no import), if it
+    is square; None for a Parquet source or a non-square or unreadable image (the import then
+    says what is wrong)."""
+    if source.kind != "image_folder":
+        return None
+    from PIL import Image
+
+    files = _folder_files(source.path)
+    if not files:
+        return None
+    try:
+        with Image.open(files[0][1]) as image:
+            width, height = image.size
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return width if width == height else None
+
+
 # --------------------------------------------------------------------------------------
 # Decoding
 

@@ -152,6 +152,10 @@ CASES = [
     ("class folder without images", _empty_class, "data.path: class folder"),
     ("corrupt image", _corrupt_image,  # the file, not the address of PIL's in-memory buffer
      re.compile(r"data\.path: 1 image\(s\) cannot be decoded \(first: \S+0001\.png: cannot identify image file\); ")),
+    ("model for your images", lambda t: ["train", "--in-process", *_folder_args(t, _own(t), "--set",
+                                                                                "model.name=preact_resnet18")[1:]],
+     re.compile(r"model\.name: 'preact_resnet18' takes 32x32 images, \S+/own has 28x28; allowed here: small_cnn, "
+                r"mlp; or set data\.image_size: 32 to resize the images at import$")),  # before the import: no cache
     ("mixed sizes", _mixed_sizes, "data.image_size: got null, but images differ in size"),
     ("label out of range", lambda t: _labels_file(t, [0, 1, 2, 3, 0, 1]), "noise.labels: label 3 at position 3"),
     ("labels file too short", lambda t: _labels_file(t, [0, 1, 2]), "noise.labels: "),
