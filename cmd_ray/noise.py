@@ -302,9 +302,57 @@ def _numpy_globals() -> list:
     ]
 
 
+# Header names a labels column may have in a CSV file with several columns.
+LABEL_COLUMN_NAMES = ("label", "labels", "noisy_label", "noisy_labels")
+
+
+def _read_labels_csv(file: Path) -> np.ndarray:
+    """The labels of a CSV file: one label per line, with or without a header row; or several
+    columns with a header naming the labels column (`label`, `labels`, `noisy_label`), as pandas'
+    `to_csv` writes it (an unnamed index column first). Raises NoiseError naming what it found."""
+    import csv
+
+    with open(file, newline="") as f:
+        rows = [row for row in csv.reader(f) if row and any(cell.strip() for cell in row)]
+    if not rows:
+        raise NoiseError(f"noise.labels: {file} is empty; allowed: one integer label per image")
+
+    def is_number(cell: str) -> bool:
+        try:
+            float(cell)
+            return True
+        except ValueError:
+            return False
+
+    header = None if all(is_number(cell) for cell in rows[0]) else [cell.strip() for cell in rows[0]]
+    body = rows[1:] if header else rows
+    if not header and len(body) == 1:  # all labels on one line
+        body = [[cell] for cell in body[0]]
+    width = len(body[0]) if body else 1
+    if width == 1:
+        column = 0
+    else:
+        named = [i for i, name in enumerate(header or []) if name.lower() in LABEL_COLUMN_NAMES]
+        if len(named) != 1:
+            found = ", ".join(repr(n) for n in header) if header else f"{width} unnamed columns"
+            raise NoiseError(
+                f"noise.labels: {file} has columns {found}; allowed: one column of labels, or a header "
+                f"naming one labels column ({', '.join(LABEL_COLUMN_NAMES)})"
+            )
+        column = named[0]
+    values = []
+    for line, row in enumerate(body, start=2 if header else 1):
+        cell = row[column].strip() if column < len(row) else ""
+        if not is_number(cell):
+            raise NoiseError(f"noise.labels: {file} line {line}: {cell!r} is not a label; allowed: an integer")
+        values.append(float(cell))
+    return np.asarray(values)
+
+
 def read_labels_file(path: Optional[str], key: Optional[str], count: int, num_classes: int) -> np.ndarray:
     """Noisy labels (count,) int64 in [0, num_classes) from `.npy`, `.csv` (one label per line,
-    or one column) or a `.pt` dictionary entry; anything else raises NoiseError naming the field."""
+    with or without a header; or a header naming the labels column) or a `.pt` dictionary
+    entry; anything else raises NoiseError naming the field."""
     if not path:
         raise NoiseError("noise.labels: got null; allowed: a .npy, .csv or .pt file when noise.type is 'labels'")
     file = Path(path).expanduser()
@@ -318,7 +366,9 @@ def read_labels_file(path: Optional[str], key: Optional[str], count: int, num_cl
         if key is not None:
             raise NoiseError(f"noise.labels_key: got {key!r}; allowed: null for a {file.suffix} file")
         try:
-            raw = np.load(file, allow_pickle=False) if file.suffix == ".npy" else np.loadtxt(file, delimiter=",")
+            raw = np.load(file, allow_pickle=False) if file.suffix == ".npy" else _read_labels_csv(file)
+        except NoiseError:
+            raise
         except (ValueError, OSError) as err:
             raise NoiseError(f"noise.labels: cannot read {file}: {str(err).splitlines()[0]}") from None
     labels = np.asarray(raw)
