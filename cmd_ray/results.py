@@ -269,6 +269,9 @@ def _plot_epoch_grid(
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(axis_label)
             ax.grid(alpha=0.3)
+            # Shares of 100: matplotlib's margin would run the axis past 100% (or below 0).
+            bottom, top = ax.get_ylim()
+            ax.set_ylim(max(bottom, -1.0), min(top, 101.0))
     _legend_below(fig, axes[0][0])
     return save_figure(fig, path)
 

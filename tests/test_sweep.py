@@ -504,3 +504,22 @@ def test_a_results_table_the_storage_refuses_is_one_line_and_resume_writes_it_wi
     run_sweep(cfg, resume=True, log=lambda _: None)
     rows = read_results(sweep)
     assert [r["finished_at"] for r in rows] == [r["finished_at"] for r in next(iter(trained.values()))]
+
+
+def test_percentage_panels_stop_at_100(tmp_path, monkeypatch):
+    from cmd_ray import results
+
+    base = from_dict({}).to_dict()
+    history = [{"epoch": e, "mean/test_accuracy": 0.9, "mean/selected_fraction": 1.0,
+                "mean/selection_precision": 1.0, "mean/memorisation": 0.0} for e in range(3)]  # fmt: skip
+    rows = trial_rows("t0", {"method": "cmd-p"}, base, history, "finished", "")
+    limits = []
+    real_save = results.save_figure
+
+    def keep_limits(fig, path):
+        limits.extend(ax.get_ylim() for ax in fig.axes)
+        return real_save(fig, path)
+
+    monkeypatch.setattr(results, "save_figure", keep_limits)
+    results.write_plots(rows, tmp_path)
+    assert limits and all(-1.0 <= low and high <= 101.0 for low, high in limits), limits
