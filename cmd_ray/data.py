@@ -237,7 +237,7 @@ def cache_paths(
     """(train, test) cache files under `<root>/cmd-ray-cache/`: local paths or object-storage URIs.
     A user's `source` is keyed by its `identity` (listed here if not given)."""
     folder = join(root, "cmd-ray-cache")
-    tag = "clean" if spec.type == "none" else f"{spec.type}-{spec.rate:g}"
+    tag = spec.tag()
     if source is None:
         key = cache_key(name, spec, seed)
         return join(folder, f"{name}-train-{tag}-seed{seed}-{key}.parquet"), join(folder, f"{name}-test.parquet")

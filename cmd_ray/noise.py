@@ -88,10 +88,24 @@ class NoiseSpec:
     labels_key: Optional[str] = None
 
     def describe(self) -> dict:
-        out = {"type": self.type, "rate": self.rate, "matrix": self.matrix}
-        if self.type == "labels":  # only then, so older cache keys stay valid
-            out.update(labels=self.labels, labels_key=self.labels_key)
-        return out
+        if self.type == "labels":  # a file of labels: no rate, no matrix is asked for
+            return {"type": self.type, "labels": self.labels, "labels_key": self.labels_key}
+        return {"type": self.type, "rate": self.rate, "matrix": self.matrix}
+
+    def tag(self) -> str:
+        """A readable part of cache file names and report rows: 'symmetric-0.4', 'clean',
+        'matrix-<file stem>', 'labels-<file stem>[-<key>]' (no rate where none is asked for)."""
+        if self.type == "none":
+            return "clean"
+        if self.type in ("matrix", "labels"):
+            file = self.matrix if self.type == "matrix" else self.labels
+            parts = [
+                self.type,
+                Path(file or "none").stem,
+                *([self.labels_key] if self.type == "labels" and self.labels_key else []),
+            ]
+            return "-".join("".join(c if c.isalnum() or c in "_.-" else "_" for c in p) for p in parts)[:60]
+        return f"{self.type}-{self.rate:g}"
 
 
 def _check_rate(rate: float) -> None:

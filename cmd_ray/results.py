@@ -97,7 +97,16 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, Any]:
 
 
 def _noise_label(row: dict[str, Any]) -> str:
-    return f"{row['noise.type']} {row['noise.rate']:g}"
+    """A row's noise as the tables and plots name it: its type and rate, or its file for
+    `matrix` and `labels` (which ask for no rate)."""
+    kind = row["noise.type"]
+    if kind == "none":
+        return "none"
+    if kind in ("matrix", "labels"):
+        file = Path(str(row.get(f"noise.{kind}") or "")).name
+        key = row.get("noise.labels_key") if kind == "labels" else None
+        return f"{kind} {file}" + (f" [{key}]" if key else "")
+    return f"{kind} {row['noise.rate']:g}"
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
