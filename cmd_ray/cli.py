@@ -153,7 +153,29 @@ def _compact(summary: dict) -> dict:
 def _load(args: argparse.Namespace) -> Config:
     """The validated config: the preset, its --set overrides, then the command's own flags."""
     flags = {"ray.address": args.address} if getattr(args, "address", None) else {}
-    return load_config(resolve_config_path(args.config), args.overrides, flags)
+    cfg = load_config(resolve_config_path(args.config), args.overrides, flags)
+    for line in unread_overrides(cfg, args.overrides):
+        print(f"cmd-ray: note: {line}", file=sys.stderr)
+    return cfg
+
+
+def unread_overrides(cfg: Config, overrides: list[str]) -> list[str]:
+    """What a --set gave that the run's method never reads (e.g. coteaching.forget_rate with
+    method ce): one note each, not an error, since a preset's sections serve its other methods
+    and a grid over `method` reads them in some trials."""
+    from cmd_ray import methods
+
+    if "method" in cfg.sweep.grid:
+        return []
+    reads = methods.get(cfg.method).reads
+    notes = []
+    for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        section = key.split(".", 1)[0]
+        if section in methods.SECTIONS and section not in reads:
+            users = [name for name, m in methods.REGISTRY.items() if section in m.reads]
+            notes.append(f"{key} is set, but method {cfg.method!r} does not read it (read by {', '.join(users)})")
+    return notes
 
 
 def cmd_train(args: argparse.Namespace) -> int:

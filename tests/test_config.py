@@ -212,3 +212,17 @@ def test_help_and_show_config_import_neither_torch_nor_ray():
     assert done.returncode == 0, done.stderr[-2000:]
     assert "peers: 3" in done.stdout and "usage: cmd-ray" in done.stdout
     assert done.stdout.strip().splitlines()[-1] == "heavy: []"
+
+
+def test_a_setting_the_method_never_reads_is_noted_not_silently_taken(capsys):
+    assert main(["show-config", "--set", "method=ce", "--set", "coteaching.forget_rate=0.2"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "cmd-ray: note: coteaching.forget_rate is set, but method 'ce' does not read it "
+        "(read by coteaching, coteaching+, jocor, cmd-s, cmd-p)"
+    ]
+    assert main(["show-config", "--set", "method=cmd-p", "--set", "coteaching.forget_rate=0.2"]) == 0
+    assert capsys.readouterr().err == ""  # CMD's small-loss label trust reads it
+    grid = "sweep.grid={method: [ce, coteaching]}"
+    assert main(["show-config", "--set", grid, "--set", "method=ce", "--set", "coteaching.forget_rate=0.2"]) == 0
+    assert capsys.readouterr().err == ""  # some trials of the grid read it
