@@ -348,6 +348,8 @@ def materialise(
     if source is None and name not in DATASETS:
         raise DataError(f"data.name: got {name!r}; allowed: one of {', '.join(DATASETS)}")
     identity = source.identity() if source is not None else None  # one listing of the source
+    if source is not None and spec.type == "none":
+        seed = 0  # the labels as given: the same cache whatever the run's seed
     train_path, test_path = cache_paths(name, root, spec, seed, source, identity)
     if exists(train_path) and exists(test_path):
         return train_path, test_path
@@ -359,7 +361,13 @@ def materialise(
             if source is None:
                 _materialise(name, raw_root, spec, seed, train_path, test_path)
             else:
-                _materialise_user(source, identity, spec, seed, train_path, test_path, require_test)
+                # A user's images are decoded once per source: into the cache of the labels as
+                # given; each noise setting then reads that cache and writes its own labels.
+                imported, _ = cache_paths(name, root, NoiseSpec("none"), 0, source, identity)
+                if not exists(imported) or not exists(test_path):
+                    _import_user(source, identity, imported, test_path, require_test)
+                if train_path != imported:
+                    _noisy_from_import(imported, spec, seed, train_path)
     return train_path, test_path
 
 
@@ -381,16 +389,13 @@ def _materialise(name: str, raw_root: Path, spec: NoiseSpec, seed: int, train_pa
 UNKNOWN_NOISE = {"asked_matrix": None, "realised_matrix": None, "realised_rate": None}
 
 
-def _materialise_user(
-    source: UserSource,
-    identity: SourceIdentity,
-    spec: NoiseSpec,
-    seed: int,
-    train_path: str,
-    test_path: str,
-    require_test: bool,
-) -> None:
-    """Import a user's data set (decode every image once) and write its cache files."""
+# The keys of a user's cache file that describe the imported data (the rest describe its labels).
+IMPORT_KEYS = ("dataset", "shape", "num_classes", "classes", "mean", "std", "format", "source")
+
+
+def _import_user(source: UserSource, identity: SourceIdentity, train_path: str, test_path: str, require_test: bool):
+    """Import a user's data set (decode every image once) into the cache of the labels as given
+    (no noise applied) and its test cache."""
     from cmd_ray.user_data import channel_stats, read_user_data
 
     console(f"[cmd-ray] importing {source.kind} {source.path} into the cache (once) ...")
@@ -423,17 +428,25 @@ def _materialise_user(
         f"[cmd-ray] imported {train_count} training and {test_count} test images "
         f"({'x'.join(map(str, base['shape']))}, {len(raw.classes)} classes) in {seconds:.1f} s"
     )
-    if spec.type == "none":  # the user's labels are the noisy ones; no clean labels exist
-        clean, noisy, report = None, raw.train_labels, UNKNOWN_NOISE
-    else:  # cmd-ray applies the noise: the user's labels are the clean reference
-        noisy, noise_report = apply_noise(raw.train_labels, spec, len(raw.classes), source.kind, seed)
-        clean, report = raw.train_labels, noise_report.to_dict()
-    meta = {**base, "split": "train", "noise": spec.describe(), "seed": seed, **report}
-    _write_parquet_atomic(train_path, raw.train_images, clean, noisy, meta)
+    # The user's labels are the noisy ones here; no clean labels exist (noise.type none).
+    meta = {**base, "split": "train", "noise": NoiseSpec("none").describe(), "seed": 0, **UNKNOWN_NOISE}
+    _write_parquet_atomic(train_path, raw.train_images, None, raw.train_labels, meta)
     if not exists(test_path):
         images = raw.test_images if raw.test_images is not None else raw.train_images[:0]
         labels = raw.test_labels if raw.test_labels is not None else raw.train_labels[:0]
         _write_parquet_atomic(test_path, images, labels, labels, {**base, "split": "test"})
+
+
+def _noisy_from_import(imported: str, spec: NoiseSpec, seed: int, train_path: str) -> None:
+    """A noise setting's training cache from the imported one, without decoding any image: the
+    user's labels become the clean reference and cmd-ray's noise the noisy labels."""
+    split = read_parquet_split(imported)
+    base = {key: split.meta[key] for key in IMPORT_KEYS}
+    labels = split.noisy_labels.numpy()  # the labels as given
+    noisy, report = apply_noise(labels, spec, base["num_classes"], base["dataset"], seed)
+    meta = {**base, "split": "train", "noise": spec.describe(), "seed": seed, **report.to_dict()}
+    images = split.images.permute(0, 2, 3, 1).numpy()  # back to the cache's (N, H, W, C)
+    _write_parquet_atomic(train_path, images, labels, noisy, meta)
 
 
 def no_test_split(where: str) -> DataError:

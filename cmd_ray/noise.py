@@ -88,6 +88,10 @@ class NoiseSpec:
     labels_key: Optional[str] = None
 
     def describe(self) -> dict:
+        """The settings that define this noise (what cache files are keyed by): no rate or file
+        where the type asks for none."""
+        if self.type == "none":
+            return {"type": self.type}
         if self.type == "labels":  # a file of labels: no rate, no matrix is asked for
             return {"type": self.type, "labels": self.labels, "labels_key": self.labels_key}
         return {"type": self.type, "rate": self.rate, "matrix": self.matrix}

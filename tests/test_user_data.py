@@ -103,6 +103,32 @@ def test_parquet_with_a_split_column_class_names_and_a_hugging_face_image_struct
     assert torch.equal(other.train.noisy_labels, data.train.noisy_labels)
 
 
+def test_images_are_imported_once_per_source_whatever_the_noise(tmp_path, capfd):
+    train = write_image_folder(tmp_path / "train", per_class=5)
+    labels = tmp_path / "noisy.npy"
+    np.save(labels, np.array([1, 2, 0] * 5))
+    settings = [
+        dict(noise__type="symmetric", noise__rate=0.2),
+        dict(noise__type="symmetric", noise__rate=0.5),
+        dict(noise__type="pairflip", noise__rate=0.45),
+        dict(noise__type="labels", noise__labels=str(labels), coteaching__forget_rate=0.2),
+        dict(noise__type="none", labels__trust="all"),
+    ]
+    loaded = [_load(tmp_path, train, data__validation_fraction=0.2, **s) for s in settings]
+    assert capfd.readouterr().err.count("importing image_folder") == 1  # one decode of the images
+    given = loaded[-1]  # the labels as given: no clean labels
+    assert given.train.clean_labels is None
+    for data in loaded[:-1]:  # the same images; the labels as given are the clean reference
+        assert torch.equal(data.train.images, given.train.images)
+        assert torch.equal(data.train.clean_labels, given.train.noisy_labels)
+    assert not torch.equal(loaded[0].train.noisy_labels, loaded[1].train.noisy_labels)
+    assert loaded[0].train.meta["source"] == given.train.meta["source"]
+    assert loaded[0].noise["noise"] == {"type": "symmetric", "rate": 0.2, "matrix": None}
+    # Another seed draws other noise (and another validation split) from the same import.
+    _load(tmp_path, train, data__validation_fraction=0.2, seed=3)
+    assert "importing" not in capfd.readouterr().err
+
+
 def test_a_changed_source_is_rebuilt_and_the_cache_records_its_identity(tmp_path, capfd):
     train = write_image_folder(tmp_path / "train", per_class=5)
     first = _load(tmp_path, train, data__validation_fraction=0.2)
