@@ -401,7 +401,7 @@ def _check_models_and_data(cfg: Config) -> None:
 OWN_DATA_KEYS = {
     "path": USER_DATASETS,
     "image_size": USER_DATASETS,
-    "test_path": ("image_folder",),
+    "test_path": USER_DATASETS,
     "image_column": ("parquet",),
     "label_column": ("parquet",),
     "split_column": ("parquet",),

@@ -8,8 +8,10 @@ Two layouts (`data.name`):
   follows). An optional `data.test_path` folder with the same class names is the test split.
 - `parquet`: one Parquet file (local or object storage) with an image column of encoded
   bytes (or Hugging Face's {bytes, path} struct), a label column (integers 0..C-1, or class
-  names, numbered in sorted order) and an optional split column (`train` / `test`). The
-  data set's order is the row order of the training rows.
+  names, numbered in sorted order) and an optional split column (`train` / `test`). An
+  optional `data.test_path` Parquet file with the same columns holds test rows (Hugging Face
+  data sets often come as train and test files). The data set's order is the row order of
+  the training rows.
 
 Images keep their colour as found (every image grey: 1 channel; any colour image: all RGB)
 and are resized to `data.image_size` x `data.image_size` when it is set; without it every
@@ -50,7 +52,7 @@ class UserSource:
 
     kind: str  # image_folder | parquet
     path: str
-    test_path: Optional[str] = None  # image_folder only
+    test_path: Optional[str] = None  # a test folder, or a Parquet file of test rows
     image_size: Optional[int] = None
     image_column: str = "image"
     label_column: str = "label"
@@ -298,32 +300,63 @@ def _check_same_shape(train: np.ndarray, test: np.ndarray) -> None:
         )
 
 
-def _read_parquet(source: UserSource) -> UserRaw:
+def _parquet_table(source: UserSource, path: str, field: str):
+    """(table, its bytes) of one Parquet file of a source, with the image and label columns checked."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    blob = _source_call(storage.read_bytes, source.path)
+    blob = _source_call(storage.read_bytes, path)
     try:
         table = pq.read_table(pa.BufferReader(blob), use_threads=False)  # see storage.read_parquet
     except (pa.ArrowException, OSError) as err:
-        raise DataError(
-            f"data.path: {source.path} is not a readable Parquet file ({str(err).splitlines()[0]})"
-        ) from None
+        raise DataError(f"{field}: {path} is not a readable Parquet file ({str(err).splitlines()[0]})") from None
     columns = table.column_names
     for field_name, column in (("data.image_column", source.image_column), ("data.label_column", source.label_column)):
         if column not in columns:
-            raise DataError(
-                f"{field_name}: {column!r} is not a column of {source.path}; allowed: one of {', '.join(columns)}"
-            )
+            raise DataError(f"{field_name}: {column!r} is not a column of {path}; allowed: one of {', '.join(columns)}")
     if table.num_rows == 0:
-        raise DataError(f"data.path: {source.path} has no rows")
+        raise DataError(f"{field}: {path} has no rows")
+    return table, blob
+
+
+def _read_parquet(source: UserSource) -> UserRaw:
+    import pyarrow as pa
+
+    table, blob = _parquet_table(source, source.path, "data.path")
     splits = _parquet_splits(table, source)
+    content, size = hashlib.sha256(blob), len(blob)
+    if source.test_path:  # a file of test rows, read as if its rows were the data.path's test rows
+        test_table, test_blob = _parquet_table(source, source.test_path, "data.test_path")
+        content.update(test_blob)
+        size += len(test_blob)
+        keep = [source.image_column, source.label_column]
+        for column in keep:
+            ours, theirs = table.schema.field(column).type, test_table.schema.field(column).type
+            if _type_kind(ours) != _type_kind(theirs):
+                raise DataError(
+                    f"data.test_path: column {column!r} of {source.test_path} is {theirs}, of {source.path} "
+                    f"{ours}; allowed: the same columns in both files"
+                )
+        try:
+            table = pa.concat_tables([table.select(keep), test_table.select(keep).cast(table.select(keep).schema)])
+        except (pa.ArrowException, ValueError) as err:
+            raise DataError(
+                f"data.test_path: the columns of {source.test_path} do not match {source.path}'s "
+                f"({str(err).splitlines()[0]}); allowed: the same image and label columns"
+            ) from None
+        splits = np.concatenate([splits, np.full(test_table.num_rows, "test", dtype=object)])
     labels, classes = _parquet_labels(table.column(source.label_column), source)
     blobs = _parquet_images(table.column(source.image_column), source)
     images = decode_images(
         zip(blobs, (f"{source.path} row {i}" for i in range(len(blobs)))), source.image_size, "data.path"
     )
     train, test = splits == "train", splits == "test"
+    unseen = sorted({classes[i] for i in labels[test]} - {classes[i] for i in labels[train]})
+    if unseen and pa.types.is_string(table.schema.field(source.label_column).type):
+        raise DataError(
+            f"data.label_column: test rows name class {unseen[0]!r}, which no training row has; "
+            "allowed: the training rows' classes"
+        )
     if not train.any():
         raise DataError(f"data.split_column: {source.path} has no 'train' rows; allowed values: {', '.join(SPLITS)}")
     has_test = bool(test.any())
@@ -333,9 +366,23 @@ def _read_parquet(source: UserSource) -> UserRaw:
         classes,
         images[test] if has_test else None,
         labels[test] if has_test else None,
-        hashlib.sha256(blob).hexdigest(),
-        len(blob),
+        content.hexdigest(),
+        size,
     )
+
+
+def _type_kind(arrow_type) -> str:
+    """integer | string | binary | struct | the type itself: what must match across two files."""
+    import pyarrow as pa
+
+    for kind, test in (("integer", pa.types.is_integer), ("struct", pa.types.is_struct)):
+        if test(arrow_type):
+            return kind
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+        return "string"
+    if pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type):
+        return "binary"
+    return str(arrow_type)
 
 
 def _parquet_splits(table, source: UserSource) -> np.ndarray:

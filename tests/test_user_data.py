@@ -85,6 +85,34 @@ def test_a_grey_test_folder_follows_a_colour_training_folder(tmp_path):
     assert torch.equal(data.test.images[0, 0], data.test.images[0, 2])  # grey copied to R, G and B
 
 
+def test_parquet_train_and_test_files_as_hugging_face_ships_them(tmp_path):
+    import pyarrow as pa
+
+    whole = pq.read_table(write_image_parquet(tmp_path / "all.parquet", n_train=30, n_test=9, names=True))
+    train = tmp_path / "train.parquet"
+    test = tmp_path / "test.parquet"
+    pq.write_table(whole.slice(0, 30).drop(["split"]), train)  # no split column in either file
+    pq.write_table(whole.slice(30).drop(["split"]), test)
+    source = UserSource("parquet", str(train), test_path=str(test))
+    data = load_data("parquet", tmp_path / "cache", NoiseSpec("symmetric", 0.2), 0, source=source)
+    single = load_data("parquet", tmp_path / "cache", NoiseSpec("symmetric", 0.2), 0,
+                       source=UserSource("parquet", str(tmp_path / "all.parquet")))  # fmt: skip
+    assert len(data.train) == 30 and len(data.test) == 9 and data.info.num_classes == 3
+    assert torch.equal(data.test.images, single.test.images)  # the same rows as one file with a split column
+    assert torch.equal(data.test.clean_labels, single.test.clean_labels)
+    assert data.train.meta["classes"] == list(CLASS_NAMES)
+    mismatched = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"image": whole.column("image").slice(30), "label": pa.array([0.5] * 9)}), mismatched)
+    with pytest.raises(DataError, match=r"^data\.test_path: column 'label' of \S+other\.parquet is double, of "):
+        load_data("parquet", tmp_path / "cache", NoiseSpec("none"), 0,
+                  source=UserSource("parquet", str(train), test_path=str(mismatched)))  # fmt: skip
+    unknown = tmp_path / "unknown.parquet"
+    pq.write_table(pa.table({"image": whole.column("image").slice(30), "label": ["ghost"] * 9}), unknown)
+    with pytest.raises(DataError, match=r"^data\.label_column: test rows name class 'ghost', which no training"):
+        load_data("parquet", tmp_path / "cache", NoiseSpec("none"), 0,
+                  source=UserSource("parquet", str(train), test_path=str(unknown)))  # fmt: skip
+
+
 def test_parquet_with_a_split_column_class_names_and_a_hugging_face_image_struct(tmp_path):
     path = write_image_parquet(tmp_path / "plain.parquet", n_train=30, n_test=9, names=True)
     source = UserSource("parquet", str(path))
