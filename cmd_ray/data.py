@@ -390,7 +390,7 @@ UNKNOWN_NOISE = {"asked_matrix": None, "realised_matrix": None, "realised_rate":
 
 
 # The keys of a user's cache file that describe the imported data (the rest describe its labels).
-IMPORT_KEYS = ("dataset", "shape", "num_classes", "classes", "mean", "std", "format", "source")
+IMPORT_KEYS = ("dataset", "shape", "num_classes", "classes", "mean", "std", "format", "source", "validation_rows")
 
 
 def _import_user(source: UserSource, identity: SourceIdentity, train_path: str, test_path: str, require_test: bool):
@@ -401,7 +401,7 @@ def _import_user(source: UserSource, identity: SourceIdentity, train_path: str, 
     console(f"[cmd-ray] importing {source.kind} {source.path} into the cache (once) ...")
     started = time.perf_counter()
     raw = read_user_data(source)
-    if require_test and raw.test_images is None:
+    if require_test and raw.test_images is None and raw.validation_rows is None:
         raise no_test_split(source.path)
     mean, std = channel_stats(raw.train_images)
     seconds = time.perf_counter() - started
@@ -413,6 +413,7 @@ def _import_user(source: UserSource, identity: SourceIdentity, train_path: str, 
         "mean": mean,
         "std": std,
         "format": CACHE_FORMAT,
+        **({"validation_rows": raw.validation_rows} if raw.validation_rows else {}),
         "source": {
             "path": source.path,
             "test_path": source.test_path,
@@ -441,7 +442,7 @@ def _noisy_from_import(imported: str, spec: NoiseSpec, seed: int, train_path: st
     """A noise setting's training cache from the imported one, without decoding any image: the
     user's labels become the clean reference and cmd-ray's noise the noisy labels."""
     split = read_parquet_split(imported)
-    base = {key: split.meta[key] for key in IMPORT_KEYS}
+    base = {key: split.meta[key] for key in IMPORT_KEYS if key in split.meta}
     labels = split.noisy_labels.numpy()  # the labels as given
     noisy, report = apply_noise(labels, spec, base["num_classes"], base["dataset"], seed)
     meta = {**base, "split": "train", "noise": spec.describe(), "seed": seed, **report.to_dict()}
@@ -493,10 +494,24 @@ def load_data(
     """
     train_path, test_path = materialise(name, root, spec, seed, source, require_test=validation_fraction == 0)
     train, test = read_parquet_split(train_path), read_parquet_split(test_path)
+    given = train.meta.get("validation_rows")  # a user's own validation rows
+    if given and validation_fraction > 0:
+        raise DataError(
+            f"data.validation_fraction: got {validation_fraction:g}, but {source.path if source else name} has "
+            f"{len(given)} validation rows of its own; allowed: 0 (those rows are the validation split)"
+        )
     if len(test) == 0:
-        if validation_fraction == 0:
+        if validation_fraction == 0 and not given:
             raise no_test_split(source.path if source else name)
         test = None
+    own_validation = None
+    if given:
+        held = torch.zeros(len(train), dtype=torch.bool)
+        held[torch.tensor(given)] = True
+        train, own_validation = (
+            train.subset(torch.nonzero(~held).flatten()),
+            train.subset(torch.nonzero(held).flatten()),
+        )
     subset = train_subset is not None and train_subset < len(train)
     if subset:
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:train_subset]
@@ -504,6 +519,7 @@ def load_data(
     if test is not None and test_subset is not None and test_subset < len(test):
         test = test.subset(torch.arange(test_subset))
     train, validation = split_validation(train, validation_fraction, seed)
+    validation = own_validation if own_validation is not None else validation
     noise = {k: train.meta[k] for k in ("noise", "realised_rate", "asked_matrix", "realised_matrix")}
     # The rate among the samples trained on, where that is not the whole cached set (a subset or
     # a validation split was taken); null otherwise (realised_rate is it) or without clean labels.

@@ -42,7 +42,9 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-SPLITS = ("train", "test")
+# Values of a Parquet split column: `validation` rows (Hugging Face's name) are the noisy
+# validation split, held out of training like data.validation_fraction's.
+SPLITS = ("train", "test", "validation")
 GREY_MODES = ("1", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 
@@ -229,6 +231,7 @@ class UserRaw:
     test_labels: Optional[np.ndarray]
     content_sha256: str  # of every source byte read, in order
     source_bytes: int
+    validation_rows: Optional[list[int]] = None  # positions in train_* held out as validation
 
 
 def read_user_data(source: UserSource) -> UserRaw:
@@ -350,14 +353,15 @@ def _read_parquet(source: UserSource) -> UserRaw:
     images = decode_images(
         zip(blobs, (f"{source.path} row {i}" for i in range(len(blobs)))), source.image_size, "data.path"
     )
-    train, test = splits == "train", splits == "test"
+    train, test = np.isin(splits, ("train", "validation")), splits == "test"
+    held_out = np.flatnonzero(splits[train] == "validation")
     unseen = sorted({classes[i] for i in labels[test]} - {classes[i] for i in labels[train]})
     if unseen and pa.types.is_string(table.schema.field(source.label_column).type):
         raise DataError(
             f"data.label_column: test rows name class {unseen[0]!r}, which no training row has; "
             "allowed: the training rows' classes"
         )
-    if not train.any():
+    if not (splits == "train").any():
         raise DataError(f"data.split_column: {source.path} has no 'train' rows; allowed values: {', '.join(SPLITS)}")
     has_test = bool(test.any())
     return UserRaw(
@@ -368,6 +372,7 @@ def _read_parquet(source: UserSource) -> UserRaw:
         labels[test] if has_test else None,
         content.hexdigest(),
         size,
+        [int(i) for i in held_out] if held_out.size else None,
     )
 
 
@@ -392,8 +397,7 @@ def _parquet_splits(table, source: UserSource) -> np.ndarray:
     bad = [v for v in values if v not in SPLITS]
     if bad:
         raise DataError(
-            f"data.split_column: {source.split_column!r} holds {bad[0]!r}; allowed values: {', '.join(SPLITS)} "
-            "(cmd-ray holds out validation itself: data.validation_fraction)"
+            f"data.split_column: {source.split_column!r} holds {bad[0]!r}; allowed values: {', '.join(SPLITS)}"
         )
     return values
 

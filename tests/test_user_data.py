@@ -113,6 +113,23 @@ def test_parquet_train_and_test_files_as_hugging_face_ships_them(tmp_path):
                   source=UserSource("parquet", str(train), test_path=str(unknown)))  # fmt: skip
 
 
+def test_parquet_validation_rows_are_the_noisy_validation_split(tmp_path):
+    import pyarrow as pa
+
+    table = pq.read_table(write_image_parquet(tmp_path / "t.parquet", n_train=40, n_test=0))
+    splits = ["validation" if i % 4 == 0 else "train" for i in range(40)]
+    path = tmp_path / "with-validation.parquet"
+    pq.write_table(table.drop(["split"]).append_column("split", pa.array(splits)), path)
+    source = UserSource("parquet", str(path))
+    data = load_data("parquet", tmp_path / "cache", NoiseSpec("symmetric", 0.4), 0, source=source)
+    assert data.test is None and len(data.validation) == 10 and len(data.train) == 30
+    assert data.validation.index.tolist() == list(range(0, 40, 4))  # the file's validation rows, in order
+    assert not torch.equal(data.validation.noisy_labels, data.validation.clean_labels)  # noisy, as held-out rows are
+    with pytest.raises(DataError, match=r"^data\.validation_fraction: got 0\.2, but \S+ has 10 validation rows of"):
+        load_data("parquet", tmp_path / "cache", NoiseSpec("symmetric", 0.4), 0, validation_fraction=0.2,
+                  source=source)  # fmt: skip
+
+
 def test_parquet_with_a_split_column_class_names_and_a_hugging_face_image_struct(tmp_path):
     path = write_image_parquet(tmp_path / "plain.parquet", n_train=30, n_test=9, names=True)
     source = UserSource("parquet", str(path))
