@@ -397,11 +397,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return BENCHMARKS[args.bench](args)
 
 
+# What `prepare` sets aside: the cache depends on data.*, noise.* and seed only, so the method's
+# and the model's requirements (a noise-rate estimate, an image size) are not asked for there.
+PREPARE_NEUTRAL = {"method": "ce", "model.name": "mlp", "model.per_peer": None}
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = load_config(resolve_config_path(args.config), args.overrides, PREPARE_NEUTRAL)
     from cmd_ray.trainer import load_run_data
 
-    data = load_run_data(cfg, check_models=False)  # the cache is the same whatever the model
+    data = load_run_data(cfg, check_models=False)
     noise = data.noise
     print(
         to_json(

@@ -596,6 +596,40 @@ def expand_environment(values: Any, where: str = "") -> Any:
 GRID_FORBIDDEN = ("sweep", "ray", "output_dir")
 
 
+# Keys that hold a local path or a URI.
+PATH_KEYS = (
+    "output_dir",
+    "data.root",
+    "data.path",
+    "data.test_path",
+    "noise.matrix",
+    "noise.labels",
+    "ray.storage_path",
+    "sweep.storage_path",
+)
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """The config with every relative local path (in PATH_KEYS, and in a grid over one of them)
+    made absolute against this process's working folder: a Tune trial runs in a folder of its
+    own, where `data.path: digits` would name nothing."""
+
+    def absolute(value: Any) -> Any:
+        if not isinstance(value, str) or not value or "://" in value and not value.startswith("file://"):
+            return value
+        return str(Path(value.removeprefix("file://")).expanduser().resolve())
+
+    values = cfg.to_dict()
+    for key in PATH_KEYS:
+        section, _, name = key.rpartition(".")
+        node = values.get(section) if section else values
+        if isinstance(node, dict) and name in node:
+            node[name] = absolute(node[name])
+        if key in values["sweep"]["grid"]:
+            values["sweep"]["grid"][key] = [absolute(v) for v in values["sweep"]["grid"][key]]
+    return from_dict(values)
+
+
 def set_path(values: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
     """Copy of nested `values` with `dotted` (e.g. noise.rate) set to `value`."""
     out = _deep_copy(values)

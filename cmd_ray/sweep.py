@@ -26,7 +26,16 @@ from typing import Any, Optional
 
 import pyarrow as pa
 
-from cmd_ray.config import VARIANT, Config, ConfigError, check_grid, set_path, trial_config, variant_label
+from cmd_ray.config import (
+    VARIANT,
+    Config,
+    ConfigError,
+    check_grid,
+    set_path,
+    trial_config,
+    variant_label,
+    with_absolute_paths,
+)
 from cmd_ray.console import console
 from cmd_ray.results import rows_table, trial_rows
 from cmd_ray.storage import StorageError, exists, is_uri, join, write_json_atomic, write_parquet_atomic
@@ -353,6 +362,7 @@ def run_sweep(
 ) -> str:
     """Run (or resume) the sweep's grid; write results.parquet; return the sweep folder (or URI).
     `callbacks`: more Tune callbacks (e.g. the benchmark's trial clock)."""
+    cfg = with_absolute_paths(cfg)  # trials run in folders of their own
     points = check_grid(cfg)
     folder = sweep_dir(cfg)
     check_resume(cfg, folder, resume)

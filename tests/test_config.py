@@ -226,3 +226,32 @@ def test_a_setting_the_method_never_reads_is_noted_not_silently_taken(capsys):
     grid = "sweep.grid={method: [ce, coteaching]}"
     assert main(["show-config", "--set", grid, "--set", "method=ce", "--set", "coteaching.forget_rate=0.2"]) == 0
     assert capsys.readouterr().err == ""  # some trials of the grid read it
+
+
+def test_a_sweep_hands_its_trials_absolute_paths(tmp_path, monkeypatch):
+    """Tune runs each trial in a folder of its own: relative paths are made absolute against the
+    folder the sweep was started in (found by the README walk-through: data.path: digits)."""
+    from cmd_ray.config import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name in ("home/noisy.npy", "a.npy", "b.npy"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    cfg = from_dict(
+        {
+            "data": {"name": "image_folder", "path": "digits", "root": "runs/data"},
+            "noise": {"type": "labels", "labels": "~/noisy.npy"},
+            "coteaching": {"forget_rate": 0.2},
+            "sweep": {
+                "storage_path": "s3://bucket/sweeps",
+                "grid": {"noise.labels": ["a.npy", str(tmp_path / "b.npy")]},
+            },
+        }
+    )
+    out = with_absolute_paths(cfg)
+    assert out.data.path == str(tmp_path / "digits") and out.data.root == str(tmp_path / "runs" / "data")
+    assert out.noise.labels == str(tmp_path / "home" / "noisy.npy")
+    assert out.sweep.storage_path == "s3://bucket/sweeps"  # object storage untouched
+    assert out.sweep.grid["noise.labels"] == [str(tmp_path / "a.npy"), str(tmp_path / "b.npy")]
+    assert out.output_dir == str(tmp_path / cfg.output_dir)
