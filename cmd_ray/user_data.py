@@ -125,22 +125,35 @@ def _folder_files(path: str, field: str = "data.path") -> list[tuple[Path, Path]
 
 
 def first_image_side(source: UserSource) -> Optional[int]:
-    """The side of an image folder's first image, read from its header alone (no import), if it
-    is square; None for a Parquet source or a non-square or unreadable image (the import then
-    says what is wrong)."""
-    if source.kind != "image_folder":
-        return None
+    """The side of the source's first image, read from its header alone (no import): an image
+    folder's first file, or the first row of a Parquet file's first row group. None where it
+    is not square or cannot be read (the import then says what is wrong)."""
     from PIL import Image
 
-    files = _folder_files(source.path)
-    if not files:
-        return None
     try:
-        with Image.open(files[0][1]) as image:
+        if source.kind == "image_folder":
+            files = _folder_files(source.path)
+            if not files:
+                return None
+            opened = Image.open(files[0][1])
+        else:
+            opened = Image.open(io.BytesIO(_first_parquet_image(source)))
+        with opened as image:
             width, height = image.size
-    except (OSError, ValueError, SyntaxError):
+    except (OSError, ValueError, SyntaxError, TypeError, KeyError, IndexError, DataError):
         return None
     return width if width == height else None
+
+
+def _first_parquet_image(source: UserSource) -> bytes:
+    """The encoded bytes of a Parquet source's first image, reading one column of one row group."""
+    import pyarrow.parquet as pq
+
+    fs, where = storage.filesystem(source.path)
+    with fs.open_input_file(where) as handle:
+        column = pq.ParquetFile(handle).read_row_group(0, columns=[source.image_column]).column(0)
+    first = column[0].as_py()
+    return first["bytes"] if isinstance(first, dict) else first
 
 
 # --------------------------------------------------------------------------------------

@@ -156,6 +156,9 @@ CASES = [
                                                                                 "model.name=preact_resnet18")[1:]],
      re.compile(r"model\.name: 'preact_resnet18' takes 32x32 images, \S+/own has 28x28; allowed here: small_cnn, "
                 r"mlp; or set data\.image_size: 32 to resize the images at import$")),  # before the import: no cache
+    ("model for your parquet", lambda t: ["train", "--in-process",
+                                          *_parquet_args(t, "--set", "model.name=preact_resnet18")[1:]],
+     re.compile(r"model\.name: 'preact_resnet18' takes 32x32 images, \S+own\.parquet has 28x28; allowed here: ")),
     ("mixed sizes", _mixed_sizes, "data.image_size: got null, but images differ in size"),
     ("label out of range", lambda t: _labels_file(t, [0, 1, 2, 3, 0, 1]), "noise.labels: label 3 at position 3"),
     ("labels file too short", lambda t: _labels_file(t, [0, 1, 2]), "noise.labels: "),
