@@ -364,10 +364,11 @@ def materialise(
                 # A user's images are decoded once per source: into the cache of the labels as
                 # given; each noise setting then reads that cache and writes its own labels.
                 imported, _ = cache_paths(name, root, NoiseSpec("none"), 0, source, identity)
+                noisy = (spec, seed, train_path) if train_path != imported else None
                 if not exists(imported) or not exists(test_path):
-                    _import_user(source, identity, imported, test_path, require_test)
-                if train_path != imported:
-                    _noisy_from_import(imported, spec, seed, train_path)
+                    _import_user(source, identity, imported, test_path, require_test, noisy)
+                elif noisy is not None:
+                    _noisy_from_import(imported, *noisy)
     return train_path, test_path
 
 
@@ -393,9 +394,18 @@ UNKNOWN_NOISE = {"asked_matrix": None, "realised_matrix": None, "realised_rate":
 IMPORT_KEYS = ("dataset", "shape", "num_classes", "classes", "mean", "std", "format", "source", "validation_rows")
 
 
-def _import_user(source: UserSource, identity: SourceIdentity, train_path: str, test_path: str, require_test: bool):
+def _import_user(
+    source: UserSource,
+    identity: SourceIdentity,
+    train_path: str,
+    test_path: str,
+    require_test: bool,
+    noisy: Optional[tuple[NoiseSpec, int, str]] = None,
+) -> None:
     """Import a user's data set (decode every image once) into the cache of the labels as given
-    (no noise applied) and its test cache."""
+    (no noise applied) and its test cache; with `noisy` = (spec, seed, path), also that noise
+    setting's training cache. The noise is applied before anything is written, so a labels file
+    that does not fit the images leaves no cache behind."""
     from cmd_ray.user_data import channel_stats, read_user_data
 
     console(f"[cmd-ray] importing {source.kind} {source.path} into the cache (once) ...")
@@ -429,6 +439,7 @@ def _import_user(source: UserSource, identity: SourceIdentity, train_path: str, 
         f"[cmd-ray] imported {train_count} training and {test_count} test images "
         f"({'x'.join(map(str, base['shape']))}, {len(raw.classes)} classes) in {seconds:.1f} s"
     )
+    with_noise = None if noisy is None else _with_noise(raw.train_labels, base, *noisy[:2])
     # The user's labels are the noisy ones here; no clean labels exist (noise.type none).
     meta = {**base, "split": "train", "noise": NoiseSpec("none").describe(), "seed": 0, **UNKNOWN_NOISE}
     _write_parquet_atomic(train_path, raw.train_images, None, raw.train_labels, meta)
@@ -436,16 +447,23 @@ def _import_user(source: UserSource, identity: SourceIdentity, train_path: str, 
         images = raw.test_images if raw.test_images is not None else raw.train_images[:0]
         labels = raw.test_labels if raw.test_labels is not None else raw.train_labels[:0]
         _write_parquet_atomic(test_path, images, labels, labels, {**base, "split": "test"})
+    if with_noise is not None:
+        _write_parquet_atomic(noisy[2], raw.train_images, raw.train_labels, *with_noise)
+
+
+def _with_noise(labels: np.ndarray, base: dict, spec: NoiseSpec, seed: int) -> tuple[np.ndarray, dict]:
+    """(noisy labels, cache metadata) of a noise setting over the labels as given, which become
+    the clean reference."""
+    noisy, report = apply_noise(labels, spec, base["num_classes"], base["dataset"], seed)
+    return noisy, {**base, "split": "train", "noise": spec.describe(), "seed": seed, **report.to_dict()}
 
 
 def _noisy_from_import(imported: str, spec: NoiseSpec, seed: int, train_path: str) -> None:
-    """A noise setting's training cache from the imported one, without decoding any image: the
-    user's labels become the clean reference and cmd-ray's noise the noisy labels."""
+    """A noise setting's training cache from the imported one, without decoding any image."""
     split = read_parquet_split(imported)
     base = {key: split.meta[key] for key in IMPORT_KEYS if key in split.meta}
     labels = split.noisy_labels.numpy()  # the labels as given
-    noisy, report = apply_noise(labels, spec, base["num_classes"], base["dataset"], seed)
-    meta = {**base, "split": "train", "noise": spec.describe(), "seed": seed, **report.to_dict()}
+    noisy, meta = _with_noise(labels, base, spec, seed)
     images = split.images.permute(0, 2, 3, 1).numpy()  # back to the cache's (N, H, W, C)
     _write_parquet_atomic(train_path, images, labels, noisy, meta)
 

@@ -411,6 +411,10 @@ def start_local_ray(num_cpus: Optional[float] = None, resources: Optional[dict[s
     port = free_port("127.0.0.1")
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(
+        # "local": always a new Ray. Without an address Ray joins the newest local cluster it
+        # finds (/tmp/ray/ray_current_cluster, written by any other Ray started on this machine)
+        # and then refuses the num_cpus and resources given here.
+        address="local",
         num_cpus=num_cpus,
         resources=resources,
         logging_level="WARNING",

@@ -219,3 +219,16 @@ def test_a_sweep_on_the_cluster_keeps_everything_on_s3_and_resumes_after_its_dri
     assert sessions
     for session in sessions:
         assert _files_holding(session, FAKE_WANDB_KEY.encode()) == [], session
+
+
+def test_a_local_run_starts_its_own_ray_while_another_cluster_runs_on_the_machine(fake_fmnist_root, cluster, tmp_path):
+    """A cluster started on this machine (this module's, as `ray start` would) is named in
+    /tmp/ray/ray_current_cluster, which `ray.init()` without an address joins; cmd-ray's local
+    runs must start their own Ray instead (they used to join it and fail: "When connecting to an
+    existing cluster, num_cpus and num_gpus must not be provided")."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WANDB_"))}
+    cmd = [sys.executable, "-m", "cmd_ray.cli", "train", "--set", f"data.root={fake_fmnist_root}",
+           "--set", "epochs=1", "--set", f"output_dir={tmp_path}"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["workers"] == 2

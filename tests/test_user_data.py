@@ -330,3 +330,15 @@ def test_a_two_trial_sweep_on_a_parquet_data_set_without_clean_labels_or_a_test_
     assert all(unavailable) and all(r.get("mean/test_accuracy") is None for r in rows)
     assert all(r["mean/val_accuracy"] > 0.4 for r in rows if r["epoch"] == 1)
     assert "No test split: accuracy on the held-out noisy labels" in proc.stdout
+
+
+def test_prepare_asks_nothing_of_the_method_or_the_model(tmp_path, capsys):
+    """The cache depends on data, noise and seed: `prepare` of labels with no known noise rate
+    needs no coteaching.forget_rate, and 8x8 images no data.image_size (the README's first step)."""
+    folder = write_image_folder(tmp_path / "digits", per_class=4, size=8)
+    argv = ["prepare", "--set", "data.name=image_folder", "--set", f"data.path={folder}",
+            "--set", f"data.root={tmp_path / 'cache'}", "--set", "data.validation_fraction=0.25",
+            "--set", "noise.type=none"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["shape"] == [8, 8, 1] and printed["validation_samples"] == 3
