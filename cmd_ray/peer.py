@@ -109,14 +109,14 @@ def make_batch(
     info: DatasetInfo,
     device: torch.device,
     augment_seed: Optional[int] = None,
-    augmentation: Optional[Augmentation] = None,
+    policy: Optional[Augmentation] = None,
 ) -> Batch:
-    """Gather, augment (when `augmentation` and a seed are given) with a seeded generator,
+    """Gather, augment (when a `policy` and a seed are given) with a seeded generator,
     normalise, move to `device`."""
     images = split.images[positions]
-    if augment_seed is not None and augmentation is not None:
+    if augment_seed is not None and policy is not None:
         generator = torch.Generator().manual_seed(augment_seed)
-        images = augment(images, generator, augmentation.crop_padding, augmentation.flip)
+        images = augment(images, generator, policy.crop_padding, policy.flip)
     return Batch(
         images=normalise(images.to(device, non_blocking=True), info),
         noisy_labels=split.noisy_labels[positions].to(device),

@@ -115,9 +115,9 @@ def data_source(cfg: Config) -> Optional[UserSource]:
 
 
 def check_models_fit_before_import(cfg: Config) -> None:
-    """Refuse a user's image folder whose images no peer architecture takes, from its first
-    image's header, before anything is imported or written (data.image_size resizes at import
-    and is checked with the config)."""
+    """Refuse a user's data set whose images no peer architecture takes, from its first image's
+    header, before anything is imported or written (data.image_size resizes at import and is
+    checked with the config)."""
     source = data_source(cfg)
     if source is not None and cfg.data.image_size is None:
         side = first_image_side(source)
