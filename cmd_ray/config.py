@@ -29,6 +29,7 @@ from cmd_ray.catalogue import (
     model_fit_error,
 )
 from cmd_ray.errors import ConfigError, NoiseError, check_above, check_positive, check_range
+from cmd_ray.storage import is_uri, local
 
 METHODS = methods.NAMES
 
@@ -615,9 +616,9 @@ def with_absolute_paths(cfg: Config) -> Config:
     own, where `data.path: digits` would name nothing."""
 
     def absolute(value: Any) -> Any:
-        if not isinstance(value, str) or not value or "://" in value and not value.startswith("file://"):
+        if not isinstance(value, str) or not value or is_uri(value):
             return value
-        return str(Path(value.removeprefix("file://")).expanduser().resolve())
+        return str(local(value).resolve())
 
     values = cfg.to_dict()
     for key in PATH_KEYS:
