@@ -255,3 +255,19 @@ def test_a_sweep_hands_its_trials_absolute_paths(tmp_path, monkeypatch):
     assert out.sweep.storage_path == "s3://bucket/sweeps"  # object storage untouched
     assert out.sweep.grid["noise.labels"] == [str(tmp_path / "a.npy"), str(tmp_path / "b.npy")]
     assert out.output_dir == str(tmp_path / cfg.output_dir)
+
+
+def test_run_sweep_works_on_absolute_paths_from_its_first_step(tmp_path, monkeypatch):
+    from cmd_ray import sweep
+
+    class Seen(Exception):
+        pass
+
+    def first_step(cfg):
+        raise Seen(cfg.data.root)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweep, "check_grid", first_step)  # stop before any Ray work
+    with pytest.raises(Seen) as seen:
+        sweep.run_sweep(from_dict({"data": {"root": "runs/data"}}), log=lambda _: None)
+    assert seen.value.args[0] == str(tmp_path / "runs" / "data")
