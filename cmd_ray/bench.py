@@ -27,7 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cmd_ray.config import Config, check_grid, trial_config
+from cmd_ray.config import Config
+from cmd_ray.grid import check_grid, trial_config
 from cmd_ray.storage import join, write_parquet_atomic
 
 

@@ -1,64 +1,16 @@
-"""What cmd-ray knows by name: data sets and peer architectures — one home for each fact (the
-methods are registered in `cmd_ray.methods`).
+"""What cmd-ray knows by name: the data set names a run may use, the noise types and the peer
+architectures with the image side each takes. The built-in data sets themselves are entries of
+`cmd_ray.datasets` (one module each), the methods of `cmd_ray.methods`.
 
-Torch-free, so config validation reads it without importing torch; data loading, the noise
-models and model building read the same entries.
+Torch-free, so config validation reads it without importing torch; model building reads the
+same entries.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """A data set: class count, image shape and the per-channel normalisation."""
-
-    num_classes: int
-    shape: tuple[int, int, int]  # H, W, C
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-DATASETS = {
-    "fashion-mnist": DatasetInfo(10, (28, 28, 1), (0.2860,), (0.3530,)),
-    "cifar10": DatasetInfo(10, (32, 32, 3), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": DatasetInfo(100, (32, 32, 3), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
-DATASET_NAMES = tuple(DATASETS)
-
-
-@dataclass(frozen=True)
-class Augmentation:
-    """A random crop of the image zero-padded by `crop_padding` pixels a side, and a horizontal
-    flip of half the images where `flip`."""
-
-    crop_padding: int
-    flip: bool
-
-
-# What `data.augment: auto` does per built-in data set: CIFAR's published recipe (crop 4 + flip)
-# for its natural 32x32 images; none for Fashion-MNIST (the peers memorise more slowly without,
-# and the memorisation regime is the point there). A user's data set is off under auto.
-DEFAULT_AUGMENTATION: dict[str, Optional[Augmentation]] = {
-    "fashion-mnist": None,
-    "cifar10": Augmentation(crop_padding=4, flip=True),
-    "cifar100": Augmentation(crop_padding=4, flip=True),
-}
-
-
-def augmentation(name: str, mode: str, image_side: int, flip: Optional[bool] = None) -> Optional[Augmentation]:
-    """The augmentation a run uses (None = none). `mode`: auto = the data set's default (see
-    DEFAULT_AUGMENTATION; off for a user's data), on, off. On without a default: a crop padded by
-    an eighth of the image side (4 px at 32, 1 px at 8; a fixed 4 px ruins small images) and no
-    flip (wrong for digits and text). `flip` (data.flip) overrides the flip either way."""
-    default = DEFAULT_AUGMENTATION.get(name)
-    if mode == "off" or (mode == "auto" and default is None):
-        return None
-    chosen = default or Augmentation(crop_padding=max(1, image_side // 8), flip=False)
-    return chosen if flip is None else Augmentation(chosen.crop_padding, flip)
-
+from cmd_ray.datasets import DATASET_NAMES
 
 # A user's own data set by layout (cmd_ray.user_data); its classes, shape and statistics come
 # from the data at import.

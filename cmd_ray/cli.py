@@ -242,7 +242,7 @@ def head_node_args(args: list[str], current_cluster: Path = CURRENT_CLUSTER) -> 
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from cmd_ray.config import check_grid
+    from cmd_ray.grid import check_grid
 
     cfg = _load(args)
     check_grid(cfg)
@@ -316,7 +316,7 @@ def bench_throughput(args: argparse.Namespace) -> int:
 
 def bench_load(args: argparse.Namespace) -> int:
     from cmd_ray import bench
-    from cmd_ray.config import check_grid
+    from cmd_ray.grid import check_grid
     from cmd_ray.storage import write_json_atomic
 
     cfg = _load(args)
@@ -332,7 +332,7 @@ def bench_load(args: argparse.Namespace) -> int:
 
 def bench_accuracy(args: argparse.Namespace) -> int:
     from cmd_ray import bench
-    from cmd_ray.config import check_grid
+    from cmd_ray.grid import check_grid
     from cmd_ray.results import report
 
     cfg = _load(args)
@@ -353,7 +353,7 @@ def bench_accuracy(args: argparse.Namespace) -> int:
 
 def bench_sweep(args: argparse.Namespace) -> int:
     from cmd_ray import bench
-    from cmd_ray.config import check_grid
+    from cmd_ray.grid import check_grid
     from cmd_ray.storage import write_json_atomic
 
     cfg = _load(args)

@@ -19,15 +19,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from cmd_ray import methods
-from cmd_ray.catalogue import (
-    DATA_NAMES,
-    DATASETS,
-    MODEL_INPUT_SIZE,
-    MODELS,
-    NOISE_TYPES,
-    USER_DATASETS,
-    model_fit_error,
-)
+from cmd_ray.catalogue import DATA_NAMES, MODEL_INPUT_SIZE, MODELS, NOISE_TYPES, USER_DATASETS, model_fit_error
+from cmd_ray.datasets import DATA_ROOT, DATASETS
 from cmd_ray.errors import ConfigError, NoiseError, check_above, check_positive, check_range
 from cmd_ray.storage import is_uri, local
 
@@ -40,7 +33,7 @@ class DataConfig:
     # of encoded images and labels). See the README, "Your own noisy data".
     name: Literal[DATA_NAMES] = "fashion-mnist"
     # Where raw data is looked for / downloaded, and where the Parquet cache is written.
-    root: str = "~/.cache/cmd-ray/data"
+    root: str = DATA_ROOT
     # Your own data: the training image folder, or the Parquet file (local or s3://...).
     path: Optional[str] = None
     # image_folder only: a test folder with the same class sub-folders (null = no test split).
@@ -592,10 +585,7 @@ def expand_environment(values: Any, where: str = "") -> Any:
 
 
 # --------------------------------------------------------------------------------------
-# Sweep grids
-
-GRID_FORBIDDEN = ("sweep", "ray", "output_dir")
-
+# Paths
 
 # Keys that hold a local path or a URI.
 PATH_KEYS = (
@@ -643,87 +633,3 @@ def set_path(values: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
         node = child
     node[parts[-1]] = value
     return out
-
-
-def grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
-    """Every combination of the grid's values, in order: [{"noise.rate": 0.2, "method": "ce"}, ...]."""
-    import itertools
-
-    keys = list(grid)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
-
-
-# A grid axis whose values each set several keys together, e.g. a method with its own settings:
-# variant: [{method: ce}, {method: cmd-p, label: "cmd-p, all knowledge", knowledge.tau_end: 0.0}].
-# `label` (optional) names the variant in reports; `reference: true` marks one shown beside the
-# candidates of a validation sweep but never chosen; the other keys are dotted config keys.
-VARIANT = "variant"
-VARIANT_META = ("label", "reference")
-
-
-def point_overrides(point: dict[str, Any]) -> dict[str, Any]:
-    """A grid point as dotted key -> value, with a `variant` axis spread into its keys."""
-    out = {}
-    for key, value in point.items():
-        if key == VARIANT:
-            out.update({k: v for k, v in value.items() if k not in VARIANT_META})
-        else:
-            out[key] = value
-    return out
-
-
-def variant_label(point: dict[str, Any]) -> Optional[str]:
-    """How reports name a point's variant: its `label`, else its method when that is all it sets,
-    else its keys and values; None without one."""
-    variant = point.get(VARIANT)
-    if variant is None:
-        return None
-    if set(variant) == {"method"}:
-        return str(variant["method"])
-    return variant.get("label") or ", ".join(f"{k}={v}" for k, v in variant.items() if k not in VARIANT_META)
-
-
-def trial_config(base: dict[str, Any], point: dict[str, Any]) -> Config:
-    """The validated config of one grid point: `base` (nested dicts) with the point's values set."""
-    values = base
-    for key, value in point_overrides(point).items():
-        values = set_path(values, key, value)
-    return from_dict(values)
-
-
-def _check_grid_key(key: str, where: str) -> None:
-    if key.split(".")[0] in GRID_FORBIDDEN:
-        raise ConfigError(f"{where}: not sweepable; allowed: keys of the run config (e.g. noise.rate)")
-
-
-def check_grid(cfg: Config) -> list[dict[str, Any]]:
-    """Validate every grid point before any cluster work; return the points.
-
-    Refuses keys outside the run config (sweep.*, ray.*, output_dir), a `variant` value that
-    is not a mapping of keys, and any combination that would not validate, naming the grid
-    key and value.
-    """
-    base = cfg.to_dict()
-    for key, values in cfg.sweep.grid.items():
-        _check_grid_key(key, f"sweep.grid.{key}")
-        if key != VARIANT:
-            continue
-        for i, variant in enumerate(values):
-            where = f"sweep.grid.{VARIANT}[{i}]"
-            if not isinstance(variant, dict) or not variant:
-                raise ConfigError(f"{where}: got {variant!r}; allowed: a mapping of dotted config keys to values")
-            for inner in variant:
-                if inner not in VARIANT_META:
-                    _check_grid_key(str(inner), f"{where}.{inner}")
-            if not isinstance(variant.get("label", ""), str):
-                raise ConfigError(f"{where}.label: got {variant['label']!r}; allowed: a string")
-            if not isinstance(variant.get("reference", False), bool):
-                raise ConfigError(f"{where}.reference: got {variant['reference']!r}; allowed: true or false")
-    points = grid_points(cfg.sweep.grid)
-    for point in points:
-        try:
-            trial_config(base, point)
-        except ConfigError as err:
-            shown = ", ".join(f"{k}={v!r}" for k, v in point.items())
-            raise ConfigError(f"sweep.grid: the point {shown} is refused: {err}") from None
-    return points

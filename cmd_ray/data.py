@@ -1,9 +1,7 @@
 """Data sets with label noise, materialised once as Parquet and read back as tensors.
 
-Raw sources: Fashion-MNIST from its original IDX files (Debian's `dataset-fashion-mnist`
-under /usr/share/datasets/fashion-mnist, else `<root>`, else torchvision's download);
-CIFAR-10/100 from the Python-pickle batches in CIFAR's own layout under `<root>` (else
-torchvision's download); a user's image folder or Parquet file (`cmd_ray.user_data`). Each
+Raw sources: a built-in data set's reader (`cmd_ray.datasets`, one module each), or a user's
+image folder or Parquet file (`cmd_ray.user_data`). Each
 (data set, noise spec, seed) is written once to `<root>/cmd-ray-cache/*.parquet` with columns
 index, image (raw HWC uint8 bytes), clean_label and noisy_label, and the noise spec, the
 realised noise and (for a user's data) the source's identity in the file metadata. Later runs
@@ -17,15 +15,11 @@ exist (`Split.clean_labels` is None), and the metrics that need them are not com
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
-import pickle
-import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -34,8 +28,8 @@ import pyarrow as pa
 import torch
 from filelock import FileLock
 
-from cmd_ray.catalogue import DATASETS, DatasetInfo
 from cmd_ray.console import console
+from cmd_ray.datasets import DATA_ROOT, DATASETS, DatasetInfo, load_raw
 from cmd_ray.errors import DataError
 from cmd_ray.noise import NoiseSpec, apply_noise
 from cmd_ray.storage import exists, is_uri, join, local, read_parquet, write_parquet_atomic
@@ -44,168 +38,6 @@ if TYPE_CHECKING:
     from cmd_ray.user_data import SourceIdentity, UserSource
 
 CACHE_FORMAT = 1
-DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-# --------------------------------------------------------------------------------------
-# Raw readers
-
-
-def _open_maybe_gz(path: Path):
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-
-
-def read_idx(path: Path, expected_dims: int) -> np.ndarray:
-    """Read an IDX file (optionally gzipped) of unsigned bytes; raise DataError if malformed."""
-    try:
-        with _open_maybe_gz(path) as f:
-            raw = f.read()
-    except (OSError, EOFError) as err:
-        raise DataError(
-            f"{path}: cannot read ({err}); delete or reinstall it (apt-get install --reinstall dataset-fashion-mnist)"
-        ) from None
-    if len(raw) < 4:
-        raise DataError(f"{path}: truncated IDX header; delete or reinstall the file")
-    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype_code != 0x08 or ndim != expected_dims:
-        raise DataError(f"{path}: not an IDX file of {expected_dims}-d unsigned bytes; delete or reinstall it")
-    if len(raw) < 4 + 4 * ndim:
-        raise DataError(f"{path}: truncated IDX header; delete or reinstall the file")
-    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise DataError(
-            f"{path}: truncated IDX data ({body.size} bytes, header says {int(np.prod(dims))}); delete or reinstall it"
-        )
-    return body.reshape(dims)
-
-
-def _find_idx(folder: Path, stem: str) -> Optional[Path]:
-    for name in (stem, stem + ".gz"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-FMNIST_FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-
-
-def fashion_mnist_folder(root: Path) -> Optional[Path]:
-    """First folder holding all four Fashion-MNIST IDX files: Debian's, <root>, torchvision's."""
-    for folder in (DEBIAN_FASHION_MNIST, root / "fashion-mnist", root / "FashionMNIST" / "raw"):
-        if all(_find_idx(folder, stem) for stem in FMNIST_FILES.values()):
-            return folder
-    return None
-
-
-def load_fashion_mnist_raw(root: Path) -> dict[str, np.ndarray]:
-    """Return train/test images (N, 28, 28, 1) uint8 and labels (N,) int64."""
-    folder = fashion_mnist_folder(root)
-    if folder is None:
-        folder = _torchvision_download("fashion-mnist", root)
-    images = {s: read_idx(_find_idx(folder, FMNIST_FILES[f"{s}_images"]), 3) for s in ("train", "test")}
-    labels = {s: read_idx(_find_idx(folder, FMNIST_FILES[f"{s}_labels"]), 1) for s in ("train", "test")}
-    out = {}
-    for split in ("train", "test"):
-        if len(images[split]) != len(labels[split]):
-            raise DataError(f"{folder}: {split} images and labels differ in count; reinstall the files")
-        out[f"{split}_images"] = images[split][..., None]
-        out[f"{split}_labels"] = labels[split].astype(np.int64)
-    return out
-
-
-class _ArrayOnlyUnpickler(pickle.Unpickler):
-    """Unpickles CIFAR batches (dicts of bytes, lists and NumPy arrays) and nothing else."""
-
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-
-CIFAR_LAYOUT = {
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
-    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels"),
-}
-
-
-def _read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        with open(path, "rb") as f:
-            batch = _ArrayOnlyUnpickler(f, encoding="bytes").load()
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch[label_key], dtype=np.int64)
-    except (OSError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as err:
-        raise DataError(
-            f"{path}: not a readable CIFAR batch ({type(err).__name__}: {err}); delete the folder to re-download"
-        ) from None
-    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
-        raise DataError(f"{path}: CIFAR batch has shape {data.shape}, expected (N, 3072); delete it to re-download")
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
-
-
-def load_cifar_raw(name: str, root: Path) -> dict[str, np.ndarray]:
-    """Return CIFAR train/test images (N, 32, 32, 3) uint8 and labels (N,) int64."""
-    folder_name, train_files, test_files, label_key = CIFAR_LAYOUT[name]
-    folder = root / folder_name
-    if not all((folder / f).is_file() for f in train_files + test_files):
-        _torchvision_download(name, root)
-    out = {}
-    for split, files in (("train", train_files), ("test", test_files)):
-        parts = [_read_cifar_batch(folder / f, label_key) for f in files]
-        out[f"{split}_images"] = np.concatenate([p[0] for p in parts])
-        out[f"{split}_labels"] = np.concatenate([p[1] for p in parts])
-    return out
-
-
-def _torchvision_download(name: str, root: Path) -> Path:
-    import torchvision
-
-    cls = {
-        "fashion-mnist": torchvision.datasets.FashionMNIST,
-        "cifar10": torchvision.datasets.CIFAR10,
-        "cifar100": torchvision.datasets.CIFAR100,
-    }[name]
-    console(f"[cmd-ray] {name} not found under {root}; downloading with torchvision ...")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        for train in (True, False):
-            cls(str(root), train=train, download=True)
-    except Exception as err:  # noqa: BLE001 - any download failure becomes one clear message
-        hint = (
-            f"install Debian's dataset-fashion-mnist or put the four IDX files in {root / 'fashion-mnist'}"
-            if name == "fashion-mnist"
-            else f"put the extracted {CIFAR_LAYOUT[name][0]}/ folder under {root}"
-        )
-        raise DataError(f"{name}: not found under {root} and download failed ({err}); {hint}") from None
-    return root / "FashionMNIST" / "raw" if name == "fashion-mnist" else root / CIFAR_LAYOUT[name][0]
-
-
-def load_raw(name: str, root: Path) -> dict[str, np.ndarray]:
-    """A built-in data set's raw arrays from under `root`; a missing or broken file is a
-    DataError naming data.root (the field that pointed there)."""
-    readers = {
-        "fashion-mnist": load_fashion_mnist_raw,
-        **{cifar: partial(load_cifar_raw, cifar) for cifar in CIFAR_LAYOUT},
-    }
-    if name not in readers:
-        raise DataError(f"data.name: got {name!r}; allowed: one of {', '.join(DATASETS)}")
-    try:
-        return readers[name](root)
-    except DataError as err:
-        raise DataError(f"data.root: {err}") from None
 
 
 # --------------------------------------------------------------------------------------
@@ -327,10 +159,6 @@ def read_parquet_split(path: str | Path) -> Split:
     return split
 
 
-# Where the raw files are looked for (and downloaded) when the cache lives on object storage.
-LOCAL_DATA_ROOT = "~/.cache/cmd-ray/data"
-
-
 def materialise(
     name: str,
     root: str | Path,
@@ -342,7 +170,7 @@ def materialise(
     """Write the Parquet cache for (data set, noise spec, seed) if absent; return (train, test) paths.
 
     `root` may be an object-storage URI: the cache is then written there (the raw files are
-    read from this machine: Debian's package, or LOCAL_DATA_ROOT). `source` is a user's data
+    read from this machine: Debian's package, or DATA_ROOT). `source` is a user's data
     set (`data.name` image_folder or parquet); a test cache with no rows means it has no test split,
     refused before anything is written when `require_test`."""
     if source is None and name not in DATASETS:
@@ -353,7 +181,7 @@ def materialise(
     train_path, test_path = cache_paths(name, root, spec, seed, source, identity)
     if exists(train_path) and exists(test_path):
         return train_path, test_path
-    raw_root = local(LOCAL_DATA_ROOT if is_uri(root) else root)
+    raw_root = local(DATA_ROOT if is_uri(root) else root)
     raw_root.mkdir(parents=True, exist_ok=True)
     # Workers of one node may all arrive here at once: one downloads and writes, the rest wait.
     with FileLock(str(raw_root / ".cmd-ray.lock")):
@@ -375,8 +203,6 @@ def materialise(
 def _materialise(name: str, raw_root: Path, spec: NoiseSpec, seed: int, train_path: str, test_path: str) -> None:
     info = DATASETS[name]
     raw = load_raw(name, raw_root)
-    if raw["train_images"].shape[1:] != info.shape:
-        raise DataError(f"{name}: images have shape {raw['train_images'].shape[1:]}, expected {info.shape}")
     base = {"dataset": name, "shape": list(info.shape), "num_classes": info.num_classes, "format": CACHE_FORMAT}
     if not exists(train_path):
         noisy, report = apply_noise(raw["train_labels"], spec, info.num_classes, name, seed)
@@ -476,9 +302,10 @@ def no_test_split(where: str) -> DataError:
 
 
 def dataset_info(meta: dict) -> DatasetInfo:
-    """A cache file's data set: a built-in's catalogue entry, or what a user's import measured."""
+    """A cache file's data set: a built-in's entry (`cmd_ray.datasets`), or what a user's import measured."""
     if meta["dataset"] in DATASETS:
-        return DATASETS[meta["dataset"]]
+        entry = DATASETS[meta["dataset"]]
+        return DatasetInfo(entry.num_classes, entry.shape, entry.mean, entry.std)
     return DatasetInfo(meta["num_classes"], tuple(meta["shape"]), tuple(meta["mean"]), tuple(meta["std"]))
 
 

@@ -31,6 +31,7 @@ import torch
 
 from cmd_ray import methods
 from cmd_ray.config import from_dict
+from cmd_ray.datasets import DATA_ROOT
 from cmd_ray.exchange import free_port
 from cmd_ray.methods import StepSchedule
 from cmd_ray.peer import method_plan
@@ -162,7 +163,7 @@ def check_exchange(device: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpu-check", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--data-root", default="~/.cache/cmd-ray/data", help="Fashion-MNIST IDX files or cache")
+    parser.add_argument("--data-root", default=DATA_ROOT, help="Fashion-MNIST IDX files or cache")
     parser.add_argument("--quick", action="store_true", help="fewer steps (CI on a CPU)")
     parser.add_argument("--output-json", help="also write the figures here")
     args = parser.parse_args(argv)

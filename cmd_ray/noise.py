@@ -8,13 +8,10 @@ the row of its clean label. Real noisy labels (`labels`: a file with one label p
 image, e.g. CIFAR-10N's human annotations) replace the labels instead, and the realised
 matrix is measured against the clean ones. Pure NumPy; torch only to read a `.pt` file.
 
-Asymmetric class maps (clean class -> the class it flips to with probability r):
-
-- Fashion-MNIST: T-shirt/top (0) <-> Shirt (6), Pullover (2) -> Coat (4), Sandal (5) -> Sneaker (7).
-- CIFAR-10: truck (9) -> automobile (1), bird (2) -> airplane (0), deer (4) -> horse (7),
-  cat (3) <-> dog (5)  (Patrini et al. 2017).
-- CIFAR-100: each fine class flips to the next fine class of its own super-class, in the
-  alphabetical order of the fine names inside the super-class, the last wrapping to the first.
+Asymmetric noise flips each clean class to a similar one with probability r, by the data
+set's own class map (its entry's `asymmetric`, in `cmd_ray/datasets/`): T-shirt <-> shirt on
+Fashion-MNIST, cat <-> dog on CIFAR-10 (Patrini et al. 2017), a fine class to the next of its
+super-class on CIFAR-100.
 """
 
 from __future__ import annotations
@@ -25,55 +22,11 @@ from typing import Optional
 
 import numpy as np
 
-from cmd_ray.catalogue import DATASETS, NOISE_TYPES
+from cmd_ray.catalogue import NOISE_TYPES
+from cmd_ray.datasets import DATASETS
 from cmd_ray.errors import NoiseError
 
 LABEL_FILE_SUFFIXES = (".npy", ".csv", ".pt")
-
-
-FASHION_MNIST_ASYMMETRIC = {0: 6, 6: 0, 2: 4, 5: 7}
-CIFAR10_ASYMMETRIC = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
-
-# The 20 CIFAR-100 super-classes with their fine classes (fine label = index in sorted names).
-CIFAR100_SUPERCLASSES = {
-    "aquatic_mammals": ["beaver", "dolphin", "otter", "seal", "whale"],
-    "fish": ["aquarium_fish", "flatfish", "ray", "shark", "trout"],
-    "flowers": ["orchid", "poppy", "rose", "sunflower", "tulip"],
-    "food_containers": ["bottle", "bowl", "can", "cup", "plate"],
-    "fruit_and_vegetables": ["apple", "mushroom", "orange", "pear", "sweet_pepper"],
-    "household_electrical_devices": ["clock", "keyboard", "lamp", "telephone", "television"],
-    "household_furniture": ["bed", "chair", "couch", "table", "wardrobe"],
-    "insects": ["bee", "beetle", "butterfly", "caterpillar", "cockroach"],
-    "large_carnivores": ["bear", "leopard", "lion", "tiger", "wolf"],
-    "large_man-made_outdoor_things": ["bridge", "castle", "house", "road", "skyscraper"],
-    "large_natural_outdoor_scenes": ["cloud", "forest", "mountain", "plain", "sea"],
-    "large_omnivores_and_herbivores": ["camel", "cattle", "chimpanzee", "elephant", "kangaroo"],
-    "medium_mammals": ["fox", "porcupine", "possum", "raccoon", "skunk"],
-    "non-insect_invertebrates": ["crab", "lobster", "snail", "spider", "worm"],
-    "people": ["baby", "boy", "girl", "man", "woman"],
-    "reptiles": ["crocodile", "dinosaur", "lizard", "snake", "turtle"],
-    "small_mammals": ["hamster", "mouse", "rabbit", "shrew", "squirrel"],
-    "trees": ["maple_tree", "oak_tree", "palm_tree", "pine_tree", "willow_tree"],
-    "vehicles_1": ["bicycle", "bus", "motorcycle", "pickup_truck", "train"],
-    "vehicles_2": ["lawn_mower", "rocket", "streetcar", "tank", "tractor"],
-}
-CIFAR100_FINE_NAMES = sorted(n for names in CIFAR100_SUPERCLASSES.values() for n in names)
-
-
-def _cifar100_asymmetric() -> dict[int, int]:
-    index = {name: i for i, name in enumerate(CIFAR100_FINE_NAMES)}
-    flips = {}
-    for names in CIFAR100_SUPERCLASSES.values():
-        for a, b in zip(names, names[1:] + names[:1]):
-            flips[index[a]] = index[b]
-    return flips
-
-
-ASYMMETRIC_MAPS = {
-    "fashion-mnist": FASHION_MNIST_ASYMMETRIC,
-    "cifar10": CIFAR10_ASYMMETRIC,
-    "cifar100": _cifar100_asymmetric(),
-}
 
 
 @dataclass(frozen=True)
@@ -138,12 +91,13 @@ def pairflip_matrix(rate: float, num_classes: int) -> np.ndarray:
 def asymmetric_matrix(rate: float, dataset: str) -> np.ndarray:
     """Class-dependent flips between similar classes, from the data set's documented map."""
     _check_rate(rate)
-    if dataset not in ASYMMETRIC_MAPS:
+    if not (dataset in DATASETS and DATASETS[dataset].asymmetric):
+        mapped = [name for name, entry in DATASETS.items() if entry.asymmetric]
         raise NoiseError(
             f"noise.type: 'asymmetric' has no class map for data set {dataset!r}; "
-            f"allowed data sets: {', '.join(ASYMMETRIC_MAPS)}"
+            f"allowed data sets: {', '.join(mapped)}"
         )
-    flips = ASYMMETRIC_MAPS[dataset]
+    flips = DATASETS[dataset].asymmetric
     num_classes = DATASETS[dataset].num_classes
     matrix = np.eye(num_classes)
     for src, dst in flips.items():

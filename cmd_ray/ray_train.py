@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from cmd_ray.config import Config, ConfigError, from_dict
 from cmd_ray.console import console, keep_every_log_line
-from cmd_ray.data import DataBundle, DatasetInfo, Split, labels_digest
+from cmd_ray.data import DataBundle, Split, labels_digest
+from cmd_ray.datasets import DatasetInfo
 from cmd_ray.exchange import (
     CollectiveExchange,
     Placement,
@@ -46,7 +47,7 @@ from cmd_ray.peer import (
     steps_per_epoch,
     test_probabilities,
 )
-from cmd_ray.storage import exists, is_uri, join, read_bytes, write_bytes, write_json_atomic
+from cmd_ray.storage import exists, join, read_bytes, store_of, write_bytes, write_json_atomic
 from cmd_ray.summary import epoch_record, progress_line, summarise
 from cmd_ray.trainer import (
     HISTORY_FILE,
@@ -477,7 +478,7 @@ def storage_path(cfg: Config) -> str:
     """Where Ray Train keeps this run's state: ray.storage_path, else <output_dir>/ray; a local
     folder (made absolute) or an object-storage URI."""
     path = cfg.ray.storage_path or join(cfg.output_dir, "ray")
-    return path if is_uri(path) else str(Path(path).expanduser().resolve())
+    return absolute(path)
 
 
 def build_trainer(
@@ -518,7 +519,7 @@ def build_trainer(
         torch_config=TorchConfig(backend=world_backend(cfg.use_gpu, cfg.ray.gpus_per_worker)),
         run_config=RunConfig(
             name=run_name,
-            storage_path=storage,
+            **store_of(storage).for_ray(storage),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
             logging_config=LoggingConfig(log_level=cfg.ray.log_level),

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cmd_ray import methods
-from cmd_ray.config import point_overrides, trial_config, variant_label
+from cmd_ray.grid import point_overrides, trial_config, variant_label
 from cmd_ray.storage import exists, join, read_parquet, save_figure
 
 # Config columns every results row carries (the grid's own keys are added to these).

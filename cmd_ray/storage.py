@@ -20,6 +20,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -73,17 +74,62 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+@dataclass(frozen=True)
+class Store:
+    """Where a path lives: this machine's file system (scheme "") or an object store named by its
+    URI scheme (s3, gs, ...). Made from a path or URI by `store_of`; the one place that knows
+    schemes. Adding a backend pyarrow.fs does not resolve by itself means changing `filesystem`
+    and `for_ray` here, nothing else."""
+
+    scheme: str
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.scheme)
+
+    def filesystem(self, path: str | Path):
+        """(pyarrow FileSystem, `path` as that file system names it)."""
+        import pyarrow.fs as pafs
+
+        if self.remote:
+            return pafs.FileSystem.from_uri(str(path))
+        return pafs.LocalFileSystem(), str(local(path).resolve())
+
+    def uri(self, path_on_store: str) -> str:
+        """A path as the store's own file system names it (what Ray reports, without the scheme)
+        turned back into a path or URI the other functions here take."""
+        if not self.remote or "://" in path_on_store:
+            return path_on_store
+        return f"{self.scheme}://{path_on_store.lstrip('/')}"
+
+    def for_ray(self, path: str | Path) -> dict[str, Any]:
+        """The storage arguments of Ray's RunConfig for `path`: Ray resolves every scheme pyarrow
+        knows by itself; a local path is made absolute (Ray runs trials in folders of their own)."""
+        return {"storage_path": absolute(path)}
+
+
+_LOCAL = Store("")
+
+
+def store_of(path: str | Path) -> Store:
+    """The store of a local path (also file://...) or an object-storage URI (s3://bucket/key, ...)."""
+    text = str(path)
+    scheme, separator, _ = text.partition("://")
+    if not separator or scheme == "file":
+        return _LOCAL
+    return Store(scheme)
+
+
 def is_uri(path: str | Path) -> bool:
     """True for object storage (s3://bucket/key, gs://...); False for a local path or file://."""
-    text = str(path)
-    return "://" in text and not text.startswith("file://")
+    return store_of(path).remote
 
 
 def join(base: str | Path, *parts: str) -> str:
     """`base`/part/...: a URI stays a URI (pathlib would fold its "//"); a local path is expanded."""
     if is_uri(base):
         return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
-    return str(Path(str(base).removeprefix("file://")).expanduser().joinpath(*parts))
+    return str(local(base).joinpath(*parts))
 
 
 def local(path: str | Path) -> Path:
@@ -93,13 +139,14 @@ def local(path: str | Path) -> Path:
     return Path(str(path).removeprefix("file://")).expanduser()
 
 
+def absolute(path: str | Path) -> str:
+    """A local path expanded and made absolute (a Ray trial runs in a folder of its own); a URI as it is."""
+    return str(path) if is_uri(path) else str(local(path).resolve())
+
+
 def filesystem(path: str | Path):
     """(pyarrow FileSystem, path on it) for a URI or a local path."""
-    import pyarrow.fs as pafs
-
-    if is_uri(path):
-        return pafs.FileSystem.from_uri(str(path))
-    return pafs.LocalFileSystem(), str(local(path).resolve())
+    return store_of(path).filesystem(path)
 
 
 def write_bytes(path: str | Path, data: bytes) -> str:
@@ -156,9 +203,8 @@ def list_files(path: str | Path) -> list[str]:
     if not is_uri(path):
         return sorted(str(p) for p in local(path).rglob("*") if p.is_file())
     fs, where = filesystem(path)
-    scheme = str(path).split("://", 1)[0]
     infos = fs.get_file_info(pafs.FileSelector(where, recursive=True, allow_not_found=True))
-    return sorted(f"{scheme}://{i.path}" for i in infos if i.type == pafs.FileType.File)
+    return sorted(store_of(path).uri(i.path) for i in infos if i.type == pafs.FileType.File)
 
 
 def check_writable(field: str, path: str | Path) -> None:

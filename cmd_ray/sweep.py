@@ -26,19 +26,20 @@ from typing import Any, Optional
 
 import pyarrow as pa
 
-from cmd_ray.config import (
-    VARIANT,
-    Config,
-    ConfigError,
-    check_grid,
-    set_path,
-    trial_config,
-    variant_label,
-    with_absolute_paths,
-)
+from cmd_ray.config import Config, ConfigError, set_path, with_absolute_paths
 from cmd_ray.console import console
+from cmd_ray.grid import VARIANT, check_grid, grid_point, trial_config, variant_label
 from cmd_ray.results import rows_table, trial_rows
-from cmd_ray.storage import StorageError, exists, is_uri, join, write_json_atomic, write_parquet_atomic
+from cmd_ray.storage import (
+    StorageError,
+    absolute,
+    exists,
+    is_uri,
+    join,
+    store_of,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 
 DRIVER_RESOURCE = "TRAIN_DRIVER"
 TIMELINE_FILE = "timeline.json"  # in each trial's folder: when it reached each phase
@@ -47,7 +48,7 @@ TIMELINE_FILE = "timeline.json"  # in each trial's folder: when it reached each 
 def sweep_dir(cfg: Config) -> str:
     """The sweep's folder or object-storage prefix: `<sweep.storage_path>/<sweep.name>`."""
     folder = join(cfg.sweep.storage_path, cfg.sweep.name)
-    return folder if is_uri(folder) else str(Path(folder).resolve())
+    return absolute(folder)
 
 
 def wandb_dir(cfg: Config, folder: str) -> Path:
@@ -104,10 +105,10 @@ def prepare_wandb(cfg: Config, folder: Path) -> Optional[Any]:
 def run_trial(params: dict[str, Any]) -> None:
     """Tune function trainable: one grid point, its peers placed as `sweep.placement` says.
 
-    params: the grid point's dotted keys, plus "base" (the sweep's config as nested dicts)
-    and "folder" (the sweep folder). Either way the trial reports one record per epoch and
-    checkpoints so that a restored sweep resumes it; `<folder>/trials/<trial id>/timeline.json`
-    records when it reached each phase (read by `cmd-ray bench sweep`).
+    params: "point" (the grid point: dotted keys -> values, as `cmd_ray.grid` expanded it),
+    "base" (the sweep's config as nested dicts) and "folder" (the sweep folder). Either way the
+    trial reports one record per epoch and checkpoints so that a restored sweep resumes it;
+    `<folder>/trials/<trial id>/timeline.json` records when it reached each phase (read by `cmd-ray bench sweep`).
     """
     timeline = {"trial_start": time.time()}
     from ray import tune
@@ -204,11 +205,6 @@ def _train_in_trial(cfg: Config, data, label: str, timeline: dict[str, float]) -
         timeline["first_step"] = timeline["trial_start"] + first["startup_seconds"]
 
 
-def grid_point(params: dict[str, Any]) -> dict[str, Any]:
-    """The grid keys of a trial's Tune config."""
-    return {k: v for k, v in params.items() if k not in ("base", "folder")}
-
-
 def _trial_history(result, folder: str) -> list[dict[str, Any]]:
     """A trial's per-epoch records: from its last Train checkpoint (complete across restores),
     else from the rows Tune saw."""
@@ -219,8 +215,8 @@ def _trial_history(result, folder: str) -> list[dict[str, Any]]:
     if exists(join(own, HISTORY_FILE)):  # placement trial
         return read_history(own)
     path = (result.metrics or {}).get("checkpoint_path")
-    if path and is_uri(folder):  # Ray reports the path on the store's file system, without the scheme
-        path = f"{folder.split('://', 1)[0]}://{path}"
+    if path:  # Ray reports the path on the store's own file system (an object's without its scheme)
+        path = store_of(folder).uri(path)
     if path and exists(join(path, HISTORY_FILE)):
         return read_history(path)
     frame = result.metrics_dataframe
@@ -310,8 +306,9 @@ def trial_resources(cfg: Config, total: dict[str, float]) -> dict[str, float]:
     return {"CPU": 0.01}
 
 
-def build_tuner(cfg: Config, folder: str, resume: bool, callbacks: list[Any]):
-    """A new Tuner over the grid, or (resume) the one saved in `<folder>/tune`."""
+def build_tuner(cfg: Config, folder: str, resume: bool, callbacks: list[Any], points: list[dict[str, Any]]):
+    """A new Tuner over the grid's `points` (expanded and checked by `cmd_ray.grid.check_grid`;
+    Tune runs them as given, expanding nothing), or (resume) the one saved in `<folder>/tune`."""
     import ray
 
     # Tune's newer console output prints an experiment box and a TensorBoard hint even at
@@ -324,8 +321,7 @@ def build_tuner(cfg: Config, folder: str, resume: bool, callbacks: list[Any]):
     experiment = join(folder, "tune")
     if resume:
         return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False)
-    param_space = {key: tune.grid_search(values) for key, values in cfg.sweep.grid.items()}
-    param_space.update(base=cfg.to_dict(), folder=folder)
+    param_space = {"point": tune.grid_search(points), "base": cfg.to_dict(), "folder": folder}
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -335,7 +331,7 @@ def build_tuner(cfg: Config, folder: str, resume: bool, callbacks: list[Any]):
         ),
         run_config=tune.RunConfig(
             name="tune",
-            storage_path=folder,
+            **store_of(folder).for_ray(folder),
             callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=0),
             verbose=0,
@@ -377,7 +373,7 @@ def run_sweep(
         f"{concurrency(cfg, ray.cluster_resources())} at once, {where}; W&B {wandb_mode(cfg)}; folder {folder}"
     )
     started = time.perf_counter()
-    tuner = build_tuner(cfg, folder, resume, ([callback] if callback else []) + list(callbacks or []))
+    tuner = build_tuner(cfg, folder, resume, ([callback] if callback else []) + list(callbacks or []), points)
     grid = tuner.fit()
     table = collect_results(grid)
     try:

@@ -97,8 +97,7 @@ class SweepWandbCallback(tune.Callback):
             self._runs.use_key.remote(key)
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
-        from cmd_ray.config import trial_config
-        from cmd_ray.sweep import grid_point
+        from cmd_ray.grid import grid_point, trial_config
 
         config = trial_config(trial.config["base"], grid_point(trial.config)).to_dict()
         init = {"project": self.project, "group": self.group, "name": str(trial), "config": config}

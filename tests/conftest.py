@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cmd_ray.config import from_dict
-from cmd_ray.data import fashion_mnist_folder
+from cmd_ray.datasets.fashion_mnist import fashion_mnist_folder
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
@@ -190,7 +190,7 @@ def _no_ray_left_running():
 @pytest.fixture
 def fake_fmnist_root(tmp_path, monkeypatch) -> Path:
     """A data root holding fake Fashion-MNIST; Debian's real copy is hidden."""
-    monkeypatch.setattr("cmd_ray.data.DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+    monkeypatch.setattr("cmd_ray.datasets.fashion_mnist.DEBIAN_FOLDER", tmp_path / "no-debian")
     write_fake_fashion_mnist(tmp_path)
     return tmp_path
 

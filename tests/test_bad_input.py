@@ -182,7 +182,7 @@ CASES = [
 
 @pytest.mark.parametrize("argv,expected", [(c[1], c[2]) for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_exits_2_with_one_line_and_no_traceback(argv, expected, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("cmd_ray.data.DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+    monkeypatch.setattr("cmd_ray.datasets.fashion_mnist.DEBIAN_FOLDER", tmp_path / "no-debian")
     monkeypatch.chdir(tmp_path)  # nothing may be written here
     args = argv(tmp_path)
     if "use_gpu=true" in args:

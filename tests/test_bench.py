@@ -20,7 +20,7 @@ def _bench_config(root, tmp_path, **values) -> Path:
     the command only reads them), W&B off, the sweep under tmp_path."""
     import yaml
 
-    from cmd_ray.config import check_grid, trial_config
+    from cmd_ray.grid import check_grid, trial_config
     from cmd_ray.trainer import load_run_data
 
     base = {

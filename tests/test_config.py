@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from cmd_ray.cli import main
-from cmd_ray.config import Config, ConfigError, apply_overrides, check_grid, from_dict, load_config, trial_config
+from cmd_ray.config import Config, ConfigError, apply_overrides, from_dict, load_config
+from cmd_ray.grid import check_grid, trial_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,7 +139,7 @@ def test_show_config_prints_validated_yaml(capsys):
 
 
 def test_a_variant_axis_sets_several_keys_together_and_is_checked():
-    from cmd_ray.config import check_grid, point_overrides, trial_config, variant_label
+    from cmd_ray.grid import check_grid, point_overrides, trial_config, variant_label
 
     grid = {
         "variant": [{"method": "ce"}, {"method": "cmd-p", "label": "cmd-p, all", "knowledge.tau_end": 0.0}],

@@ -17,10 +17,10 @@ from cmd_ray.data import (
     epoch_batches,
     load_data,
     materialise,
-    read_idx,
     read_parquet_split,
     shard,
 )
+from cmd_ray.datasets.fashion_mnist import read_idx
 from cmd_ray.noise import NoiseSpec
 
 from .conftest import needs_fmnist, write_fake_cifar, write_idx
@@ -98,7 +98,7 @@ def test_missing_raw_data_without_network_gives_a_clear_error(tmp_path, monkeypa
         def __init__(self, root: str, train: bool, download: bool):
             raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(data_mod, "DEBIAN_FASHION_MNIST", tmp_path / "none")
+    monkeypatch.setattr("cmd_ray.datasets.fashion_mnist.DEBIAN_FOLDER", tmp_path / "none")
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", Offline)
     with pytest.raises(DataError) as caught:
         materialise("fashion-mnist", tmp_path, NoiseSpec("none", 0.0), 0)
@@ -236,7 +236,7 @@ def test_the_subset_rate_is_reported_only_where_training_uses_a_subset(fake_fmni
 
 
 def test_augmentation_is_off_for_your_own_data_and_scales_with_the_image_when_asked():
-    from cmd_ray.catalogue import Augmentation, augmentation
+    from cmd_ray.datasets import Augmentation, augmentation
 
     assert augmentation("image_folder", "auto", 8) is None and augmentation("parquet", "auto", 32) is None
     assert augmentation("fashion-mnist", "auto", 28) is None

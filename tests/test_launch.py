@@ -98,7 +98,7 @@ def test_the_cifar10_paper_preset_trains_with_sgd_and_preact_resnet18_on_the_cpu
 
 
 def test_sgd_is_nesterov_momentum_with_the_configured_decay_and_plain_momentum_zero_is_plain_sgd():
-    from cmd_ray.data import DATASETS
+    from cmd_ray.datasets import DATASETS
     from cmd_ray.peer import build_peer
 
     def optimizer(**optim):

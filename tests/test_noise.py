@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cmd_ray.datasets import DATASETS
+from cmd_ray.datasets.cifar import CIFAR100_FINE_NAMES, CIFAR100_SUPERCLASSES
 from cmd_ray.noise import (
-    ASYMMETRIC_MAPS,
-    CIFAR100_FINE_NAMES,
-    CIFAR100_SUPERCLASSES,
     NoiseError,
     NoiseSpec,
     apply_noise,
@@ -76,12 +75,12 @@ def test_asymmetric_maps_follow_documented_pairs():
     fm = transition_matrix(NoiseSpec("asymmetric", 0.4), 10, "fashion-mnist")
     assert fm[0, 6] == fm[6, 0] == fm[2, 4] == fm[5, 7] == pytest.approx(0.4)
     assert fm[1, 1] == 1.0 and fm[9, 9] == 1.0
-    c10 = ASYMMETRIC_MAPS["cifar10"]
+    c10 = DATASETS["cifar10"].asymmetric
     assert c10 == {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
 
 
 def test_cifar100_asymmetric_stays_within_superclass():
-    flips = ASYMMETRIC_MAPS["cifar100"]
+    flips = DATASETS["cifar100"].asymmetric
     assert len(flips) == 100 and len(CIFAR100_FINE_NAMES) == 100
     assert CIFAR100_FINE_NAMES[0] == "apple" and CIFAR100_FINE_NAMES[99] == "worm"
     group = {n: g for g, names in CIFAR100_SUPERCLASSES.items() for n in names}

@@ -15,8 +15,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from cmd_ray.config import ConfigError, check_grid, from_dict
+from cmd_ray.config import ConfigError, from_dict
 from cmd_ray.data import materialise
+from cmd_ray.grid import check_grid
 from cmd_ray.noise import NoiseSpec
 from cmd_ray.results import report_table, trial_rows
 
@@ -451,7 +452,7 @@ def test_the_wandb_callback_never_waits_on_wandb_while_trials_run(monkeypatch):
     callback = SweepWandbCallback("cmd-ray", "smoke")
     callback._runs = Sender()
     monkeypatch.setattr(ray, "get", no_waiting)
-    trial = SimpleNamespace(trial_id="t1", config={"base": from_dict({}).to_dict(), "method": "ce"})
+    trial = SimpleNamespace(trial_id="t1", config={"base": from_dict({}).to_dict(), "point": {"method": "ce"}})
     callback.on_trial_start(0, [trial], trial)
     callback.on_trial_result(1, [trial], trial, {"mean/test_accuracy": 0.5, "trial_id": "t1", "nan": float("nan")})
     callback.on_trial_complete(2, [trial], trial)

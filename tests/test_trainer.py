@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cmd_ray.cli import main
-from cmd_ray.data import DATASETS
+from cmd_ray.datasets import DATASETS
 from cmd_ray.methods import NAMES as METHODS
 from cmd_ray.peer import Batch, NonFiniteLossError, StepSchedule, build_peer, method_plan, peer_step
 from cmd_ray.trainer import train_in_process
