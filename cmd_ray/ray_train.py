@@ -47,7 +47,7 @@ from cmd_ray.peer import (
     steps_per_epoch,
     test_probabilities,
 )
-from cmd_ray.storage import exists, join, read_bytes, store_of, write_bytes, write_json_atomic
+from cmd_ray.storage import absolute, exists, join, read_bytes, store_of, write_bytes, write_json_atomic
 from cmd_ray.summary import epoch_record, progress_line, summarise
 from cmd_ray.trainer import (
     HISTORY_FILE,
