@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         "accuracy", help="methods x noise x seeds through `cmd-ray sweep`; table and plots kept in --folder"
     )
     _add_config_args(acc)
-    acc.add_argument("--folder", required=True, help="where results.parquet and plots/ are kept, e.g. docs/bench/x")
+    acc.add_argument(
+        "--folder", required=True, help="where results.parquet and plots/ are kept, e.g. runs/bench/accuracy"
+    )
     acc.add_argument("--resume", action="store_true", help="continue the sweep of this sweep.name")
     acc.add_argument("--last-epochs", type=int, default=5, help="final accuracy = mean of the last N epochs")
     sw = bench_sub.add_parser(
@@ -301,8 +303,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def bench_throughput(args: argparse.Namespace) -> int:
-    from cmd_ray import bench
     from cmd_ray.storage import write_json_atomic
+    from cmd_ray.tools import bench
 
     cfg = _load(args)
     for peers in args.peers:
@@ -315,9 +317,9 @@ def bench_throughput(args: argparse.Namespace) -> int:
 
 
 def bench_load(args: argparse.Namespace) -> int:
-    from cmd_ray import bench
     from cmd_ray.grid import check_grid
     from cmd_ray.storage import write_json_atomic
+    from cmd_ray.tools import bench
 
     cfg = _load(args)
     check_grid(cfg)
@@ -331,9 +333,9 @@ def bench_load(args: argparse.Namespace) -> int:
 
 
 def bench_accuracy(args: argparse.Namespace) -> int:
-    from cmd_ray import bench
     from cmd_ray.grid import check_grid
     from cmd_ray.results import report
+    from cmd_ray.tools import bench
 
     cfg = _load(args)
     check_grid(cfg)
@@ -352,9 +354,9 @@ def bench_accuracy(args: argparse.Namespace) -> int:
 
 
 def bench_sweep(args: argparse.Namespace) -> int:
-    from cmd_ray import bench
     from cmd_ray.grid import check_grid
     from cmd_ray.storage import write_json_atomic
+    from cmd_ray.tools import bench
 
     cfg = _load(args)
     check_grid(cfg)
@@ -371,7 +373,7 @@ def bench_sweep(args: argparse.Namespace) -> int:
 def bench_import(args: argparse.Namespace) -> int:
     import tempfile
 
-    from cmd_ray import bench
+    from cmd_ray.tools import bench
 
     for name, value in (("--images", args.images), ("--size", args.size)):
         if value < 1:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from cmd_ray import bench
 from cmd_ray.config import from_dict
 from cmd_ray.results import report, validation_choice
+from cmd_ray.tools import bench
 
 
 def _bench_config(root, tmp_path, **values) -> Path:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cmd_ray import gpu_check
+from cmd_ray.tools import gpu_check
 
 from .conftest import needs_fmnist
 

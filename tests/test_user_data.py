@@ -264,7 +264,7 @@ def test_no_test_split_and_no_validation_split_is_refused(tmp_path):
 
 
 def test_import_benchmark_times_a_generated_folder_and_its_cache(tmp_path):
-    from cmd_ray.bench import import_speed
+    from cmd_ray.tools.bench import import_speed
 
     lines = []
     figures = import_speed(tmp_path, images=40, size=12, colour=True, log=lines.append)

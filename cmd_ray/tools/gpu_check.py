@@ -1,7 +1,7 @@
 """A short accelerator check that needs PyTorch and this package, but no Ray and no network.
 
-    python -m cmd_ray.gpu_check --device cuda --data-root DIR     # or launch/gpu-check.sh
-    python -m cmd_ray.gpu_check --device cpu --quick               # the same code path, in CI
+    python -m cmd_ray.tools.gpu_check --device cuda --data-root DIR     # or launch/gpu-check.sh
+    python -m cmd_ray.tools.gpu_check --device cpu --quick               # the same code path, in CI
 
 1. The in-process trainer on the device, on Fashion-MNIST from `--data-root` (its IDX files
    or the Parquet cache cmd-ray writes there): fp32, then bf16 autocast; on a GPU, the same
