@@ -47,6 +47,7 @@ from cmd_ray.peer import (
     steps_per_epoch,
     test_probabilities,
 )
+from cmd_ray.ray_internals import API_SERVER_ADDRESS, prepare_local_ray_environment, quiet_report_logger
 from cmd_ray.storage import absolute, exists, join, read_bytes, store_of, write_bytes, write_json_atomic
 from cmd_ray.summary import epoch_record, progress_line, summarise
 from cmd_ray.trainer import (
@@ -68,17 +69,6 @@ TIMELINE_FILE = "timeline.json"  # in the run folder: when rank 0 reached each p
 
 # --------------------------------------------------------------------------------------
 # Worker side
-
-
-def _quiet_report_logger(level: str) -> None:
-    """Ray Train's per-report INFO line ("Reporting training result N: TrainingReport(...)")
-    is logged by a logger named after its *file path*, outside the `ray.train` hierarchy that
-    LoggingConfig(log_level) filters; give that one logger the configured level."""
-    import logging
-
-    from ray.train.v2._internal.execution import context
-
-    logging.getLogger(context.__file__).setLevel(level)
 
 
 class DataMismatchError(RuntimeError):
@@ -269,7 +259,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     timeline = {"loop_start": time.time()}
     cfg = from_dict(loop_config["config"])
-    _quiet_report_logger(cfg.ray.log_level)
+    quiet_report_logger(cfg.ray.log_level)
     topology = Topology(cfg.peers, cfg.replicas, ray.train.get_context().get_world_rank())
     run_dir = loop_config["run_dir"]
     stopped = nonfinite_stop(run_dir)
@@ -349,18 +339,10 @@ def init_ray(cfg: Config, extra_resources: Optional[dict[str, float]] = None) ->
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        os.environ.pop("RAY_API_SERVER_ADDRESS", None)  # a local Ray's, set by start_local_ray, is not this one's
+        os.environ.pop(API_SERVER_ADDRESS, None)  # a local Ray's, set by start_local_ray, is not this one's
         ray.init(address=address, logging_level="WARNING")
         release_orphaned_placement_groups()
         return
-    # A local embedded Ray has no preemptible nodes: skip Ray Train's preemption watcher,
-    # whose actor logs a restart warning at every start.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # Ray >= 2.60 turns token authentication on for a new local cluster (kept: the secure
-    # default) and says so in a WARNING at every start; that notice asks nothing of a user.
-    import logging
-
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     start_local_ray(cfg.ray.num_cpus, extra_resources)
 
 
@@ -403,14 +385,12 @@ def start_local_ray(num_cpus: Optional[float] = None, resources: Optional[dict[s
     two; naming this cluster's dashboard in the environment that Ray's processes inherit keeps
     each one talking to its own.
     """
-    # Ray Train's controller looks at its workers every 2 s by default: a finished run's end (and
-    # each epoch's report) reaches the driver up to 2 s late; a local run can afford a closer look.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    prepare_local_ray_environment()
     keep_every_log_line()
     import ray
 
     port = free_port("127.0.0.1")
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    os.environ[API_SERVER_ADDRESS] = f"http://127.0.0.1:{port}"
     ray.init(
         # "local": always a new Ray. Without an address Ray joins the newest local cluster it
         # finds (/tmp/ray/ray_current_cluster, written by any other Ray started on this machine)

@@ -17,7 +17,6 @@ number of concurrent trials is what the cluster's CPUs (or GPUs) hold.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ import pyarrow as pa
 from cmd_ray.config import Config, ConfigError, set_path, with_absolute_paths
 from cmd_ray.console import console
 from cmd_ray.grid import VARIANT, check_grid, grid_point, trial_config, variant_label
+from cmd_ray.ray_internals import prefer_quiet_tune_console, quiet_checkpoint_logger
 from cmd_ray.results import rows_table, trial_rows
 from cmd_ray.storage import (
     StorageError,
@@ -173,8 +173,7 @@ def _train_in_trial(cfg: Config, data, label: str, timeline: dict[str, float]) -
     from cmd_ray.storage import read_bytes, write_bytes
     from cmd_ray.trainer import HISTORY_FILE, checkpoint_bytes, load_checkpoint_bytes, train_in_process
 
-    # Ray's INFO line per saved checkpoint is noise on a sweep's console.
-    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    quiet_checkpoint_logger()  # Ray's INFO line per saved checkpoint is noise on a sweep's console
     if not cfg.use_gpu:  # the CPUs Tune reserved for this trial, and no more
         torch.set_num_threads(max(1, int(cfg.sweep.cpus_per_trial)))
     checkpoint = join(cfg.output_dir, CHECKPOINT_FILE)
@@ -311,9 +310,7 @@ def build_tuner(cfg: Config, folder: str, resume: bool, callbacks: list[Any], po
     Tune runs them as given, expanding nothing), or (resume) the one saved in `<folder>/tune`."""
     import ray
 
-    # Tune's newer console output prints an experiment box and a TensorBoard hint even at
-    # verbose=0; the older engine at verbose=0 prints nothing (cmd-ray prints its own lines).
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    prefer_quiet_tune_console()
     from ray import tune
 
     total = ray.cluster_resources()
