@@ -185,7 +185,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.run_name is not None and (args.in_process or not RUN_NAME.fullmatch(args.run_name)):
         allowed = "only with the Ray path" if args.in_process else "letters, digits, '.', '_' and '-'"
         raise ConfigError(f"--run-name: got {args.run_name!r}; allowed: {allowed}")
-    if cfg.use_gpu and (args.in_process or not (args.address or cfg.ray.address or os.environ.get("RAY_ADDRESS"))):
+    if cfg.use_gpu and (args.in_process or not cfg.joins_cluster()):
         import torch
 
         if not torch.cuda.is_available():

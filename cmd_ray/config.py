@@ -206,6 +206,16 @@ class _ConfigBehaviour:
         whole_gpu_per_peer = self.use_gpu and self.ray.gpus_per_worker >= 1
         return "workers" if self.replicas > 1 or whole_gpu_per_peer else "trial"
 
+    @property
+    def workers(self) -> int:
+        """Ray Train workers of a run: every peer's data-parallel replicas."""
+        return self.peers * self.replicas
+
+    def joins_cluster(self) -> bool:
+        """Whether a Ray run joins a running cluster (ray.address or $RAY_ADDRESS) rather than
+        starting a local embedded Ray."""
+        return bool(self.ray.address or os.environ.get("RAY_ADDRESS"))
+
     def peer_models(self) -> list[str]:
         """Architecture name of each peer, length `peers`."""
         return list(self.model.per_peer) if self.model.per_peer else [self.model.name] * self.peers

@@ -23,6 +23,7 @@ from cmd_ray.datasets import DATASETS, Augmentation, DatasetInfo, augmentation
 from cmd_ray.errors import NonFiniteLossError
 from cmd_ray.knowledge import LossParts
 from cmd_ray.methods import Plan, StepSchedule
+from cmd_ray.metrics import accuracy, ensemble_key, peer_key
 from cmd_ray.models import build_model
 from cmd_ray.noise import NoiseSpec, expected_flip_rate
 
@@ -318,7 +319,7 @@ def correct_counts(peer_probs: list[torch.Tensor], labels: torch.Tensor) -> torc
 
 def accuracy_names(peers: int, split: str = "test") -> list[str]:
     """Metric names of `correct_counts`' entries: peerK/<split>_accuracy, then the ensemble's."""
-    return [f"peer{k}/{split}_accuracy" for k in range(peers)] + [f"ensemble/{split}_accuracy"]
+    return [peer_key(k, accuracy(split)) for k in range(peers)] + [ensemble_key(accuracy(split))]
 
 
 def evaluate(peer_probs: list[torch.Tensor], labels: torch.Tensor, split: str = "test") -> dict[str, float]:

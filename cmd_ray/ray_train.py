@@ -337,10 +337,9 @@ def init_ray(cfg: Config, extra_resources: Optional[dict[str, float]] = None) ->
 
     if ray.is_initialized():
         return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if cfg.joins_cluster():
         os.environ.pop(API_SERVER_ADDRESS, None)  # a local Ray's, set by start_local_ray, is not this one's
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=cfg.ray.address or os.environ["RAY_ADDRESS"], logging_level="WARNING")
         release_orphaned_placement_groups()
         return
     start_local_ray(cfg.ray.num_cpus, extra_resources)
@@ -405,20 +404,15 @@ def start_local_ray(num_cpus: Optional[float] = None, resources: Optional[dict[s
     )
 
 
-def is_cluster(cfg: Config) -> bool:
-    """Whether this run joins a running cluster (ray.address or $RAY_ADDRESS) rather than starting a local Ray."""
-    return bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
-
-
 def cpus_per_worker(cfg: Config) -> float:
     """ray.cpus_per_worker, or 1 (an even share of a smaller local Ray's CPUs) when unset."""
     if cfg.ray.cpus_per_worker is not None:
         return cfg.ray.cpus_per_worker
-    if is_cluster(cfg):
+    if cfg.joins_cluster():
         return 1.0
     import ray
 
-    return min(1.0, ray.cluster_resources().get("CPU", 1.0) / (cfg.peers * cfg.replicas))
+    return min(1.0, ray.cluster_resources().get("CPU", 1.0) / cfg.workers)
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:
@@ -434,10 +428,10 @@ def check_cluster_resources(cfg: Config) -> None:
     import ray
 
     total = ray.cluster_resources()
-    workers = cfg.peers * cfg.replicas
+    workers = cfg.workers
     if cfg.use_gpu and total.get("GPU", 0) == 0:
         raise ConfigError("use_gpu: got true, but the Ray cluster has no GPUs; allowed here: false")
-    autoscaling = is_cluster(cfg)
+    autoscaling = cfg.joins_cluster()
     per_worker = cpus_per_worker(cfg)
     need_cpu = workers * per_worker
     if not autoscaling and need_cpu > total.get("CPU", 0):
@@ -491,7 +485,7 @@ def build_trainer(
             "labels_digest": labels_digest(data),
         },
         scaling_config=ScalingConfig(
-            num_workers=cfg.peers * cfg.replicas,
+            num_workers=cfg.workers,
             use_gpu=cfg.use_gpu,
             resources_per_worker=worker_resources(cfg),
             placement_strategy="SPREAD",
@@ -530,7 +524,7 @@ def train_on_ray(cfg: Config, log: Callable[[str], None] = console, run_name: Op
     check_cluster_resources(cfg)
     run_name = run_name or default_run_name(cfg)
     storage = storage_path(cfg)
-    workers = cfg.peers * cfg.replicas
+    workers = cfg.workers
     log(
         f"[cmd-ray] Ray Train: {cfg.method} with {cfg.peers} peers x {cfg.replicas} replicas = {workers} workers "
         f"({'GPU' if cfg.use_gpu else 'CPU'}), {cfg.data.name} {describe_data(cfg, data)}, "

@@ -12,12 +12,13 @@ from typing import Any, Optional
 
 from cmd_ray import methods
 from cmd_ray.grid import point_overrides, trial_config, variant_label
+from cmd_ray.metrics import TEST_ACCURACY, VALIDATION_ACCURACY, ensemble_key, mean_key
 from cmd_ray.storage import exists, join, read_parquet, save_figure
 
 # Config columns every results row carries (the grid's own keys are added to these).
 CONFIG_COLUMNS = ("method", "peers", "replicas", "epochs", "seed", "data.name", "noise.type", "noise.rate")
-ACCURACY = "mean/test_accuracy"  # mean of the peers' clean test accuracy
-VALIDATION = "mean/val_accuracy"  # mean of the peers' accuracy on the held-out *noisy* labels
+ACCURACY = TEST_ACCURACY  # mean of the peers' clean test accuracy
+VALIDATION = VALIDATION_ACCURACY  # mean of the peers' accuracy on the held-out *noisy* labels
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -148,9 +149,9 @@ def trial_finals(rows: list[dict[str, Any]], last_epochs: int = 1, metric: str =
                 "seed": first["seed"],
                 "final": sum(tail) / len(tail),
                 "best": max(r[metric] for r in trial_rows_),
-                "ensemble_final": trial_rows_[-1].get(metric.replace("mean/", "ensemble/")),
-                "selection_precision": trial_rows_[-1].get("mean/selection_precision"),
-                "memorisation": trial_rows_[-1].get("mean/memorisation"),
+                "ensemble_final": trial_rows_[-1].get(ensemble_key(metric.split("/", 1)[1])),
+                "selection_precision": trial_rows_[-1].get(mean_key("selection_precision")),
+                "memorisation": trial_rows_[-1].get(mean_key("memorisation")),
             }
         )
     return out
@@ -331,9 +332,9 @@ def _plot_final_vs_noise(finals: list[dict[str, Any]], labels: list[str], colour
 
 
 SELECTION_METRICS = [
-    ("mean/selected_fraction", "selected fraction (%)"),
-    ("mean/selection_precision", "selection precision (%)"),
-    ("mean/memorisation", "memorisation (%)"),
+    (mean_key("selected_fraction"), "selected fraction (%)"),
+    (mean_key("selection_precision"), "selection precision (%)"),
+    (mean_key("memorisation"), "memorisation (%)"),
 ]
 
 

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from cmd_ray.config import Config
+from cmd_ray.metrics import accuracy, ensemble_key, mean_key, peer_key
 from cmd_ray.peer import epoch_metrics
 
 
@@ -24,12 +25,12 @@ def epoch_record(
     record: dict[str, Any] = {"epoch": epoch, "finished_at": time.time()}
     for k, counts in enumerate(peer_counts):
         for key, value in epoch_metrics(counts).items():
-            record[f"peer{k}/{key}"] = value
+            record[peer_key(k, key)] = value
     record.update(test_accuracy)
     for split in ("test", "val"):
         if f"peer0/{split}_accuracy" in test_accuracy:
-            peer_accuracy = [test_accuracy[f"peer{k}/{split}_accuracy"] for k in range(len(peer_counts))]
-            record[f"mean/{split}_accuracy"] = sum(peer_accuracy) / len(peer_accuracy)
+            peer_accuracy = [test_accuracy[peer_key(k, accuracy(split))] for k in range(len(peer_counts))]
+            record[mean_key(accuracy(split))] = sum(peer_accuracy) / len(peer_accuracy)
     samples = peer_counts[0].get("samples", 0.0) if peer_counts else 0.0
     record["train_seconds"] = train_seconds
     record["samples_per_second"] = samples / train_seconds if train_seconds > 0 else float("nan")
@@ -44,9 +45,9 @@ def epoch_record(
         "trusted_fraction",
         "trusted_precision",
     ):
-        values = [record[f"peer{k}/{key}"] for k in range(len(peer_counts))]
+        values = [record[peer_key(k, key)] for k in range(len(peer_counts))]
         finite = [v for v in values if not math.isnan(v)]
-        record[f"mean/{key}"] = sum(finite) / len(finite) if finite else float("nan")
+        record[mean_key(key)] = sum(finite) / len(finite) if finite else float("nan")
     return record
 
 
@@ -65,20 +66,21 @@ def headline_split(record: dict[str, Any]) -> str:
 def progress_line(record: dict[str, Any], peers: int, epochs: int, label: str = "") -> str:
     """One readable line per epoch for the console (`label` tells concurrent runs apart)."""
     split = headline_split(record)
-    accs = " ".join(_fmt(record[f"peer{k}/{split}_accuracy"]) for k in range(peers))
+    accs = " ".join(_fmt(record[peer_key(k, accuracy(split))]) for k in range(peers))
+    ensemble = _fmt(record[ensemble_key(accuracy(split))])
     name = "test acc" if split == "test" else "val (noisy) acc"
     val = (
-        f"  val (noisy) {_fmt(record['mean/val_accuracy'])}"
-        if split == "test" and "mean/val_accuracy" in record
+        f"  val (noisy) {_fmt(record[mean_key('val_accuracy')])}"
+        if split == "test" and mean_key("val_accuracy") in record
         else ""
     )
     return (
         (f"[{label}] " if label else "")
-        + f"epoch {record['epoch'] + 1:>3}/{epochs}  {name} % [{accs}] ens {_fmt(record[f'ensemble/{split}_accuracy'])}"
+        + f"epoch {record['epoch'] + 1:>3}/{epochs}  {name} % [{accs}] ens {ensemble}"
         + val
-        + f"  loss {record['peer0/loss']:.3f}  tau {_fmt(record['mean/tau'], pct=False)}"
-        f"  sel {_fmt(record['mean/selected_fraction'])}% prec {_fmt(record['mean/selection_precision'])}%"
-        f"  mem {_fmt(record['mean/memorisation'])}%  {record['samples_per_second']:.0f} samples/s"
+        + f"  loss {record[peer_key(0, 'loss')]:.3f}  tau {_fmt(record[mean_key('tau')], pct=False)}"
+        f"  sel {_fmt(record[mean_key('selected_fraction')])}% prec {_fmt(record[mean_key('selection_precision')])}%"
+        f"  mem {_fmt(record[mean_key('memorisation')])}%  {record['samples_per_second']:.0f} samples/s"
         f"  exch {100 * record['exchange_fraction']:.1f}%"
     )
 
@@ -118,11 +120,11 @@ def summarise(cfg: Config, history: list[dict[str, Any]], noise: dict, extra: di
         "test_samples": int(last.get("test_samples", 0)),
         "noise": {"type": cfg.noise.type, **_noise_settings(cfg), **{k: v for k, v in noise.items() if k != "noise"}},
         f"{split}_accuracy": accuracy,
-        "headline": f"mean/{split}_accuracy",
-        "selected_fraction": {f"peer{k}": last[f"peer{k}/selected_fraction"] for k in range(cfg.peers)},
-        "selection_precision": {f"peer{k}": last[f"peer{k}/selection_precision"] for k in range(cfg.peers)},
-        "label_correction_rate": {f"peer{k}": last[f"peer{k}/label_correction_rate"] for k in range(cfg.peers)},
-        "memorisation": {f"peer{k}": last[f"peer{k}/memorisation"] for k in range(cfg.peers)},
+        "headline": mean_key(accuracy(split)),
+        "selected_fraction": {f"peer{k}": last[peer_key(k, "selected_fraction")] for k in range(cfg.peers)},
+        "selection_precision": {f"peer{k}": last[peer_key(k, "selection_precision")] for k in range(cfg.peers)},
+        "label_correction_rate": {f"peer{k}": last[peer_key(k, "label_correction_rate")] for k in range(cfg.peers)},
+        "memorisation": {f"peer{k}": last[peer_key(k, "memorisation")] for k in range(cfg.peers)},
         "samples_per_second": sum(r["samples_per_second"] for r in steady) / len(steady),
         "exchange_fraction": sum(r["exchange_fraction"] for r in steady) / len(steady),
         "history": history,

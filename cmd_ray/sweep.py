@@ -28,6 +28,7 @@ import pyarrow as pa
 from cmd_ray.config import Config, ConfigError, set_path, with_absolute_paths
 from cmd_ray.console import console
 from cmd_ray.grid import VARIANT, check_grid, grid_point, trial_config, variant_label
+from cmd_ray.metrics import is_metric
 from cmd_ray.ray_internals import prefer_quiet_tune_console, quiet_checkpoint_logger
 from cmd_ray.results import rows_table, trial_rows
 from cmd_ray.storage import (
@@ -86,7 +87,6 @@ def prepare_wandb(cfg: Config, folder: Path) -> Optional[Any]:
     mode = wandb_mode(cfg)
     if mode == "disabled":
         return None
-    from cmd_ray.ray_train import is_cluster
     from cmd_ray.wandb_runs import SweepWandbCallback
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,7 @@ def prepare_wandb(cfg: Config, folder: Path) -> Optional[Any]:
     os.environ.setdefault("WANDB_SILENT", "true")
     # A W&B service that cannot be reached must not hold a trial: give up on init quickly.
     os.environ.setdefault("WANDB_INIT_TIMEOUT", "60")
-    return SweepWandbCallback(cfg.sweep.wandb.project, cfg.sweep.name, cfg.sweep.wandb.entity, is_cluster(cfg))
+    return SweepWandbCallback(cfg.sweep.wandb.project, cfg.sweep.name, cfg.sweep.wandb.entity, cfg.joins_cluster())
 
 
 # --------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def _trial_history(result, folder: str) -> list[dict[str, Any]]:
     if frame is None or "epoch" not in frame:
         return []
     rows = frame.drop_duplicates("epoch", keep="last").sort_values("epoch").to_dict("records")
-    return [{k: v for k, v in row.items() if "/" in k or k in ("epoch", "samples_per_second")} for row in rows]
+    return [{k: v for k, v in row.items() if is_metric(k) or k in ("epoch", "samples_per_second")} for row in rows]
 
 
 def _trial_id(result) -> str:
@@ -253,7 +253,7 @@ def concurrency(cfg: Config, total: dict[str, float]) -> int:
     sweep.max_concurrent_trials."""
     from cmd_ray.ray_train import cpus_per_worker
 
-    workers = cfg.peers * cfg.replicas
+    workers = cfg.workers
     if cfg.placement == "trial":
         per_trial = trial_resources(cfg, total)
         fit = min(total.get(kind, 0) // amount for kind, amount in per_trial.items())

@@ -420,7 +420,7 @@ def load(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         "failed": sum(s == "failed" for s in status.values()),
         "wall_seconds": time.perf_counter() - started,
         "concurrency_bound_trials": concurrency(cfg, ray.cluster_resources()),
-        "workers_per_trial": cfg.peers * cfg.replicas,
+        "workers_per_trial": cfg.workers,
         "folder": str(folder),
         **_memory_figures(samples, before),
     }

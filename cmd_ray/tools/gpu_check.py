@@ -34,6 +34,7 @@ from cmd_ray.config import from_dict
 from cmd_ray.datasets import DATA_ROOT
 from cmd_ray.exchange import free_port
 from cmd_ray.methods import StepSchedule
+from cmd_ray.metrics import TEST_ACCURACY, peer_key
 from cmd_ray.peer import method_plan
 
 CHANCE = 0.1  # Fashion-MNIST has 10 balanced classes
@@ -82,8 +83,8 @@ def check_training(device: str, precision: str, data_root: str, quick: bool) -> 
     summary = train_in_process(cfg, log=lambda _: None)
     history = summary["history"]
     steady = history[1:] or history
-    losses = [r[f"peer{k}/loss"] for r in history for k in range(cfg.peers)]
-    accuracy = history[-1]["mean/test_accuracy"]
+    losses = [r[peer_key(k, "loss")] for r in history for k in range(cfg.peers)]
+    accuracy = history[-1][TEST_ACCURACY]
     return {
         "device": device,
         "precision": precision,
