@@ -1,8 +1,11 @@
 """cmd-ray: Confident knowledge selection followed by Mutual Distillation (CMD), on Ray.
 
-Modules: config (validated settings), noise (label corruption), data (Parquet-cached data
-sets), models (peer networks), knowledge (selection and distillation maths), peer (one
-peer's training step), trainer (in-process reference trainer), summary (metrics records).
+The modules, bottom first (every import points down; tests/test_layout.py pins it, and the
+README's "Layout" section says what each holds): errors, console, metrics, storage,
+ray_internals; datasets/ (one module per built-in data set); catalogue; knowledge (the maths);
+methods/ (one module per method); noise, user_data; config; grid, models, data; peer; summary,
+exchange; trainer; ray_train (Ray Train); results; wandb_runs, sweep (Ray Tune); tools/
+(benchmarks, GPU check); cli.
 """
 
 __version__ = "0.1.0"

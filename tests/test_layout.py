@@ -1,0 +1,118 @@
+"""The package's layout as the README states it: every import (also those inside functions)
+points down the layers below, nothing imports in a circle, the core never imports the tools,
+and the README's layout section lists exactly the modules that exist."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "cmd_ray"
+README = PACKAGE.parent / "README.md"
+
+# Bottom first. A module may import from its own layer or any layer below, never above.
+LAYERS = [
+    ["__init__", "errors", "console", "metrics", "storage", "ray_internals"],  # leaves: no cmd-ray import
+    ["datasets", "datasets.base", "datasets.cifar", "datasets.fashion_mnist"],  # built-in data sets, one module each
+    ["catalogue"],  # names: data sets, noise types, models
+    ["knowledge"],  # pure maths (torch)
+    ["methods", "methods.base", "methods.ce", "methods.cmd", "methods.coteaching", "methods.coteaching_plus",
+     "methods.dml", "methods.jocor"],  # one module per method; torch-free until a loss is computed
+    ["noise", "user_data"],  # label noise; a user's images (NumPy)
+    ["config"],  # the validated settings
+    ["grid", "models", "data"],  # a sweep's points; networks; the Parquet cache and batches
+    ["peer"],  # one peer's step
+    ["summary", "exchange"],
+    ["trainer"],  # the shared epoch loop, in-process trainer
+    ["ray_train"],  # Ray Train
+    ["results"],  # tables and plots, no Ray
+    ["wandb_runs", "sweep"],  # Ray Tune
+    ["tools", "tools.bench", "tools.gpu_check"],  # outside the core: only the command line imports them
+    ["cli"],  # the front door (`cmd-ray ...`)
+]
+RANK = {module: rank for rank, layer in enumerate(LAYERS) for module in layer}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" and len(parts) > 1 else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """The cmd-ray modules `path` imports at run time (type-checking-only imports left out)."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("cmd_ray"):
+            base = node.module.removeprefix("cmd_ray").lstrip(".")
+            for alias in node.names:
+                inner = f"{base}.{alias.name}" if base else alias.name
+                found.add(inner if inner in modules else base)
+        elif isinstance(node, ast.Import):
+            found.update(a.name.removeprefix("cmd_ray.") for a in node.names if a.name.startswith("cmd_ray."))
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return {module or "__init__" for module in found} - {_module_name(path)}
+
+
+def _graph() -> dict[str, set[str]]:
+    paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name: _imports(path, set(paths)) for name, path in paths.items()}
+
+
+def test_every_module_has_a_layer():
+    assert sorted(set(_graph()) - set(RANK)) == [], "add new modules to LAYERS (and to the README's layout)"
+    assert sorted(set(RANK) - set(_graph())) == []
+
+
+def test_every_import_points_down_the_layers():
+    upward = [
+        f"{importer} -> {imported}"
+        for importer, targets in sorted(_graph().items())
+        for imported in sorted(targets)
+        if RANK[imported] > RANK[importer]
+    ]
+    assert upward == []
+
+
+def test_no_import_cycle():
+    graph, state, cycles = _graph(), {}, []
+
+    def walk(module: str, trail: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                cycles.append(" -> ".join(trail[trail.index(target) :] + [module, target]))
+            elif target not in state:
+                walk(target, trail + [module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            walk(module, [])
+    assert cycles == []
+
+
+def test_the_core_never_imports_the_tools():
+    tools = {m for m in RANK if m.split(".")[0] == "tools"}
+    importers = {m for m, targets in _graph().items() if m not in tools and targets & tools}
+    assert importers == {"cli"}  # `cmd-ray bench ...`, when it runs
+
+
+def test_the_readme_layout_lists_exactly_the_modules_there_are():
+    section = README.read_text().split("\n## Layout", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^cmd_ray/(\S+?)(?:\.py|/)\s", section, flags=re.MULTILINE))
+    files = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert listed == files | packages
