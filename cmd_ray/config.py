@@ -435,14 +435,12 @@ def _check_own_data(cfg: Config) -> None:
             f"data.name {d.name!r}: none, symmetric, pairflip, matrix, labels"
         )
     if cfg.noise.type == "labels":
-        from cmd_ray.noise import LABEL_FILE_SUFFIXES
+        from cmd_ray.noise import check_labels_file
 
-        path = cfg.noise.labels
-        if not path or Path(path).suffix not in LABEL_FILE_SUFFIXES or not Path(path).expanduser().is_file():
-            raise ConfigError(
-                f"noise.labels: got {path!r}; allowed with noise.type 'labels': an existing "
-                f"{', '.join(LABEL_FILE_SUFFIXES)} file"
-            )
+        try:  # the file is read with the data; here only that it is there
+            check_labels_file(cfg.noise.labels)
+        except NoiseError as err:
+            raise ConfigError(str(err)) from None
     elif cfg.noise.labels is not None or cfg.noise.labels_key is not None:
         key = "noise.labels" if cfg.noise.labels is not None else "noise.labels_key"
         raise ConfigError(

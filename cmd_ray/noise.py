@@ -123,6 +123,16 @@ def check_matrix(matrix: np.ndarray, num_classes: int, name: str = "noise.matrix
     return matrix
 
 
+def check_labels_file(path: Optional[str]) -> None:
+    """Before any work, for noise.type labels: the file exists and has a suffix cmd-ray reads
+    (its labels are checked against the images once those are read)."""
+    if not path or Path(path).suffix not in LABEL_FILE_SUFFIXES or not Path(path).expanduser().is_file():
+        raise NoiseError(
+            f"noise.labels: got {path!r}; allowed with noise.type 'labels': an existing "
+            f"{', '.join(LABEL_FILE_SUFFIXES)} file"
+        )
+
+
 def read_matrix_file(path: str | Path, num_classes: Optional[int]) -> np.ndarray:
     """Read a transition matrix from .npy, or from text (.csv: commas, .txt: whitespace);
     `num_classes` None takes C from the file (a user's data set, before its import)."""

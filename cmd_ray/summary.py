@@ -28,7 +28,7 @@ def epoch_record(
             record[peer_key(k, key)] = value
     record.update(test_accuracy)
     for split in ("test", "val"):
-        if f"peer0/{split}_accuracy" in test_accuracy:
+        if peer_key(0, accuracy(split)) in test_accuracy:
             peer_accuracy = [test_accuracy[peer_key(k, accuracy(split))] for k in range(len(peer_counts))]
             record[mean_key(accuracy(split))] = sum(peer_accuracy) / len(peer_accuracy)
     samples = peer_counts[0].get("samples", 0.0) if peer_counts else 0.0
@@ -60,7 +60,7 @@ def _fmt(value: float, pct: bool = True) -> str:
 def headline_split(record: dict[str, Any]) -> str:
     """'test' when the run has a test split, else 'val' (a user's data set without one: the
     accuracy on the held-out noisy labels is then what a run reports)."""
-    return "test" if "peer0/test_accuracy" in record else "val"
+    return "test" if peer_key(0, accuracy("test")) in record else "val"
 
 
 def progress_line(record: dict[str, Any], peers: int, epochs: int, label: str = "") -> str:
@@ -101,14 +101,15 @@ def summarise(cfg: Config, history: list[dict[str, Any]], noise: dict, extra: di
     selection, speed."""
     last = history[-1]
     split = headline_split(last)
-    names = [f"peer{k}" for k in range(cfg.peers)] + ["ensemble"]
-    accuracy = {
+    metric = accuracy(split)
+    keys = {f"peer{k}": peer_key(k, metric) for k in range(cfg.peers)} | {"ensemble": ensemble_key(metric)}
+    per_network = {
         name: {
-            "final": last[f"{name}/{split}_accuracy"],
-            "best": max(r[f"{name}/{split}_accuracy"] for r in history),
-            "best_epoch": max(range(len(history)), key=lambda i: history[i][f"{name}/{split}_accuracy"]) + 1,
+            "final": last[key],
+            "best": max(r[key] for r in history),
+            "best_epoch": max(range(len(history)), key=lambda i: history[i][key]) + 1,
         }
-        for name in names
+        for name, key in keys.items()
     }
     steady = history[1:] if len(history) > 1 else history
     summary = {
@@ -119,8 +120,8 @@ def summarise(cfg: Config, history: list[dict[str, Any]], noise: dict, extra: di
         "train_samples": int(last.get("train_samples", 0)),
         "test_samples": int(last.get("test_samples", 0)),
         "noise": {"type": cfg.noise.type, **_noise_settings(cfg), **{k: v for k, v in noise.items() if k != "noise"}},
-        f"{split}_accuracy": accuracy,
-        "headline": mean_key(accuracy(split)),
+        metric: per_network,
+        "headline": mean_key(metric),
         "selected_fraction": {f"peer{k}": last[peer_key(k, "selected_fraction")] for k in range(cfg.peers)},
         "selection_precision": {f"peer{k}": last[peer_key(k, "selection_precision")] for k in range(cfg.peers)},
         "label_correction_rate": {f"peer{k}": last[peer_key(k, "label_correction_rate")] for k in range(cfg.peers)},

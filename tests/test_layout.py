@@ -17,8 +17,16 @@ LAYERS = [
     ["datasets", "datasets.base", "datasets.cifar", "datasets.fashion_mnist"],  # built-in data sets, one module each
     ["catalogue"],  # names: data sets, noise types, models
     ["knowledge"],  # pure maths (torch)
-    ["methods", "methods.base", "methods.ce", "methods.cmd", "methods.coteaching", "methods.coteaching_plus",
-     "methods.dml", "methods.jocor"],  # one module per method; torch-free until a loss is computed
+    [
+        "methods",
+        "methods.base",
+        "methods.ce",
+        "methods.cmd",
+        "methods.coteaching",
+        "methods.coteaching_plus",
+        "methods.dml",
+        "methods.jocor",
+    ],  # one module per method; torch-free until a loss is computed
     ["noise", "user_data"],  # label noise; a user's images (NumPy)
     ["config"],  # the validated settings
     ["grid", "models", "data"],  # a sweep's points; networks; the Parquet cache and batches
