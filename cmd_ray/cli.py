@@ -14,8 +14,8 @@ from typing import Optional
 
 from cmd_ray.config import Config, ConfigError, load_config
 from cmd_ray.console import keep_every_log_line
-from cmd_ray.errors import DataError, NoiseError, NonFiniteLossError
-from cmd_ray.storage import StorageError, join, to_json
+from cmd_ray.errors import DataError, NoiseError, NonFiniteLossError, StorageError
+from cmd_ray.storage import join, to_json
 
 # A Ray Train run's folder name under ray.storage_path (one path segment, portable).
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -1,5 +1,6 @@
-"""Errors a user can meet, and the one-line range checks that raise them; imports nothing of the
-package (and nothing heavy), so the command line can name every error without loading torch."""
+"""Every error cmd-ray raises on purpose, and the one-line range checks that raise them; imports
+nothing of the package (and nothing heavy), so the command line can name every error without
+loading torch."""
 
 from __future__ import annotations
 
@@ -20,6 +21,19 @@ class DataError(RuntimeError):
 
 class NonFiniteLossError(FloatingPointError):
     """A peer's loss became NaN or inf; training stops rather than training through it."""
+
+
+class StorageError(OSError):
+    """A result could not be written (storage full, over quota, read-only); the message is one
+    line naming the file, and the previous version of that file is untouched."""
+
+
+class ExchangeMisalignedError(RuntimeError):
+    """Peers disagree on which samples a batch holds: never train on misaligned logits."""
+
+
+class DataMismatchError(RuntimeError):
+    """A worker's training data differ from the driver's: never train on other labels."""
 
 
 def check_range(name: str, value: float, low: float, high: float) -> None:

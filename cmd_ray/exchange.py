@@ -20,14 +20,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from cmd_ray.errors import ExchangeMisalignedError
 from cmd_ray.peer import Batch
 
 # torch >= 2.10 names it all_gather_single; older releases all_gather_into_tensor.
 _gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-class ExchangeMisalignedError(RuntimeError):
-    """Peers disagree on which samples a batch holds: never train on misaligned logits."""
 
 
 @dataclass

@@ -24,6 +24,7 @@ from cmd_ray.config import Config, ConfigError, from_dict
 from cmd_ray.console import console, keep_every_log_line
 from cmd_ray.data import DataBundle, Split, labels_digest
 from cmd_ray.datasets import DatasetInfo
+from cmd_ray.errors import DataMismatchError
 from cmd_ray.exchange import (
     CollectiveExchange,
     Placement,
@@ -69,10 +70,6 @@ TIMELINE_FILE = "timeline.json"  # in the run folder: when rank 0 reached each p
 
 # --------------------------------------------------------------------------------------
 # Worker side
-
-
-class DataMismatchError(RuntimeError):
-    """A worker's training data differ from the driver's: never train on other labels."""
 
 
 def _received_data(loop_config: dict[str, Any], topology: Topology) -> DataBundle:

@@ -24,13 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from cmd_ray.errors import StorageError
+
 # Write failures that mean "the storage is full or refuses this much", not a bug.
 STORAGE_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-class StorageError(OSError):
-    """A result could not be written (storage full, over quota, read-only); the message is one
-    line naming the file, and the previous version of that file is untouched."""
 
 
 def _umask() -> int:
