@@ -156,9 +156,18 @@ def _load(args: argparse.Namespace) -> Config:
     """The validated config: the preset, its --set overrides, then the command's own flags."""
     flags = {"ray.address": args.address} if getattr(args, "address", None) else {}
     cfg = load_config(resolve_config_path(args.config), args.overrides, flags)
+    check_noise_files(cfg)
     for line in unread_overrides(cfg, args.overrides):
         print(f"cmd-ray: note: {line}", file=sys.stderr)
     return cfg
+
+
+def check_noise_files(cfg: Config) -> None:
+    """The files the run's noise reads are there and fit, before any work (NoiseError)."""
+    if cfg.noise.type in ("matrix", "labels"):  # only these read a file: NumPy stays unloaded otherwise
+        from cmd_ray.noise import check_noise_files as check
+
+        check(cfg)
 
 
 def unread_overrides(cfg: Config, overrides: list[str]) -> list[str]:
@@ -406,6 +415,7 @@ PREPARE_NEUTRAL = {"method": "ce", "model.name": "mlp", "model.per_peer": None}
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = load_config(resolve_config_path(args.config), args.overrides, PREPARE_NEUTRAL)
+    check_noise_files(cfg)
     from cmd_ray.trainer import load_run_data
 
     data = load_run_data(cfg, check_models=False)

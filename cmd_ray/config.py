@@ -21,7 +21,7 @@ import yaml
 from cmd_ray import methods
 from cmd_ray.catalogue import DATA_NAMES, MODEL_INPUT_SIZE, MODELS, NOISE_TYPES, USER_DATASETS, model_fit_error
 from cmd_ray.datasets import DATA_ROOT, DATASETS
-from cmd_ray.errors import ConfigError, NoiseError, check_above, check_positive, check_range
+from cmd_ray.errors import ConfigError, check_above, check_positive, check_range
 from cmd_ray.storage import is_uri, local
 
 METHODS = methods.NAMES
@@ -82,6 +82,30 @@ class NoiseConfig:
     labels: Optional[str] = None
     # The .pt dictionary's entry, e.g. worse_label, aggre_label, random_label1 (CIFAR-10N).
     labels_key: Optional[str] = None
+
+    def describe(self) -> dict:
+        """The settings that define this noise (what cache files are keyed by): no rate or file
+        where the type asks for none."""
+        if self.type == "none":
+            return {"type": self.type}
+        if self.type == "labels":  # a file of labels: no rate, no matrix is asked for
+            return {"type": self.type, "labels": self.labels, "labels_key": self.labels_key}
+        return {"type": self.type, "rate": self.rate, "matrix": self.matrix}
+
+    def tag(self) -> str:
+        """A readable part of cache file names and report rows: 'symmetric-0.4', 'clean',
+        'matrix-<file stem>', 'labels-<file stem>[-<key>]' (no rate where none is asked for)."""
+        if self.type == "none":
+            return "clean"
+        if self.type in ("matrix", "labels"):
+            file = self.matrix if self.type == "matrix" else self.labels
+            parts = [
+                self.type,
+                Path(file or "none").stem,
+                *([self.labels_key] if self.type == "labels" and self.labels_key else []),
+            ]
+            return "-".join("".join(c if c.isalnum() or c in "_.-" else "_" for c in p) for p in parts)[:60]
+        return f"{self.type}-{self.rate:g}"
 
 
 @dataclass
@@ -379,18 +403,12 @@ def check_models_fit(cfg: Config, image_size: int, images: str) -> None:
 
 
 def _check_models_and_data(cfg: Config) -> None:
-    """Each peer's architecture fits the images; a noise matrix file is readable and C x C."""
+    """Each peer's architecture fits the images (the noise files are checked by
+    `cmd_ray.noise.check_noise_files`, beside their readers)."""
     own = cfg.data.name in USER_DATASETS
     size = cfg.data.image_size if own else DATASETS[cfg.data.name].shape[0]
     if size:  # a user's images without data.image_size are checked once imported
         check_models_fit(cfg, size, cfg.data.name)
-    if cfg.noise.type == "matrix" and cfg.noise.matrix:
-        from cmd_ray.noise import read_matrix_file
-
-        try:  # a user's class count is known once the data are read: the file's own shape for now
-            read_matrix_file(cfg.noise.matrix, None if own else DATASETS[cfg.data.name].num_classes)
-        except NoiseError as err:
-            raise ConfigError(str(err)) from None
     if cfg.model.per_peer is not None:
         if len(cfg.model.per_peer) != cfg.peers:
             raise ConfigError(
@@ -434,14 +452,7 @@ def _check_own_data(cfg: Config) -> None:
             f"noise.type: got 'asymmetric', which has class maps for built-in data sets only; allowed with "
             f"data.name {d.name!r}: none, symmetric, pairflip, matrix, labels"
         )
-    if cfg.noise.type == "labels":
-        from cmd_ray.noise import check_labels_file
-
-        try:  # the file is read with the data; here only that it is there
-            check_labels_file(cfg.noise.labels)
-        except NoiseError as err:
-            raise ConfigError(str(err)) from None
-    elif cfg.noise.labels is not None or cfg.noise.labels_key is not None:
+    if cfg.noise.type != "labels" and (cfg.noise.labels is not None or cfg.noise.labels_key is not None):
         key = "noise.labels" if cfg.noise.labels is not None else "noise.labels_key"
         raise ConfigError(
             f"{key}: got {getattr(cfg.noise, key.split('.')[1])!r}; allowed only with noise.type 'labels'"

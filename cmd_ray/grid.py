@@ -12,6 +12,8 @@ import itertools
 from typing import Any, Optional
 
 from cmd_ray.config import Config, ConfigError, from_dict, set_path
+from cmd_ray.errors import NoiseError
+from cmd_ray.noise import check_noise_files
 
 # Keys no grid may sweep: they say how and where the sweep runs, not what a trial is.
 GRID_FORBIDDEN = ("sweep", "ray", "output_dir")
@@ -71,8 +73,8 @@ def check_grid(cfg: Config) -> list[dict[str, Any]]:
     """Validate every grid point before any cluster work; return the points.
 
     Refuses keys outside the run config (sweep.*, ray.*, output_dir), a `variant` value that
-    is not a mapping of keys, and any combination that would not validate, naming the grid
-    key and value.
+    is not a mapping of keys, and any combination that would not validate or whose noise files
+    do not fit, naming the grid key and value.
     """
     base = cfg.to_dict()
     for key, values in cfg.sweep.grid.items():
@@ -93,8 +95,8 @@ def check_grid(cfg: Config) -> list[dict[str, Any]]:
     points = grid_points(cfg.sweep.grid)
     for point in points:
         try:
-            trial_config(base, point)
-        except ConfigError as err:
+            check_noise_files(trial_config(base, point))
+        except (ConfigError, NoiseError) as err:
             shown = ", ".join(f"{k}={v!r}" for k, v in point.items())
             raise ConfigError(f"sweep.grid: the point {shown} is refused: {err}") from None
     return points

@@ -23,46 +23,16 @@ from typing import Optional
 import numpy as np
 
 from cmd_ray.catalogue import NOISE_TYPES
+from cmd_ray.config import Config, NoiseConfig
 from cmd_ray.datasets import DATASETS
 from cmd_ray.errors import NoiseError
 
 LABEL_FILE_SUFFIXES = (".npy", ".csv", ".pt")
 
 
-@dataclass(frozen=True)
-class NoiseSpec:
-    """What noise to apply: type, rate, for `matrix` the file holding T, for `labels` the file
-    of noisy labels (and, for a `.pt` dictionary, the key to read)."""
-
-    type: str = "symmetric"
-    rate: float = 0.0
-    matrix: Optional[str] = None
-    labels: Optional[str] = None
-    labels_key: Optional[str] = None
-
-    def describe(self) -> dict:
-        """The settings that define this noise (what cache files are keyed by): no rate or file
-        where the type asks for none."""
-        if self.type == "none":
-            return {"type": self.type}
-        if self.type == "labels":  # a file of labels: no rate, no matrix is asked for
-            return {"type": self.type, "labels": self.labels, "labels_key": self.labels_key}
-        return {"type": self.type, "rate": self.rate, "matrix": self.matrix}
-
-    def tag(self) -> str:
-        """A readable part of cache file names and report rows: 'symmetric-0.4', 'clean',
-        'matrix-<file stem>', 'labels-<file stem>[-<key>]' (no rate where none is asked for)."""
-        if self.type == "none":
-            return "clean"
-        if self.type in ("matrix", "labels"):
-            file = self.matrix if self.type == "matrix" else self.labels
-            parts = [
-                self.type,
-                Path(file or "none").stem,
-                *([self.labels_key] if self.type == "labels" and self.labels_key else []),
-            ]
-            return "-".join("".join(c if c.isalnum() or c in "_.-" else "_" for c in p) for p in parts)[:60]
-        return f"{self.type}-{self.rate:g}"
+# What noise to apply is the config's own `noise` section: type, rate, for `matrix` the file
+# holding T, for `labels` the file of noisy labels (and, for a `.pt` dictionary, its key).
+NoiseSpec = NoiseConfig
 
 
 def _check_rate(rate: float) -> None:
@@ -121,6 +91,21 @@ def check_matrix(matrix: np.ndarray, num_classes: int, name: str = "noise.matrix
     if bad.size:
         raise NoiseError(f"{name}: row {int(bad[0])} sums to {sums[bad[0]]:.6g}; allowed: every row sums to 1")
     return matrix
+
+
+def check_noise_files(cfg: Config) -> None:
+    """Before any work: the files the run's noise reads are there and fit — a `matrix` file is
+    readable and C x C (C of a built-in data set; a user's is known once the data are read, so
+    the file's own shape for now), a `labels` file exists with a suffix read here (its labels are
+    checked against the images when those are read). NoiseError naming the field otherwise.
+
+    Not part of config validation: a Ray worker rebuilds the run's config on a node that may not
+    hold these files, and a sweep's report rebuilds it long after."""
+    if cfg.noise.type == "matrix" and cfg.noise.matrix:
+        own = cfg.data.name not in DATASETS
+        read_matrix_file(cfg.noise.matrix, None if own else DATASETS[cfg.data.name].num_classes)
+    if cfg.noise.type == "labels":
+        check_labels_file(cfg.noise.labels)
 
 
 def check_labels_file(path: Optional[str]) -> None:

@@ -25,7 +25,7 @@ from cmd_ray.knowledge import LossParts
 from cmd_ray.methods import Plan, StepSchedule
 from cmd_ray.metrics import accuracy, ensemble_key, peer_key
 from cmd_ray.models import build_model
-from cmd_ray.noise import NoiseSpec, expected_flip_rate
+from cmd_ray.noise import expected_flip_rate
 
 
 @dataclass
@@ -174,8 +174,7 @@ def method_plan(cfg: Config, num_classes: Optional[int] = None) -> Plan:
     if method.needs_noise_rate(cfg) and cfg.coteaching.forget_rate is None:
         if num_classes is None and cfg.data.name in DATASETS:
             num_classes = DATASETS[cfg.data.name].num_classes
-        spec = NoiseSpec(cfg.noise.type, cfg.noise.rate, cfg.noise.matrix)
-        noise_rate = expected_flip_rate(spec, num_classes, cfg.data.name)
+        noise_rate = expected_flip_rate(cfg.noise, num_classes, cfg.data.name)
     return method.plan(cfg, noise_rate)
 
 

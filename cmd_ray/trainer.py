@@ -18,12 +18,10 @@ from typing import Any, Optional
 
 import torch
 
-from cmd_ray.catalogue import USER_DATASETS
 from cmd_ray.config import Config, check_models_fit
 from cmd_ray.console import console
 from cmd_ray.data import DataBundle, epoch_batches, load_data, shard
 from cmd_ray.methods import Plan
-from cmd_ray.noise import NoiseSpec
 from cmd_ray.peer import (
     Batch,
     Peer,
@@ -98,27 +96,11 @@ def read_checkpoint(folder: Path, peers: list[Peer], replica: int = 0) -> tuple[
     return done, json.loads((folder / HISTORY_FILE).read_text())
 
 
-def noise_spec(cfg: Config) -> NoiseSpec:
-    """The noise a config asks for."""
-    n = cfg.noise
-    return NoiseSpec(n.type, n.rate, n.matrix, n.labels, n.labels_key)
-
-
-def data_source(cfg: Config) -> Optional[UserSource]:
-    """A user's data set as the config names it, or None for a built-in one."""
-    d = cfg.data
-    if d.name not in USER_DATASETS:
-        return None
-    return UserSource(
-        d.name, d.path, d.test_path, d.image_size, d.image_column, d.label_column, d.split_column, d.num_classes
-    )
-
-
 def check_models_fit_before_import(cfg: Config) -> None:
     """Refuse a user's data set whose images no peer architecture takes, from its first image's
     header, before anything is imported or written (data.image_size resizes at import and is
     checked with the config)."""
-    source = data_source(cfg)
+    source = UserSource.of(cfg.data)
     if source is not None and cfg.data.image_size is None:
         side = first_image_side(source)
         if side is not None:
@@ -131,7 +113,7 @@ def load_run_data(cfg: Config, check_models: bool = True) -> DataBundle:
     import where one image's header tells (an image folder), else once imported; never after
     training started. `cmd-ray prepare` builds the cache whatever the model."""
     d = cfg.data
-    spec, source = noise_spec(cfg), data_source(cfg)
+    spec, source = cfg.noise, UserSource.of(cfg.data)
     if check_models:
         check_models_fit_before_import(cfg)
     data = load_data(d.name, d.root, spec, cfg.seed, d.train_subset, d.test_subset, d.validation_fraction, source)

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from cmd_ray import storage
+from cmd_ray.catalogue import USER_DATASETS
+from cmd_ray.config import DataConfig
 from cmd_ray.errors import DataError
 from cmd_ray.storage import is_uri
 
@@ -60,6 +62,24 @@ class UserSource:
     label_column: str = "label"
     split_column: str = "split"
     num_classes: Optional[int] = None
+
+    @classmethod
+    def of(cls, data: DataConfig) -> Optional[UserSource]:
+        """The user's data set the `data` section names, or None for a built-in one. Only the keys
+        that say where the data are and how to read them: what identifies the import (the rest of
+        `data.*`, e.g. a subset or a validation split, is applied to the cache, not baked in)."""
+        if data.name not in USER_DATASETS:
+            return None
+        return cls(
+            data.name,
+            data.path,
+            data.test_path,
+            data.image_size,
+            data.image_column,
+            data.label_column,
+            data.split_column,
+            data.num_classes,
+        )
 
     @property
     def tag(self) -> str:

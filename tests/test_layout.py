@@ -27,8 +27,8 @@ LAYERS = [
         "methods.dml",
         "methods.jocor",
     ],  # one module per method; torch-free until a loss is computed
-    ["noise", "user_data"],  # label noise; a user's images (NumPy)
-    ["config"],  # the validated settings
+    ["config"],  # the validated settings (its noise section is the noise spec)
+    ["noise", "user_data"],  # label noise and its files; a user's images (NumPy)
     ["grid", "models", "data"],  # a sweep's points; networks; the Parquet cache and batches
     ["peer"],  # one peer's step
     ["summary", "exchange"],

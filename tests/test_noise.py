@@ -212,3 +212,21 @@ def test_noise_read_from_a_file_is_named_by_the_file_not_by_a_rate_nobody_asked_
     assert _noise_label(row) == "labels noisy.csv"
     assert _noise_label({**row, "noise.type": "none"}) == "none"
     assert _noise_label({**row, "noise.type": "pairflip", "noise.rate": 0.45}) == "pairflip 0.45"
+
+
+def test_the_noise_files_are_checked_beside_their_readers_not_when_a_worker_rebuilds_the_config(tmp_path):
+    """A Ray worker (or a report, later) rebuilds the run's config on a machine that may not hold
+    the driver's noise files: the config itself must load there; the file check, run by the
+    command line and the grid check before any work, refuses them."""
+    from cmd_ray.config import from_dict
+    from cmd_ray.noise import check_noise_files
+
+    labels = from_dict({"noise": {"type": "labels", "labels": str(tmp_path / "gone.npy")}, "method": "ce"})
+    matrix = from_dict({"noise": {"type": "matrix", "matrix": str(tmp_path / "gone.npy")}, "method": "ce"})
+    assert labels.noise is not None and isinstance(labels.noise, NoiseSpec)  # the config's section is the spec
+    with pytest.raises(NoiseError, match=r"^noise\.labels: got '\S+gone\.npy'; allowed with noise.type 'labels'"):
+        check_noise_files(labels)
+    with pytest.raises(NoiseError, match=r"^noise\.matrix: file \S+gone\.npy does not exist"):
+        check_noise_files(matrix)
+    np.save(tmp_path / "ok.npy", np.eye(10))
+    check_noise_files(from_dict({"noise": {"type": "matrix", "matrix": str(tmp_path / "ok.npy")}, "method": "ce"}))
