@@ -158,7 +158,7 @@ def tracebacks_but_ray_sigterm_at_exit(output: str) -> list[str]:
         for block in "\n".join(lines).split("Traceback (most recent call last):")[1:]:
             if "in sigterm_handler" in block and "SystemExit: 1" in block:
                 continue
-            if "in send_resource_request" in block and block.rstrip().endswith(_RAY_REQUEST_TIMEOUT):
+            if "in send_resource_request" in block and _RAY_REQUEST_TIMEOUT in block:
                 continue
             found.append(f"({process}) {block.strip()}")
     return found
