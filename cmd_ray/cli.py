@@ -435,6 +435,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                 "realised_rate": noise["realised_rate"],
                 "subset_realised_rate": noise["subset_realised_rate"],
                 "realised_matrix": noise["realised_matrix"],
+                **({"left_out": noise["left_out"]} if "left_out" in noise else {}),
             }
         )
     )

@@ -48,6 +48,10 @@ class DataConfig:
     split_column: str = "split"
     # parquet with integer labels: the class count C (null = the largest label + 1).
     num_classes: Optional[int] = None
+    # parquet: the column naming each image (a path or id) that a labels file's paths are matched
+    # against; null = a column named path, file, filename or id if there is one, else the image
+    # struct's own `path` field where every row has one.
+    path_column: Optional[str] = None
     # Train on a seeded random subset of this many training images (None = all of them).
     train_subset: Optional[int] = None
     # Evaluate on the first N test images (None = the full clean test set; use for smoke tests only).
@@ -78,10 +82,15 @@ class NoiseConfig:
     rate: float = 0.4
     # Path to a C x C row-stochastic matrix (.npy, .csv or .txt) when type = matrix.
     matrix: Optional[str] = None
-    # Path to the noisy labels (.npy, .csv: one per line, or .pt: a dictionary) when type = labels.
+    # The noisy labels when type = labels: by image path (a .csv with a path column, or `path
+    # label` lines in a .txt, as Clothing1M ships them), or one per image in the data set's order
+    # (.npy, a one-column .csv or .txt, or a .pt dictionary). Labels: class names or integers.
     labels: Optional[str] = None
     # The .pt dictionary's entry, e.g. worse_label, aggre_label, random_label1 (CIFAR-10N).
     labels_key: Optional[str] = None
+    # A labels file by path: all = it must name every training image (else refused); listed =
+    # train on the images it names and leave the rest out (e.g. Clothing1M's noisy subset).
+    labels_coverage: Literal["all", "listed"] = "all"
 
     def describe(self) -> dict:
         """The settings that define this noise (what cache files are keyed by): no rate or file
@@ -89,7 +98,8 @@ class NoiseConfig:
         if self.type == "none":
             return {"type": self.type}
         if self.type == "labels":  # a file of labels: no rate, no matrix is asked for
-            return {"type": self.type, "labels": self.labels, "labels_key": self.labels_key}
+            coverage = {"labels_coverage": self.labels_coverage} if self.labels_coverage != "all" else {}
+            return {"type": self.type, "labels": self.labels, "labels_key": self.labels_key, **coverage}
         return {"type": self.type, "rate": self.rate, "matrix": self.matrix}
 
     def tag(self) -> str:
@@ -428,6 +438,7 @@ OWN_DATA_KEYS = {
     "label_column": ("parquet",),
     "split_column": ("parquet",),
     "num_classes": ("parquet",),
+    "path_column": ("parquet",),
 }
 
 
@@ -452,11 +463,11 @@ def _check_own_data(cfg: Config) -> None:
             f"noise.type: got 'asymmetric', which has class maps for built-in data sets only; allowed with "
             f"data.name {d.name!r}: none, symmetric, pairflip, matrix, labels"
         )
-    if cfg.noise.type != "labels" and (cfg.noise.labels is not None or cfg.noise.labels_key is not None):
-        key = "noise.labels" if cfg.noise.labels is not None else "noise.labels_key"
-        raise ConfigError(
-            f"{key}: got {getattr(cfg.noise, key.split('.')[1])!r}; allowed only with noise.type 'labels'"
-        )
+    defaults = NoiseConfig()
+    given = [k for k in ("labels", "labels_key", "labels_coverage") if getattr(cfg.noise, k) != getattr(defaults, k)]
+    if cfg.noise.type != "labels" and given:
+        key = f"noise.{given[0]}"
+        raise ConfigError(f"{key}: got {getattr(cfg.noise, given[0])!r}; allowed only with noise.type 'labels'")
     method = methods.get(cfg.method)
     unknown_rate = cfg.noise.type == "labels" or (own and cfg.noise.type == "none")
     if method.needs_noise_rate(cfg) and unknown_rate and cfg.coteaching.forget_rate is None:

@@ -31,6 +31,7 @@ from filelock import FileLock
 from cmd_ray.console import console
 from cmd_ray.datasets import DATA_ROOT, DATASETS, DatasetInfo, load_raw
 from cmd_ray.errors import DataError
+from cmd_ray.labels_file import ImageKeys
 from cmd_ray.noise import NoiseSpec, apply_noise
 from cmd_ray.storage import exists, is_uri, join, local, read_parquet, write_parquet_atomic
 
@@ -82,10 +83,15 @@ def cache_paths(
 
 
 def _write_parquet_atomic(
-    path: str, images: np.ndarray, clean: Optional[np.ndarray], noisy: np.ndarray, meta: dict
+    path: str,
+    images: np.ndarray,
+    clean: Optional[np.ndarray],
+    noisy: np.ndarray,
+    meta: dict,
+    names: Optional[list[str]] = None,
 ) -> None:
     """One split as a cache file; `clean` None (no clean labels) is stored as -1 and
-    meta["clean_labels"] = False."""
+    meta["clean_labels"] = False; `names` (a user's image paths) as a `path` column."""
     width = int(np.prod(images.shape[1:]))
     flat = np.ascontiguousarray(images).reshape(len(images), width)
     image_col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(flat), [None, pa.py_buffer(flat.tobytes())])
@@ -96,6 +102,7 @@ def _write_parquet_atomic(
             "image": image_col,
             "clean_label": pa.array(clean_col),
             "noisy_label": pa.array(noisy.astype(np.int64)),
+            **({"path": pa.array(names, pa.string())} if names is not None else {}),
         }
     ).replace_schema_metadata({b"cmd_ray": json.dumps({**meta, "clean_labels": clean is not None}).encode()})
     write_parquet_atomic(path, table)
@@ -159,6 +166,12 @@ def read_parquet_split(path: str | Path) -> Split:
     return split
 
 
+def read_image_names(path: str) -> Optional[list[str]]:
+    """The image paths a user's imported cache holds (its `path` column), or None."""
+    table = read_parquet(path)
+    return table.column("path").to_pylist() if "path" in table.column_names else None
+
+
 def materialise(
     name: str,
     root: str | Path,
@@ -207,7 +220,7 @@ def _materialise(name: str, raw_root: Path, spec: NoiseSpec, seed: int, train_pa
     if not exists(train_path):
         noisy, report = apply_noise(raw["train_labels"], spec, info.num_classes, name, seed)
         meta = {**base, "split": "train", "noise": spec.describe(), "seed": seed, **report.to_dict()}
-        _write_parquet_atomic(train_path, raw["train_images"], raw["train_labels"], noisy, meta)
+        _write_noisy(train_path, raw["train_images"], raw["train_labels"], noisy, meta, report.kept)
     if not exists(test_path):
         labels = raw["test_labels"]
         _write_parquet_atomic(test_path, raw["test_images"], labels, labels, {**base, "split": "test"})
@@ -265,23 +278,44 @@ def _import_user(
         f"[cmd-ray] imported {train_count} training and {test_count} test images "
         f"({'x'.join(map(str, base['shape']))}, {len(raw.classes)} classes) in {seconds:.1f} s"
     )
-    with_noise = None if noisy is None else _with_noise(raw.train_labels, base, *noisy[:2])
+    with_noise = None if noisy is None else _with_noise(raw.train_labels, base, *noisy[:2], raw.train_names)
     # The user's labels are the noisy ones here; no clean labels exist (noise.type none).
     meta = {**base, "split": "train", "noise": NoiseSpec("none").describe(), "seed": 0, **UNKNOWN_NOISE}
-    _write_parquet_atomic(train_path, raw.train_images, None, raw.train_labels, meta)
+    _write_parquet_atomic(train_path, raw.train_images, None, raw.train_labels, meta, raw.train_names)
     if not exists(test_path):
         images = raw.test_images if raw.test_images is not None else raw.train_images[:0]
         labels = raw.test_labels if raw.test_labels is not None else raw.train_labels[:0]
         _write_parquet_atomic(test_path, images, labels, labels, {**base, "split": "test"})
     if with_noise is not None:
-        _write_parquet_atomic(noisy[2], raw.train_images, raw.train_labels, *with_noise)
+        _write_noisy(noisy[2], raw.train_images, raw.train_labels, *with_noise)
 
 
-def _with_noise(labels: np.ndarray, base: dict, spec: NoiseSpec, seed: int) -> tuple[np.ndarray, dict]:
-    """(noisy labels, cache metadata) of a noise setting over the labels as given, which become
-    the clean reference."""
-    noisy, report = apply_noise(labels, spec, base["num_classes"], base["dataset"], seed)
-    return noisy, {**base, "split": "train", "noise": spec.describe(), "seed": seed, **report.to_dict()}
+def _with_noise(
+    labels: np.ndarray, base: dict, spec: NoiseSpec, seed: int, names: Optional[list[str]]
+) -> tuple[np.ndarray, dict, Optional[np.ndarray]]:
+    """(noisy labels, cache metadata, positions kept or None = all) of a noise setting over the
+    labels as given, which become the clean reference. A labels file is joined to the images by
+    their `names` (paths relative to data.path) where it names images; one that leaves images out
+    (noise.labels_coverage: listed) keeps the others, and their own validation rows follow them."""
+    keys = ImageKeys.of_folder(names, base.get("classes"), base.get("source", {}).get("path"))
+    noisy, report = apply_noise(labels, spec, base["num_classes"], base["dataset"], seed, keys)
+    meta = {**base, "split": "train", "noise": spec.describe(), "seed": seed, **report.to_dict()}
+    if report.kept is not None and "validation_rows" in base:
+        position = {int(old): new for new, old in enumerate(report.kept)}
+        rows = [position[row] for row in base["validation_rows"] if row in position]
+        meta.pop("validation_rows")
+        meta.update({"validation_rows": rows} if rows else {})
+    return noisy, meta, report.kept
+
+
+def _write_noisy(
+    path: str, images: np.ndarray, labels: np.ndarray, noisy: np.ndarray, meta: dict, kept: Optional[np.ndarray]
+) -> None:
+    """A noise setting's training cache: the images kept, their labels as given (the clean
+    reference) and their noisy labels."""
+    if kept is not None:
+        images, labels = images[kept], labels[kept]
+    _write_parquet_atomic(path, images, labels, noisy, meta)
 
 
 def _noisy_from_import(imported: str, spec: NoiseSpec, seed: int, train_path: str) -> None:
@@ -289,9 +323,9 @@ def _noisy_from_import(imported: str, spec: NoiseSpec, seed: int, train_path: st
     split = read_parquet_split(imported)
     base = {key: split.meta[key] for key in IMPORT_KEYS if key in split.meta}
     labels = split.noisy_labels.numpy()  # the labels as given
-    noisy, meta = _with_noise(labels, base, spec, seed)
+    with_noise = _with_noise(labels, base, spec, seed, read_image_names(imported))
     images = split.images.permute(0, 2, 3, 1).numpy()  # back to the cache's (N, H, W, C)
-    _write_parquet_atomic(train_path, images, labels, noisy, meta)
+    _write_noisy(train_path, images, labels, *with_noise)
 
 
 def no_test_split(where: str) -> DataError:
@@ -366,6 +400,8 @@ def load_data(
     train, validation = split_validation(train, validation_fraction, seed)
     validation = own_validation if own_validation is not None else validation
     noise = {k: train.meta[k] for k in ("noise", "realised_rate", "asked_matrix", "realised_matrix")}
+    if "left_out" in train.meta:  # images a labels file does not name, not trained on
+        noise["left_out"] = train.meta["left_out"]
     # The rate among the samples trained on, where that is not the whole cached set (a subset or
     # a validation split was taken); null otherwise (realised_rate is it) or without clean labels.
     noise["subset_realised_rate"] = (

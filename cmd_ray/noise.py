@@ -4,9 +4,10 @@ A noise model is a C x C row-stochastic matrix T with T[i, j] = P(noisy = j | cl
 rows are the clean class and each row sums to 1 (a `noise.matrix` file must follow this
 convention). cleanlab's `noise_matrix` is the transpose, P(noisy = i | clean = j), whose
 columns sum to 1. Labels are corrupted once, with a seed, by sampling each noisy label from
-the row of its clean label. Real noisy labels (`labels`: a file with one label per training
-image, e.g. CIFAR-10N's human annotations) replace the labels instead, and the realised
-matrix is measured against the clean ones. Pure NumPy; torch only to read a `.pt` file.
+the row of its clean label. Real noisy labels (`labels`: a file of labels, by image path or
+in the data set's order, e.g. CIFAR-10N's human annotations; read and joined by
+`cmd_ray.labels_file`) replace the labels instead, and the realised matrix is measured against
+the clean ones. Pure NumPy; torch only to read a `.pt` file.
 
 Asymmetric noise flips each clean class to a similar one with probability r, by the data
 set's own class map (its entry's `asymmetric`, in `cmd_ray/datasets/`): T-shirt <-> shirt on
@@ -26,9 +27,7 @@ from cmd_ray.catalogue import NOISE_TYPES
 from cmd_ray.config import Config, NoiseConfig
 from cmd_ray.datasets import DATASETS
 from cmd_ray.errors import NoiseError
-
-LABEL_FILE_SUFFIXES = (".npy", ".csv", ".pt")
-
+from cmd_ray.labels_file import LABEL_FILE_SUFFIXES, ImageKeys, join_labels, read_labels_file
 
 # What noise to apply is the config's own `noise` section: type, rate, for `matrix` the file
 # holding T, for `labels` the file of noisy labels (and, for a `.pt` dictionary, its key).
@@ -105,17 +104,25 @@ def check_noise_files(cfg: Config) -> None:
         own = cfg.data.name not in DATASETS
         read_matrix_file(cfg.noise.matrix, None if own else DATASETS[cfg.data.name].num_classes)
     if cfg.noise.type == "labels":
-        check_labels_file(cfg.noise.labels)
+        check_labels_file(cfg.noise.labels, cfg.noise.labels_coverage)
 
 
-def check_labels_file(path: Optional[str]) -> None:
-    """Before any work, for noise.type labels: the file exists and has a suffix cmd-ray reads
-    (its labels are checked against the images once those are read)."""
+def check_labels_file(path: Optional[str], coverage: str = "all") -> None:
+    """Before any work, for noise.type labels: the file exists, has a suffix cmd-ray reads, and a
+    text file (.csv, .txt) reads as labels (its labels are joined to the images once those are
+    read; a .pt file is read then, which needs torch)."""
     if not path or Path(path).suffix not in LABEL_FILE_SUFFIXES or not Path(path).expanduser().is_file():
         raise NoiseError(
             f"noise.labels: got {path!r}; allowed with noise.type 'labels': an existing "
             f"{', '.join(LABEL_FILE_SUFFIXES)} file"
         )
+    if Path(path).suffix in (".csv", ".txt"):
+        found = read_labels_file(path)
+        if coverage != "all" and not found.keyed:
+            raise NoiseError(
+                f"noise.labels_coverage: got {coverage!r}, but {found.file} names no image paths (its labels "
+                "follow the data set's order); allowed: 'all'"
+            )
 
 
 def read_matrix_file(path: str | Path, num_classes: Optional[int]) -> np.ndarray:
@@ -191,171 +198,52 @@ def realised_matrix(clean: np.ndarray, noisy: np.ndarray, num_classes: int) -> n
 
 @dataclass
 class NoiseReport:
-    """What the corruption did: asked-for matrix, realised matrix and overall flip rate."""
+    """What the corruption did: asked-for matrix, realised matrix and overall flip rate; for a
+    labels file that names only some images (noise.labels_coverage: listed), the positions of the
+    images kept and how many were left out."""
 
     asked: np.ndarray
     realised: np.ndarray
     realised_rate: float
+    kept: Optional[np.ndarray] = None  # positions of the images trained on; None = all
+    left_out: int = 0
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "asked_matrix": self.asked.round(6).tolist(),
             "realised_matrix": self.realised.round(6).tolist(),
             "realised_rate": self.realised_rate,
         }
+        return out | ({"left_out": self.left_out} if self.kept is not None else {})
 
 
 def apply_noise(
-    clean: np.ndarray, spec: NoiseSpec, num_classes: int, dataset: str, seed: int
+    clean: np.ndarray,
+    spec: NoiseSpec,
+    num_classes: int,
+    dataset: str,
+    seed: int,
+    images: Optional[ImageKeys] = None,
 ) -> tuple[np.ndarray, NoiseReport]:
-    """Corrupt `clean` labels (shape (N,)) under `spec`, or read them from a labels file;
-    return noisy labels and a report (a labels file asked for no matrix: `asked` is the realised one)."""
+    """Corrupt `clean` labels (shape (N,)) under `spec`, or read them from a labels file joined to
+    the images by path or position (`images`: the data set's image paths and class names); return
+    the noisy labels of the images kept (all N, unless the file leaves some out: `report.kept`)
+    and a report (a labels file asked for no matrix: `asked` is the realised one)."""
+    kept = None
     if spec.type == "labels":
-        noisy = read_labels_file(spec.labels, spec.labels_key, len(clean), num_classes)
+        found = read_labels_file(spec.labels, spec.labels_key)
+        noisy, kept = join_labels(found, len(clean), num_classes, images or ImageKeys(), spec.labels_coverage)
         matrix = None
     else:
         matrix = transition_matrix(spec, num_classes, dataset)
         noisy = corrupt_labels(clean, matrix, seed)
-    realised = realised_matrix(clean, noisy, num_classes)
+    reference = np.asarray(clean) if kept is None else np.asarray(clean)[kept]
+    realised = realised_matrix(reference, noisy, num_classes)
     report = NoiseReport(
         asked=realised if matrix is None else matrix,
         realised=realised,
-        realised_rate=float(np.mean(noisy != clean)) if len(clean) else 0.0,
+        realised_rate=float(np.mean(noisy != reference)) if len(reference) else 0.0,
+        kept=kept,
+        left_out=0 if kept is None else len(clean) - len(kept),
     )
     return noisy, report
-
-
-CIFAR_N_KEYS = "e.g. worse_label, aggre_label, random_label1 (CIFAR-10N) or noisy_label (CIFAR-100N)"
-
-
-def _load_pt(path: Path, key: Optional[str]) -> np.ndarray:
-    """One entry of a `.pt` dictionary (CIFAR-10N / CIFAR-100N's layout) or a saved tensor/array."""
-    import torch
-
-    try:
-        # CIFAR-N's files hold NumPy arrays: allow exactly those, never arbitrary objects.
-        with torch.serialization.safe_globals(_numpy_globals()):
-            value = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure becomes one clear line
-        raise NoiseError(f"noise.labels: cannot read {path} as a .pt file: {str(err).splitlines()[0]}") from None
-    if isinstance(value, dict):
-        keys = ", ".join(sorted(str(k) for k in value))
-        if key is None:
-            raise NoiseError(f"noise.labels_key: got null; allowed for {path.name}: one of {keys} ({CIFAR_N_KEYS})")
-        if key not in value:
-            raise NoiseError(f"noise.labels_key: got {key!r}; allowed for {path.name}: one of {keys}")
-        value = value[key]
-    elif key is not None:
-        raise NoiseError(
-            f"noise.labels_key: got {key!r}; allowed: null ({path.name} holds one array, not a dictionary)"
-        )
-    return value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-
-
-def _numpy_globals() -> list:
-    """What unpickling a NumPy array needs, under NumPy 2's names and NumPy 1's (CIFAR-N's files)."""
-    try:
-        from numpy._core import multiarray
-    except ImportError:  # NumPy 1
-        from numpy.core import multiarray
-
-    kinds = (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.float32, np.float64)
-    return [
-        multiarray._reconstruct,
-        (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
-        np.ndarray,
-        np.dtype,
-        *{type(np.dtype(kind)) for kind in kinds},
-    ]
-
-
-# Header names a labels column may have in a CSV file with several columns.
-LABEL_COLUMN_NAMES = ("label", "labels", "noisy_label", "noisy_labels")
-
-
-def _read_labels_csv(file: Path) -> np.ndarray:
-    """The labels of a CSV file: one label per line, with or without a header row; or several
-    columns with a header naming the labels column (`label`, `labels`, `noisy_label`), as pandas'
-    `to_csv` writes it (an unnamed index column first). Raises NoiseError naming what it found."""
-    import csv
-
-    with open(file, newline="") as f:
-        rows = [row for row in csv.reader(f) if row and any(cell.strip() for cell in row)]
-    if not rows:
-        raise NoiseError(f"noise.labels: {file} is empty; allowed: one integer label per image")
-
-    def is_number(cell: str) -> bool:
-        try:
-            float(cell)
-            return True
-        except ValueError:
-            return False
-
-    header = None if all(is_number(cell) for cell in rows[0]) else [cell.strip() for cell in rows[0]]
-    body = rows[1:] if header else rows
-    if not header and len(body) == 1:  # all labels on one line
-        body = [[cell] for cell in body[0]]
-    width = len(body[0]) if body else 1
-    if width == 1:
-        column = 0
-    else:
-        named = [i for i, name in enumerate(header or []) if name.lower() in LABEL_COLUMN_NAMES]
-        if len(named) != 1:
-            found = ", ".join(repr(n) for n in header) if header else f"{width} unnamed columns"
-            raise NoiseError(
-                f"noise.labels: {file} has columns {found}; allowed: one column of labels, or a header "
-                f"naming one labels column ({', '.join(LABEL_COLUMN_NAMES)})"
-            )
-        column = named[0]
-    values = []
-    for line, row in enumerate(body, start=2 if header else 1):
-        cell = row[column].strip() if column < len(row) else ""
-        if not is_number(cell):
-            raise NoiseError(f"noise.labels: {file} line {line}: {cell!r} is not a label; allowed: an integer")
-        values.append(float(cell))
-    return np.asarray(values)
-
-
-def read_labels_file(path: Optional[str], key: Optional[str], count: int, num_classes: int) -> np.ndarray:
-    """Noisy labels (count,) int64 in [0, num_classes) from `.npy`, `.csv` (one label per line,
-    with or without a header; or a header naming the labels column) or a `.pt` dictionary
-    entry; anything else raises NoiseError naming the field."""
-    if not path:
-        raise NoiseError("noise.labels: got null; allowed: a .npy, .csv or .pt file when noise.type is 'labels'")
-    file = Path(path).expanduser()
-    if file.suffix not in LABEL_FILE_SUFFIXES:
-        raise NoiseError(f"noise.labels: got {path!r}; allowed: a {', '.join(LABEL_FILE_SUFFIXES)} file")
-    if not file.is_file():
-        raise NoiseError(f"noise.labels: file {file} does not exist; allowed: a {', '.join(LABEL_FILE_SUFFIXES)} file")
-    if file.suffix == ".pt":
-        raw = _load_pt(file, key)
-    else:
-        if key is not None:
-            raise NoiseError(f"noise.labels_key: got {key!r}; allowed: null for a {file.suffix} file")
-        try:
-            raw = np.load(file, allow_pickle=False) if file.suffix == ".npy" else _read_labels_csv(file)
-        except NoiseError:
-            raise
-        except (ValueError, OSError) as err:
-            raise NoiseError(f"noise.labels: cannot read {file}: {str(err).splitlines()[0]}") from None
-    labels = np.asarray(raw)
-    if labels.ndim == 2 and 1 in labels.shape:  # a column or row vector
-        labels = labels.reshape(-1)
-    what = "allowed: one integer label per image"
-    if labels.ndim != 1 or labels.dtype.kind not in "iuf" or not np.all(np.isfinite(labels)):
-        raise NoiseError(f"noise.labels: {file} holds {labels.dtype} of shape {labels.shape}; {what}")
-    if labels.dtype.kind == "f" and np.any(labels != np.round(labels)):
-        raise NoiseError(f"noise.labels: {file} holds fractional labels; {what}")
-    labels = labels.astype(np.int64)
-    if len(labels) != count:
-        raise NoiseError(
-            f"noise.labels: {file} has {len(labels)} labels, the training set {count} images; "
-            "allowed: exactly one per image, in the data set's order"
-        )
-    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-    if bad.size:
-        raise NoiseError(
-            f"noise.labels: label {int(labels[bad[0]])} at position {int(bad[0])} of {file} is out of range; "
-            f"allowed: 0 to {num_classes - 1}"
-        )
-    return labels

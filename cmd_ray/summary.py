@@ -88,11 +88,9 @@ def progress_line(record: dict[str, Any], peers: int, epochs: int, label: str = 
 def _noise_settings(cfg: Config) -> dict[str, Any]:
     """The settings that define the run's noise (noise.rate only where a rate is asked for)."""
     n = cfg.noise
-    return {
-        "none": {},
-        "matrix": {"matrix": n.matrix},
-        "labels": {"labels": n.labels, "labels_key": n.labels_key},
-    }.get(n.type, {"rate": n.rate})
+    if n.type == "labels":
+        return {k: v for k, v in n.describe().items() if k != "type"}
+    return {"none": {}, "matrix": {"matrix": n.matrix}}.get(n.type, {"rate": n.rate})
 
 
 def summarise(cfg: Config, history: list[dict[str, Any]], noise: dict, extra: dict | None = None) -> dict[str, Any]:

@@ -131,6 +131,8 @@ def describe_data(cfg: Config, data: DataBundle) -> str:
         cfg.noise.type, f"noise {cfg.noise.type} {cfg.noise.rate:g}"
     )
     realised = f"realised {rate:.3f}" if rate is not None else "no clean labels: noise rate unknown"
+    left_out = data.noise.get("left_out")
+    realised += f"; {left_out} images the file does not name left out" if left_out else ""
     return f"{len(data.train)} train / {test}, {noise} ({realised})"
 
 

@@ -16,7 +16,7 @@ Two layouts (`data.name`):
 Images keep their colour as found (every image grey: 1 channel; any colour image: all RGB)
 and are resized to `data.image_size` x `data.image_size` when it is set; without it every
 image must already be square and of one size. An image that cannot be decoded is refused,
-not skipped: a labels file is matched to images by position, and dropping one would shift
+not skipped: a labels file without paths is matched to images by position, and dropping one would shift
 every later label onto the wrong image.
 """
 
@@ -48,6 +48,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 # validation split, held out of training like data.validation_fraction's.
 SPLITS = ("train", "test", "validation")
 GREY_MODES = ("1", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+# What an import writes; part of a source's fingerprint, so a cache written before a change here
+# is imported again rather than read without what it now needs (2: each image's path).
+IMPORT_LAYOUT = 2
+# Column names a Parquet file's image paths (or ids) are taken from when data.path_column is null.
+PATH_COLUMNS = ("path", "file", "filename", "id")
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class UserSource:
     label_column: str = "label"
     split_column: str = "split"
     num_classes: Optional[int] = None
+    path_column: Optional[str] = None
 
     @classmethod
     def of(cls, data: DataConfig) -> Optional[UserSource]:
@@ -79,6 +85,7 @@ class UserSource:
             data.label_column,
             data.split_column,
             data.num_classes,
+            data.path_column,
         )
 
     @property
@@ -91,6 +98,7 @@ class UserSource:
         """What identifies the source cheaply, from one listing of its files (path, size and
         modification time of each), so a changed source gets a new cache."""
         options = {k: v for k, v in self.__dict__.items() if k not in ("path", "test_path")}
+        options["layout"] = IMPORT_LAYOUT
         train = _listing(self, self.path)
         test = _listing(self, self.test_path) if self.test_path else None
         payload = {"options": options, "train": train, "test": test}
@@ -220,7 +228,7 @@ def decode_images(blobs: Iterable[tuple[bytes, str]], image_size: Optional[int],
     if bad:
         raise DataError(
             f"{field}: {len(bad)} image(s) cannot be decoded (first: {bad[0]}); fix or remove them "
-            "(refused, not skipped: labels files are matched to images by position)"
+            "(refused, not skipped: a labels file without paths is matched to images by position)"
         )
     if not images:
         raise DataError(f"{field}: no images found; allowed: PNG or JPEG images ({', '.join(IMAGE_SUFFIXES)})")
@@ -265,6 +273,9 @@ class UserRaw:
     content_sha256: str  # of every source byte read, in order
     source_bytes: int
     validation_rows: Optional[list[int]] = None  # positions in train_* held out as validation
+    # Each training image's path relative to data.path (or a Parquet file's path/id column): what
+    # a labels file by path is joined on. None where the data set names no images.
+    train_names: Optional[list[str]] = None
 
 
 def read_user_data(source: UserSource) -> UserRaw:
@@ -299,21 +310,24 @@ def _read_folder_split(path: str, field: str, classes: Optional[list[str]], dige
         size += len(blob)
         blobs.append((blob, str(file)))
     labels = np.array([classes.index(f.parent.name) for _, f in files], dtype=np.int64)
-    return decode_images(blobs, image_size, field), labels, classes, size
+    names = [f.relative_to(folder).as_posix() for _, f in files]
+    return decode_images(blobs, image_size, field), labels, classes, size, names
 
 
 def _read_folder(source: UserSource) -> UserRaw:
     digest = hashlib.sha256()
-    images, labels, classes, size = _read_folder_split(source.path, "data.path", None, digest, 0, source.image_size)
+    images, labels, classes, size, names = _read_folder_split(
+        source.path, "data.path", None, digest, 0, source.image_size
+    )
     _check_class_count(source, len(classes))
     test_images = test_labels = None
     if source.test_path:
-        test_images, test_labels, _, size = _read_folder_split(
+        test_images, test_labels, _, size, _ = _read_folder_split(
             source.test_path, "data.test_path", classes, digest, size, source.image_size
         )
         images, test_images = _same_channels(images, like=test_images), _same_channels(test_images, like=images)
         _check_same_shape(images, test_images)
-    return UserRaw(images, labels, classes, test_images, test_labels, digest.hexdigest(), size)
+    return UserRaw(images, labels, classes, test_images, test_labels, digest.hexdigest(), size, train_names=names)
 
 
 def _check_class_count(source: UserSource, found: int) -> None:
@@ -360,6 +374,7 @@ def _read_parquet(source: UserSource) -> UserRaw:
 
     table, blob = _parquet_table(source, source.path, "data.path")
     splits = _parquet_splits(table, source)
+    names = _parquet_names(table, source)
     content, size = hashlib.sha256(blob), len(blob)
     if source.test_path:  # a file of test rows, read as if its rows were the data.path's test rows
         test_table, test_blob = _parquet_table(source, source.test_path, "data.test_path")
@@ -406,6 +421,7 @@ def _read_parquet(source: UserSource) -> UserRaw:
         content.hexdigest(),
         size,
         [int(i) for i in held_out] if held_out.size else None,
+        _unique_names(None if names is None else [names[i] for i in np.flatnonzero(train[: len(names)])], source),
     )
 
 
@@ -433,6 +449,44 @@ def _parquet_splits(table, source: UserSource) -> np.ndarray:
             f"data.split_column: {source.split_column!r} holds {bad[0]!r}; allowed values: {', '.join(SPLITS)}"
         )
     return values
+
+
+def _parquet_names(table, source: UserSource) -> Optional[list[str]]:
+    """Each row's image path or id, as text: data.path_column, else a column named path, file,
+    filename or id, else the image struct's own `path` field where every row has one (None when
+    the file names no images: a labels file is then matched by row order)."""
+    import pyarrow as pa
+
+    column = source.path_column or next((c for c in PATH_COLUMNS if c in table.column_names), None)
+    if source.path_column and source.path_column not in table.column_names:
+        raise DataError(
+            f"data.path_column: {source.path_column!r} is not a column of {source.path}; "
+            f"allowed: one of {', '.join(table.column_names)}"
+        )
+    if column is not None:
+        values = table.column(column).to_pylist()
+    else:
+        images = table.column(source.image_column)
+        if not pa.types.is_struct(images.type) or images.type.get_field_index("path") < 0:
+            return None
+        values = images.combine_chunks().field("path").to_pylist()
+        if any(v in (None, "") for v in values):
+            return None
+    where = f"data.path_column: {column or 'the image path'!r} of {source.path}"
+    if any(v is None for v in values):
+        raise DataError(f"{where} has an empty value on row {values.index(None)}; allowed: a path or id on every row")
+    return [str(v) for v in values]
+
+
+def _unique_names(names: Optional[list[str]], source: UserSource) -> Optional[list[str]]:
+    """The training rows' names, refused when one repeats (a labels file could not tell them apart)."""
+    if names is not None and len(set(names)) != len(names):
+        seen: set[str] = set()
+        repeated = next(n for n in names if n in seen or seen.add(n))
+        raise DataError(
+            f"data.path_column: {source.path} names {repeated!r} on two training rows; allowed: one row per image"
+        )
+    return names
 
 
 def _parquet_labels(column, source: UserSource) -> tuple[np.ndarray, list[str]]:

@@ -170,35 +170,38 @@ def test_small_loss_forget_rate_defaults_to_the_expected_flip_rate():
         "2\n0\n1\n2\n",  # one label per line
         "label\n2\n0\n1\n2\n",  # with a header
         ",label\n0,2\n1,0\n2,1\n3,2\n",  # pandas' to_csv: an unnamed index column first
-        "image,noisy_label\na.png,2\nb.png,0\nc.png,1\nd.png,2\n",  # a named labels column
+        "index,noisy_label\n7,2\n8,0\n9,1\n10,2\n",  # a named labels column
         "2,0,1,2\n",  # one row
     ],
     ids=["plain", "header", "pandas", "named", "row"],
 )
-def test_a_csv_labels_file_reads_with_or_without_a_header(text, tmp_path):
-    from cmd_ray.noise import read_labels_file
+def test_a_csv_labels_file_without_paths_reads_by_position_with_or_without_a_header(text, tmp_path):
+    from cmd_ray.labels_file import ImageKeys, join_labels, read_labels_file
 
     path = tmp_path / "noisy.csv"
     path.write_text(text)
-    assert read_labels_file(str(path), None, 4, 3).tolist() == [2, 0, 1, 2]
+    found = read_labels_file(str(path))
+    assert not found.keyed
+    labels, kept = join_labels(found, 4, 3, ImageKeys())
+    assert labels.tolist() == [2, 0, 1, 2] and kept is None
 
 
 @pytest.mark.parametrize(
     "text,message",
     [
         ("a,b\n1,2\n", r"has columns 'a', 'b'; allowed: one column of labels, or a header naming one labels column"),
-        ("label\n2\ncat\n", r"line 3: 'cat' is not a label; allowed: an integer"),
+        ("label\n2\ncat\n", r"line 3: 'cat' is not a label of this data set; allowed: an integer 0 to 2$"),
         ("", r"is empty"),
     ],
     ids=["unnamed-columns", "word", "empty"],
 )
 def test_a_csv_labels_file_that_cannot_be_read_is_one_line_naming_why(text, message, tmp_path):
-    from cmd_ray.noise import read_labels_file
+    from cmd_ray.labels_file import ImageKeys, join_labels, read_labels_file
 
     path = tmp_path / "noisy.csv"
     path.write_text(text)
     with pytest.raises(NoiseError, match=r"^noise\.labels: \S+noisy\.csv " + message):
-        read_labels_file(str(path), None, 2, 3)
+        join_labels(read_labels_file(str(path)), 2, 3, ImageKeys())
 
 
 def test_noise_read_from_a_file_is_named_by_the_file_not_by_a_rate_nobody_asked_for():
