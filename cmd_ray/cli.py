@@ -14,7 +14,7 @@ from typing import Optional
 
 from cmd_ray.config import Config, ConfigError, load_config
 from cmd_ray.console import keep_every_log_line
-from cmd_ray.errors import DataError, NoiseError, NonFiniteLossError, StorageError
+from cmd_ray.errors import DataError, NoiseError, NonFiniteLossError, RayStartError, StorageError, SweepStopped
 from cmd_ray.storage import join, to_json
 
 # A Ray Train run's folder name under ray.storage_path (one path segment, portable).
@@ -262,7 +262,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from cmd_ray.results import report
     from cmd_ray.sweep import run_sweep, wandb_dir, wandb_mode
 
-    folder = run_sweep(cfg, resume=args.resume)
+    folder = run_sweep(cfg, resume=args.resume, resume_command=resume_command(args))
     _, plots = report(folder)
     print(f"results: {join(folder, 'results.parquet')}")
     print("plots:   " + ", ".join(str(p) for p in plots))
@@ -273,6 +273,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     elif mode == "online":
         print(f"W&B:     project {cfg.sweep.wandb.project!r}, group {cfg.sweep.name!r}")
     return 0
+
+
+def resume_command(args: argparse.Namespace, command: tuple[str, ...] = ("sweep",)) -> str:
+    """The command that continues this sweep: the same config and --set values, with --resume."""
+    import shlex
+
+    words = ["cmd-ray", *command, *(["--config", args.config] if args.config else [])]
+    for override in args.overrides:
+        words += ["--set", override]
+    words += [*(["--address", args.address] if getattr(args, "address", None) else []), "--resume"]
+    return shlex.join(words)
 
 
 def _print_validation_choice(folder: str | Path, last_epochs: int) -> int:
@@ -354,7 +365,12 @@ def bench_accuracy(args: argparse.Namespace) -> int:
         _check_writable("sweep.storage_path", cfg.sweep.storage_path)
     _check_writable("--folder", args.folder)
     folder = Path(args.folder)
-    bench.accuracy(cfg, folder, resume=args.resume)
+    bench.accuracy(
+        cfg,
+        folder,
+        resume=args.resume,
+        resume_command=resume_command(args, ("bench", "accuracy", "--folder", args.folder)),
+    )
     if cfg.data.validation_fraction > 0:  # a hyper-parameter sweep: rank on validation only
         return _print_validation_choice(folder, last_epochs=args.last_epochs)
     _, plots = report(folder, last_epochs=args.last_epochs)
@@ -446,7 +462,7 @@ def cmd_show_config(args: argparse.Namespace) -> int:
     import yaml
 
     cfg = _load(args)
-    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    print(yaml.safe_dump(cfg.to_used_dict(), sort_keys=False), end="")
     return 0
 
 
@@ -487,6 +503,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except NonFiniteLossError as err:
         print(f"cmd-ray: training stopped: {err}", file=sys.stderr)
+        return 1
+    except SweepStopped as err:
+        print(f"cmd-ray: {err}", file=sys.stderr)
+        return err.exit_status
+    except RayStartError as err:
+        print(f"cmd-ray: error: {err}", file=sys.stderr)
         return 1
     except StorageError as err:
         print(f"cmd-ray: error: {err.strerror}", file=sys.stderr)

@@ -8,6 +8,7 @@ naming the field, the value and what is allowed. Nothing here imports torch or R
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -22,7 +23,7 @@ from cmd_ray import methods
 from cmd_ray.catalogue import DATA_NAMES, MODEL_INPUT_SIZE, MODELS, NOISE_TYPES, USER_DATASETS, model_fit_error
 from cmd_ray.datasets import DATA_ROOT, DATASETS
 from cmd_ray.errors import ConfigError, check_above, check_positive, check_range
-from cmd_ray.storage import is_uri, local
+from cmd_ray.storage import exists, is_uri, join, local, read_bytes, write_json_atomic
 
 METHODS = methods.NAMES
 
@@ -70,6 +71,10 @@ class DataConfig:
     flip: Optional[bool] = None
 
 
+# The noise keys each noise type reads besides `type` (the others: "rate").
+NOISE_READS = {"none": (), "matrix": ("matrix",), "labels": ("labels", "labels_key", "labels_coverage")}
+
+
 @dataclass
 class NoiseConfig:
     # none | symmetric (to one of the C-1 other classes, uniformly) | pairflip (y -> y+1 mod C)
@@ -91,6 +96,11 @@ class NoiseConfig:
     # A labels file by path: all = it must name every training image (else refused); listed =
     # train on the images it names and leave the rest out (e.g. Clothing1M's noisy subset).
     labels_coverage: Literal["all", "listed"] = "all"
+
+    def reads(self) -> tuple[str, ...]:
+        """The keys of this section its type reads besides `type`: a rate, a matrix file, a
+        labels file (tables, W&B and show-config show only these: a rate nobody asked for is none)."""
+        return NOISE_READS.get(self.type, ("rate",))
 
     def describe(self) -> dict:
         """The settings that define this noise (what cache files are keyed by): no rate or file
@@ -256,6 +266,13 @@ class _ConfigBehaviour:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_used_dict(self) -> dict[str, Any]:
+        """`to_dict` with the noise section cut to what its type reads (what show-config and a
+        sweep's W&B runs show; `to_dict` keeps every key, for rebuilding the config)."""
+        values = self.to_dict()
+        values["noise"] = {k: v for k, v in values["noise"].items() if k == "type" or k in self.noise.reads()}
+        return values
 
 
 def _assemble_config() -> type:
@@ -663,3 +680,69 @@ def set_path(values: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
         node = child
     node[parts[-1]] = value
     return out
+
+
+# --------------------------------------------------------------------------------------
+# What a run is: the settings its results depend on
+
+# Keys that say where and how a run executes, not what it computes: a named run resumed (or a
+# sweep continued) may change them. Everything else is the run's identity.
+EXECUTION_KEYS = ("ray.", "sweep.", "testing.", "output_dir", "data.root", "use_gpu")
+SETTINGS_FILE = "settings.json"  # in a named run's (or a sweep's) folder: its identity
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level of dotted keys: {"noise": {"rate": 0.4}} -> {"noise.rate": 0.4}."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def run_identity(cfg: Config, sweep: bool = False) -> dict[str, Any]:
+    """The settings a run's results depend on, as dotted keys with local paths made absolute:
+    every key but the EXECUTION_KEYS; for a sweep (`sweep`), also its grid."""
+    flat = flatten(with_absolute_paths(cfg).to_dict())
+    kept = {k: v for k, v in flat.items() if not k.startswith(EXECUTION_KEYS)}
+    if sweep:
+        kept.update({k: v for k, v in flat.items() if k.startswith("sweep.grid")})
+    return json.loads(json.dumps(kept, sort_keys=True, default=str))  # as it reads back from the file
+
+
+def identity_differences(started: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'key: <value it started with> then, <value> now' for every key where the two differ."""
+    missing = object()
+    out = []
+    for key in sorted(set(started) | set(now)):
+        before, after = started.get(key, missing), now.get(key, missing)
+        if before != after:
+            shown = ["(not set)" if v is missing else json.dumps(v) for v in (before, after)]
+            out.append(f"{key} {shown[0]} then, {shown[1]} now")
+    return out
+
+
+def check_same_run(folder: str, cfg: Config, field: str, new_one: str, sweep: bool = False) -> bool:
+    """Whether `folder` holds a run (or sweep) already; refuse `cfg` with one ConfigError naming
+    `field` and every key whose value differs from the settings it started with (`new_one` says
+    how to start another instead). A run's results are those of the settings it started with:
+    resumed under others it would report them beside results it never computed."""
+    path = join(folder, SETTINGS_FILE)
+    if not exists(path):
+        return False
+    started = json.loads(read_bytes(path))["identity"]
+    differences = identity_differences(started, run_identity(cfg, sweep))
+    if differences:
+        what = "sweep" if sweep else "run"
+        raise ConfigError(
+            f"{field}: the {what} at {folder} was started with other settings ({'; '.join(differences)}); "
+            f"allowed: the settings it started with, to continue it, or {new_one} for a new {what}"
+        )
+    return True
+
+
+def save_run_settings(folder: str, cfg: Config, sweep: bool = False) -> None:
+    """Record what a run (or sweep) is, in its folder, for `check_same_run` on its next start."""
+    write_json_atomic(join(folder, SETTINGS_FILE), {"identity": run_identity(cfg, sweep)})

@@ -15,6 +15,7 @@ exist (`Split.clean_labels` is None), and the metrics that need them are not com
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -33,7 +34,7 @@ from cmd_ray.datasets import DATA_ROOT, DATASETS, DatasetInfo, load_raw
 from cmd_ray.errors import DataError
 from cmd_ray.labels_file import ImageKeys
 from cmd_ray.noise import NoiseSpec, apply_noise
-from cmd_ray.storage import exists, is_uri, join, local, read_parquet, write_parquet_atomic
+from cmd_ray.storage import exists, is_uri, join, local, read_parquet, remove, write_parquet_atomic
 
 if TYPE_CHECKING:
     from cmd_ray.user_data import SourceIdentity, UserSource
@@ -179,13 +180,15 @@ def materialise(
     seed: int,
     source: Optional[UserSource] = None,
     require_test: bool = False,
+    written: Optional[list[str]] = None,
 ) -> tuple[str, str]:
     """Write the Parquet cache for (data set, noise spec, seed) if absent; return (train, test) paths.
 
     `root` may be an object-storage URI: the cache is then written there (the raw files are
     read from this machine: Debian's package, or DATA_ROOT). `source` is a user's data
     set (`data.name` image_folder or parquet); a test cache with no rows means it has no test split,
-    refused before anything is written when `require_test`."""
+    refused before anything is written when `require_test`. `written` (a list) gets the cache
+    files this call wrote, for a caller that refuses the data afterwards to take them back."""
     if source is None and name not in DATASETS:
         raise DataError(f"data.name: got {name!r}; allowed: one of {', '.join(DATASETS)}")
     identity = source.identity() if source is not None else None  # one listing of the source
@@ -195,22 +198,41 @@ def materialise(
     if exists(train_path) and exists(test_path):
         return train_path, test_path
     raw_root = local(DATA_ROOT if is_uri(root) else root)
-    raw_root.mkdir(parents=True, exist_ok=True)
+    imported = cache_paths(name, root, NoiseSpec("none"), 0, source, identity)[0] if source is not None else None
+    folder = join(root, "cmd-ray-cache")
+    files = [p for p in (train_path, test_path, imported) if p is not None]
+    existed = {p for p in files if exists(p)} | ({folder} if is_uri(folder) or local(folder).is_dir() else set())
     # Workers of one node may all arrive here at once: one downloads and writes, the rest wait.
-    with FileLock(str(raw_root / ".cmd-ray.lock")):
+    with FileLock(lock_file(raw_root)):
         if not (exists(train_path) and exists(test_path)):
             if source is None:
                 _materialise(name, raw_root, spec, seed, train_path, test_path)
             else:
                 # A user's images are decoded once per source: into the cache of the labels as
                 # given; each noise setting then reads that cache and writes its own labels.
-                imported, _ = cache_paths(name, root, NoiseSpec("none"), 0, source, identity)
                 noisy = (spec, seed, train_path) if train_path != imported else None
                 if not exists(imported) or not exists(test_path):
                     _import_user(source, identity, imported, test_path, require_test, noisy)
                 elif noisy is not None:
                     _noisy_from_import(imported, *noisy)
+    if written is not None:  # the files, then the folder if this call made it
+        written += [p for p in (*files, folder) if p not in existed and exists(p)]
     return train_path, test_path
+
+
+def lock_file(raw_root: Path) -> str:
+    """The lock a node's processes take before writing a cache under `raw_root`: in the machine's
+    temporary folder, named by the root, so that a run refused while importing leaves nothing in
+    the user's folders."""
+    import tempfile
+
+    key = hashlib.sha256(str(raw_root.expanduser().resolve()).encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / "cmd-ray-locks"
+    if not folder.is_dir():
+        folder.mkdir(exist_ok=True)
+        with contextlib.suppress(OSError):  # shared by every user of the machine, as /tmp is
+            folder.chmod(0o1777)
+    return str(folder / f"{key}.lock")
 
 
 def _materialise(name: str, raw_root: Path, spec: NoiseSpec, seed: int, train_path: str, test_path: str) -> None:
@@ -371,7 +393,27 @@ def load_data(
     `validation_fraction` moves a seeded share of the (subset) training set, noisy labels
     and all, into `validation`; the peers do not train on it. `source`: a user's data set.
     """
-    train_path, test_path = materialise(name, root, spec, seed, source, require_test=validation_fraction == 0)
+    written: list[str] = []
+    train_path, test_path = materialise(name, root, spec, seed, source, validation_fraction == 0, written)
+    try:
+        return _bundle(train_path, test_path, name, seed, train_subset, test_subset, validation_fraction, source)
+    except DataError:  # refused after the import: a refused run leaves no cache of its own behind
+        for path in written:
+            remove(path)
+        raise
+
+
+def _bundle(
+    train_path: str,
+    test_path: str,
+    name: str,
+    seed: int,
+    train_subset: Optional[int],
+    test_subset: Optional[int],
+    validation_fraction: float,
+    source: Optional[UserSource],
+) -> DataBundle:
+    """A run's splits from its cache files: the subset, the validation split, the realised noise."""
     train, test = read_parquet_split(train_path), read_parquet_split(test_path)
     given = train.meta.get("validation_rows")  # a user's own validation rows
     if given and validation_fraction > 0:
@@ -398,6 +440,8 @@ def load_data(
     if test is not None and test_subset is not None and test_subset < len(test):
         test = test.subset(torch.arange(test_subset))
     train, validation = split_validation(train, validation_fraction, seed)
+    if validation is not None:
+        check_every_class_trains(train, validation, validation_fraction)
     validation = own_validation if own_validation is not None else validation
     noise = {k: train.meta[k] for k in ("noise", "realised_rate", "asked_matrix", "realised_matrix")}
     if "left_out" in train.meta:  # images a labels file does not name, not trained on
@@ -422,6 +466,21 @@ def labels_digest(data: DataBundle) -> str:
             digest.update(split.index.numpy().tobytes())
             digest.update(split.noisy_labels.numpy().tobytes())
     return digest.hexdigest()
+
+
+def check_every_class_trains(train: Split, validation: Split, fraction: float) -> None:
+    """Refuse a validation split that holds every image of a class (by the labels trained on):
+    the peers would never see the class, and its accuracy would say nothing (DataError)."""
+    held = torch.bincount(validation.noisy_labels)
+    kept = torch.bincount(train.noisy_labels, minlength=len(held))
+    lost = [c for c in range(len(held)) if held[c] > 0 and kept[c] == 0]
+    if lost:
+        classes = train.meta.get("classes")
+        name = repr(classes[lost[0]]) if classes else str(lost[0])
+        raise DataError(
+            f"data.validation_fraction: got {fraction:g}, but class {name} has {int(held[lost[0]])} image(s), all held "
+            "out for validation; allowed: a smaller share, or more images of that class"
+        )
 
 
 def split_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Optional[Split]]:

@@ -28,6 +28,19 @@ class StorageError(OSError):
     line naming the file, and the previous version of that file is untouched."""
 
 
+class RayStartError(RuntimeError):
+    """A local Ray did not start (twice): the message is one line with Ray's reason."""
+
+
+class SweepStopped(RuntimeError):
+    """A sweep stopped by SIGINT or SIGTERM before every trial finished: the message says which
+    finished and how to resume; the command exits with `exit_status` (130 for Ctrl-C)."""
+
+    def __init__(self, message: str, exit_status: int):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
 class ExchangeMisalignedError(RuntimeError):
     """Peers disagree on which samples a batch holds: never train on misaligned logits."""
 

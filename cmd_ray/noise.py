@@ -42,6 +42,10 @@ def _check_rate(rate: float) -> None:
 def symmetric_matrix(rate: float, num_classes: int) -> np.ndarray:
     """Flip with probability `rate` to one of the C-1 *other* classes, uniformly. Shape (C, C)."""
     _check_rate(rate)
+    if num_classes < 2:
+        raise NoiseError(
+            f"noise.type: 'symmetric' needs at least 2 classes to flip between; the data have {num_classes}"
+        )
     off = rate / (num_classes - 1)
     matrix = np.full((num_classes, num_classes), off)
     np.fill_diagonal(matrix, 1.0 - rate)

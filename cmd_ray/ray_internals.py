@@ -22,6 +22,11 @@ CHECKPOINT_LOGGER = "ray.train._internal.storage"
 # and says so in a WARNING at every start; the notice asks nothing of a user.
 AUTH_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
 
+# Tune's run loop logs its own stop notices ("Stop signal received ...", "Trials did not complete",
+# and a resume hint naming Tuner.restore) with this module's logger; cmd-ray says what stopped
+# and how to resume in its own words.
+TUNE_RUN_LOGGER = "ray.tune.tune"
+
 # Environment knobs Ray's internals read (not documented settings): name -> what cmd-ray sets.
 # A local embedded Ray has no preemptible nodes: skip Ray Train's preemption watcher, whose actor
 # logs a restart warning at every start.
@@ -35,7 +40,11 @@ API_SERVER_ADDRESS = "RAY_API_SERVER_ADDRESS"
 # and a TensorBoard hint whatever the verbosity); cmd-ray prints its own lines.
 AIR_NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"
 
-ENVIRONMENT_KNOBS = (PREEMPTION_WATCHER, HEALTH_CHECK_INTERVAL, API_SERVER_ADDRESS, AIR_NEW_OUTPUT)
+# Tune catches the first SIGINT itself; with this set it leaves SIGINT to cmd-ray, which asks Tune
+# for the same graceful stop through SIGUSR1 (the signal Tune always listens to) and owns the second.
+TUNE_SIGINT_HANDLER = "TUNE_DISABLE_SIGINT_HANDLER"
+
+ENVIRONMENT_KNOBS = (PREEMPTION_WATCHER, HEALTH_CHECK_INTERVAL, API_SERVER_ADDRESS, AIR_NEW_OUTPUT, TUNE_SIGINT_HANDLER)
 
 
 def report_logger_name() -> str:
@@ -64,3 +73,18 @@ def prepare_local_ray_environment() -> None:
 def prefer_quiet_tune_console() -> None:
     """Before Tune is imported: its older console engine (silent at verbose=0)."""
     os.environ.setdefault(AIR_NEW_OUTPUT, "0")
+
+
+def leave_sigint_to_cmd_ray() -> None:
+    """Before a sweep's fit: Tune installs no SIGINT handler (cmd-ray's own stays), and its run
+    loop's stop notices stay off the console."""
+    os.environ[TUNE_SIGINT_HANDLER] = "1"
+    logging.getLogger(TUNE_RUN_LOGGER).setLevel(logging.CRITICAL)
+
+
+def ask_tune_to_stop() -> None:
+    """Tune's graceful stop (save the experiment state, stop the trials), as its SIGINT handler
+    would start it: Tune listens to SIGUSR1 for that whatever TUNE_DISABLE_SIGINT_HANDLER says."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGUSR1)

@@ -20,11 +20,11 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from cmd_ray.config import Config, ConfigError, from_dict
+from cmd_ray.config import Config, ConfigError, check_same_run, from_dict, save_run_settings
 from cmd_ray.console import console, keep_every_log_line
 from cmd_ray.data import DataBundle, Split, labels_digest
 from cmd_ray.datasets import DatasetInfo
-from cmd_ray.errors import DataMismatchError
+from cmd_ray.errors import DataMismatchError, RayStartError
 from cmd_ray.exchange import (
     CollectiveExchange,
     Placement,
@@ -385,20 +385,29 @@ def start_local_ray(num_cpus: Optional[float] = None, resources: Optional[dict[s
     keep_every_log_line()
     import ray
 
-    port = free_port("127.0.0.1")
-    os.environ[API_SERVER_ADDRESS] = f"http://127.0.0.1:{port}"
-    ray.init(
-        # "local": always a new Ray. Without an address Ray joins the newest local cluster it
-        # finds (/tmp/ray/ray_current_cluster, written by any other Ray started on this machine)
-        # and then refuses the num_cpus and resources given here.
-        address="local",
-        num_cpus=num_cpus,
-        resources=resources,
-        logging_level="WARNING",
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-    )
+    for attempt in (1, 2):  # a loaded machine sometimes misses Ray's start-up deadline once
+        port = free_port("127.0.0.1")
+        os.environ[API_SERVER_ADDRESS] = f"http://127.0.0.1:{port}"
+        try:
+            ray.init(
+                # "local": always a new Ray. Without an address Ray joins the newest local cluster it
+                # finds (/tmp/ray/ray_current_cluster, written by any other Ray started on this
+                # machine) and then refuses the num_cpus and resources given here.
+                address="local",
+                num_cpus=num_cpus,
+                resources=resources,
+                logging_level="WARNING",
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=port,
+            )
+            return
+        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception when its node times out
+            ray.shutdown()
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+            if attempt == 2:
+                raise RayStartError(f"the local Ray did not start, twice ({reason})") from None
+            console(f"[cmd-ray] the local Ray did not start ({reason}); trying once more")
 
 
 def cpus_per_worker(cfg: Config) -> float:
@@ -513,14 +522,18 @@ def train_on_ray(cfg: Config, log: Callable[[str], None] = console, run_name: Op
     """Run one CMD training as a Ray Train TorchTrainer; return the run summary.
 
     Re-running with the same `run_name` (and storage) resumes that run from its latest
-    checkpoint instead of starting over.
+    checkpoint instead of starting over, with the settings it started with only (ConfigError
+    naming the keys that differ, before any work).
     """
     started = time.perf_counter()
+    run_name = run_name or default_run_name(cfg)
+    storage = storage_path(cfg)
+    resumed = check_same_run(join(storage, run_name), cfg, "--run-name", "another --run-name")
     data = load_run_data(cfg)  # builds the Parquet cache once, here, and checks the data
     init_ray(cfg)
     check_cluster_resources(cfg)
-    run_name = run_name or default_run_name(cfg)
-    storage = storage_path(cfg)
+    if not resumed:
+        save_run_settings(join(storage, run_name), cfg)
     workers = cfg.workers
     log(
         f"[cmd-ray] Ray Train: {cfg.method} with {cfg.peers} peers x {cfg.replicas} replicas = {workers} workers "

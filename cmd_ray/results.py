@@ -11,24 +11,29 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cmd_ray import methods
+from cmd_ray.config import NOISE_READS, flatten
 from cmd_ray.grid import point_overrides, trial_config, variant_label
 from cmd_ray.metrics import TEST_ACCURACY, VALIDATION_ACCURACY, ensemble_key, mean_key
 from cmd_ray.storage import exists, join, read_parquet, save_figure
 
-# Config columns every results row carries (the grid's own keys are added to these).
-CONFIG_COLUMNS = ("method", "peers", "replicas", "epochs", "seed", "data.name", "noise.type", "noise.rate")
+# Config columns every results row carries (the grid's own keys are added to these). The noise
+# keys a row's noise type does not read (a rate for a labels file) are left empty.
+CONFIG_COLUMNS = (
+    "method",
+    "peers",
+    "replicas",
+    "epochs",
+    "seed",
+    "data.name",
+    "noise.type",
+    "noise.rate",
+    "noise.matrix",
+    "noise.labels",
+    "noise.labels_key",
+)
+
 ACCURACY = TEST_ACCURACY  # mean of the peers' clean test accuracy
 VALIDATION = VALIDATION_ACCURACY  # mean of the peers' accuracy on the held-out *noisy* labels
-
-
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _clean(value: Any) -> Any:
@@ -52,18 +57,26 @@ def trial_rows(
     """Rows of one trial: trial id, status, its config columns, then each epoch's metrics.
 
     A trial that failed before its first epoch still gets one row (metrics empty)."""
-    flat = _flatten(trial_config(base, point).to_dict())
+    flat = flatten(trial_config(base, point).to_dict())
     head = {"trial_id": trial_id, "status": status, "error": error}
     # Grid keys may name a whole section (e.g. noise: {type, rate}): keep its flattened keys.
     swept = point_overrides(point)
     keys = [k for k in flat if k in CONFIG_COLUMNS or any(k == p or k.startswith(p + ".") for p in swept)]
-    head.update({k: flat[k] for k in keys})
+    head.update({k: flat[k] if _noise_reads(flat, k) else None for k in keys})
     if variant_label(point) is not None:
         head["variant"] = variant_label(point)
         head["reference"] = bool(point["variant"].get("reference", False))
     if not history:
         return [head]
     return [{**head, **{k: _clean(v) for k, v in record.items()}} for record in history]
+
+
+def _noise_reads(flat: dict[str, Any], key: str) -> bool:
+    """Whether a config key holds a value the run used: every key but the noise settings its
+    noise type does not read (a rate nobody asked for is not a result's rate)."""
+    if not key.startswith("noise.") or key == "noise.type":
+        return True
+    return key.split(".", 1)[1] in NOISE_READS.get(flat["noise.type"], ("rate",))
 
 
 # --------------------------------------------------------------------------------------
@@ -116,6 +129,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
+def point_label(row: dict[str, Any]) -> str:
+    """A results row's trial in words: 'ce, symmetric 0.2, seed 0'."""
+    return f"{run_label(row)}, {_noise_label(row)}, seed {row['seed']}"
+
+
 def run_label(row: dict[str, Any]) -> str:
     """What a results row is reported as: its grid variant's label, else its method."""
     return row.get("variant") or row["method"]
@@ -128,24 +146,56 @@ def headline_metric(rows: list[dict[str, Any]]) -> str:
     return VALIDATION if not has_test and any(r.get(VALIDATION) is not None for r in rows) else ACCURACY
 
 
+def _config_keys() -> frozenset[str]:
+    """Every dotted config key a results row may carry as a column."""
+    from cmd_ray.config import Config
+
+    return frozenset(flatten(Config().to_dict()))
+
+
+def cell_labels(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """How tables and plots name each trial's cell: its method (or grid variant) and, where trials
+    of one method and noise setting differ in another swept key (e.g. knowledge.tau_end), that key
+    and value: a cell averages the seeds of one grid point, never different points."""
+    firsts: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        firsts.setdefault(row["trial_id"], row)
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in firsts.values():
+        groups[(run_label(row), _noise_label(row))].append(row)
+    columns = _config_keys() & {k for row in firsts.values() for k in row}
+    split = sorted(
+        k for k in columns - {"seed"} if any(len({repr(r.get(k)) for r in group}) > 1 for group in groups.values())
+    )
+    return {
+        trial: run_label(row) + (" [" + ", ".join(f"{k}={row.get(k)}" for k in split) + "]" if split else "")
+        for trial, row in firsts.items()
+    }
+
+
 def trial_finals(rows: list[dict[str, Any]], last_epochs: int = 1, metric: str = ACCURACY) -> list[dict[str, Any]]:
-    """Per finished trial: method (or variant label), noise, seed, final (mean of the last
-    `last_epochs` epochs) and best `metric` (mean of the peers' accuracy)."""
+    """Per finished trial: its cell's label (method or variant, and any other key its grid point
+    sets apart: `cell_labels`), noise, seed, final (mean of the last `last_epochs` epochs) and
+    best `metric` (mean of the peers' accuracy)."""
     by_trial: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         if row.get("status") == "finished" and row.get(metric) is not None:
             by_trial[row["trial_id"]].append(row)
+    labels = cell_labels([r for trial in by_trial.values() for r in trial])
     out = []
-    for trial_rows_ in by_trial.values():
+    for trial_id, trial_rows_ in by_trial.items():
         trial_rows_.sort(key=lambda r: r["epoch"])
         tail = [r[metric] for r in trial_rows_[-last_epochs:]]
         first = trial_rows_[0]
         out.append(
             {
-                "method": run_label(first),
+                "method": labels[trial_id],
                 "noise": _noise_label(first),
                 "noise.type": first["noise.type"],
-                "noise.rate": first["noise.rate"],
+                # A labels file or a matrix asks for no rate: plotted at the rate it realised.
+                "noise.rate": first["noise.rate"]
+                if first.get("noise.rate") is not None
+                else trial_rows_[-1].get("realised_noise_rate"),
                 "seed": first["seed"],
                 "final": sum(tail) / len(tail),
                 "best": max(r[metric] for r in trial_rows_),
@@ -167,10 +217,22 @@ def _format_mean(values: list[float]) -> str:
     return f"{mean:.2f}±{std:.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
+def table_caption(metric: str, last_epochs: int) -> str:
+    """What a report table's figures are, in one line."""
+    what = "Clean test accuracy" if metric == ACCURACY else "Accuracy on the held-out noisy labels"
+    final = "the last epoch" if last_epochs == 1 else f"the mean of the last {last_epochs} epochs"
+    return (
+        f"{what} (%), the peers' mean (not their ensemble): final = {final}, best = the best epoch; "
+        "mean ± std over seeds (n = seeds of one grid point)."
+    )
+
+
 def report_table(rows: list[dict[str, Any]], last_epochs: int = 1, metric: str = ACCURACY) -> str:
     """Method x noise table: final and best clean test accuracy (or another `metric`), mean +-
-    std over seeds (%)."""
+    std over seeds (%); a cell holds the seeds of one grid point (`cell_labels`)."""
     finals = trial_finals(rows, last_epochs, metric)
+    if not finals:
+        return "No finished trial yet: nothing to tabulate."
     cells: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for f in finals:
         cells[(f["method"], f["noise"])].append(f)
@@ -239,11 +301,12 @@ Curves = dict[tuple[str, str], tuple[list[int], list[float]]]
 
 
 def _epoch_curves(finished: list[dict[str, Any]], metric: str) -> Curves:
-    """Mean over seeds of `metric` per (noise, run label) and epoch: {(noise, label): (epochs, values)}."""
+    """Mean over seeds of `metric` per (noise, cell label) and epoch: {(noise, label): (epochs, values)}."""
+    labels = cell_labels(finished)
     acc: dict[tuple[str, str, int], list[float]] = defaultdict(list)
     for r in finished:
         if r.get(metric) is not None:
-            acc[(_noise_label(r), run_label(r), r["epoch"])].append(r[metric])
+            acc[(_noise_label(r), labels[r["trial_id"]], r["epoch"])].append(r[metric])
     out: Curves = {}
     for (noise, label, epoch), values in sorted(acc.items()):
         xs, ys = out.setdefault((noise, label), ([], []))
@@ -316,7 +379,7 @@ def _plot_final_vs_noise(finals: list[dict[str, Any]], labels: list[str], colour
         for label in labels:
             points: dict[float, list[float]] = defaultdict(list)
             for f in finals:
-                if f["method"] == label and f["noise.type"] == noise_type:
+                if f["method"] == label and f["noise.type"] == noise_type and _known(f["noise.rate"]):
                     points[f["noise.rate"]].append(100 * f["final"])
             if points:
                 xs = sorted(points)
@@ -324,7 +387,7 @@ def _plot_final_vs_noise(finals: list[dict[str, Any]], labels: list[str], colour
                 means, stds = [m for m, _ in stats], [sd for _, sd in stats]
                 ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label, color=colour[label])
         ax.set_title(f"{noise_type} noise")
-        ax.set_xlabel("noise rate")
+        ax.set_xlabel("noise rate" if noise_type not in NOISE_READS else "realised noise rate")
         ax.set_ylabel("final clean test accuracy (%)")
         ax.grid(alpha=0.3)
     _legend_below(fig, axes[0][0])
@@ -352,7 +415,7 @@ def write_plots(
     finished = [r for r in rows if r.get("status") == "finished" and r.get(metric) is not None]
     if not finished:
         return []
-    labels = sorted({run_label(r) for r in finished}, key=_method_order)
+    labels = sorted(set(cell_labels(finished).values()), key=_method_order)
     colour = _colours(labels)
     if validation:
         accuracy = [(VALIDATION, "noisy validation accuracy (%)")]
@@ -378,7 +441,7 @@ def report(
     rows = read_joined(folder, joined or [])
     metric = headline_metric(rows)
     table = "" if metric == ACCURACY else "No test split: accuracy on the held-out noisy labels (%).\n"
-    table += report_table(rows, last_epochs, metric)
+    table += table_caption(metric, last_epochs) + "\n" + report_table(rows, last_epochs, metric)
     table += "\n\nAt the last epoch, mean over seeds (%):\n" + selection_table(rows, metric)
     show(table)
     paths = write_plots(rows, plots_dir or join(folder, "plots"), last_epochs, validation=metric == VALIDATION)
@@ -424,6 +487,11 @@ def _candidate(row: dict[str, Any], varying: set[str]) -> str:
     return ", ".join(f"{k}={row.get(k)}" for k in keys) or "defaults"
 
 
+# Scores closer than this (a fraction of accuracy: 0.005 points) are a tie: the table shows two
+# decimals, and a choice no reader can see is no choice.
+TIE = 5e-5
+
+
 def validation_choice(rows: list[dict[str, Any]], last_epochs: int = 3) -> tuple[str, dict[str, str]]:
     """Rank each method's candidates by noisy-validation accuracy; return (markdown table, best per method).
 
@@ -457,21 +525,39 @@ def validation_choice(rows: list[dict[str, Any]], last_epochs: int = 3) -> tuple
         done = [sum(c) / len(c) for c in cells if c]
         overall[(method, cand)] = sum(done) / len(done) if len(done) == len(noises) else float("nan")
     best: dict[str, str] = {}
+    tied: dict[str, list[str]] = {}
     for method in sorted({m for m, _ in candidates}, key=_method_order):
-        ranked = [
-            (s, c) for (m, c), s in overall.items() if m == method and not math.isnan(s) and (m, c) not in reference
-        ]
-        if ranked:
-            best[method] = max(ranked)[1]
+        ranked = sorted(
+            ((s, c) for (m, c), s in overall.items() if m == method and not math.isnan(s) and (m, c) not in reference),
+            reverse=True,
+        )
+        top = [c for s, c in ranked if ranked[0][0] - s < TIE]
+        if len(top) > 1:
+            tied[method] = sorted(top)
+        elif ranked:
+            best[method] = ranked[0][1]
     lines = ["| method | candidate | " + " | ".join(noises) + " | mean |", "|---" * (len(noises) + 3) + "|"]
     for method, cand in candidates:
         cells = [scores.get((method, cand, n)) for n in noises]
         shown = [f"{100 * sum(c) / len(c):.2f}" if c else "-" for c in cells]
-        mark = " **(chosen)**" if best.get(method) == cand else " (reference)" if (method, cand) in reference else ""
+        mark = (
+            " **(chosen)**"
+            if best.get(method) == cand
+            else " (tie: none chosen)"
+            if cand in tied.get(method, ())
+            else " (reference)"
+            if (method, cand) in reference
+            else ""
+        )
         mean = overall[(method, cand)]
         lines.append(
             f"| {method} | {cand}{mark} | "
             + " | ".join(shown)
             + f" | {'-' if math.isnan(mean) else f'{100 * mean:.2f}'} |"
+        )
+    for method, names in tied.items():
+        lines.append(
+            f"\n{method}: a tie between {', '.join(names)} (within {100 * TIE:g} points): none is chosen; more seeds "
+            "or validation images would separate them"
         )
     return "\n".join(lines), best

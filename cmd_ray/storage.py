@@ -172,6 +172,20 @@ def read_bytes(path: str | Path) -> bytes:
         return stream.read()
 
 
+def remove(path: str | Path) -> None:
+    """Delete a local file (or an empty local folder) or an object, if it is there."""
+    if not is_uri(path):
+        target = local(path)
+        if target.is_dir():
+            target.rmdir()
+        else:
+            target.unlink(missing_ok=True)
+        return
+    fs, where = filesystem(path)
+    if exists(path):
+        fs.delete_file(where)
+
+
 def file_info(path: str | Path) -> tuple[int, Optional[int]]:
     """(size in bytes, modification time in ns or None where the store keeps none) of one file
     or object; FileNotFoundError when there is no such file."""
@@ -209,6 +223,7 @@ def check_writable(field: str, path: str | Path) -> None:
     one line naming the field): a read-only folder, a missing bucket, missing credentials."""
     if not is_uri(path):
         folder = local(path)
+        missing = [p for p in (folder, *folder.parents) if not p.exists()]
         try:
             folder.mkdir(parents=True, exist_ok=True)
             probe = folder / ".cmd-ray-write-test"
@@ -218,6 +233,10 @@ def check_writable(field: str, path: str | Path) -> None:
             raise ValueError(
                 f"{field}: cannot write to {folder} ({err.strerror or err}); allowed: a writable folder"
             ) from None
+        finally:  # the folders are made when something is written there: a refused run leaves none
+            for made in missing:
+                with contextlib.suppress(OSError):
+                    made.rmdir()
         return
     probe = join(path, f".cmd-ray-write-test-{os.getpid()}")
     try:

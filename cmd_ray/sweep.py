@@ -25,12 +25,18 @@ from typing import Any, Optional
 
 import pyarrow as pa
 
-from cmd_ray.config import Config, ConfigError, set_path, with_absolute_paths
+from cmd_ray.config import Config, ConfigError, check_same_run, save_run_settings, set_path, with_absolute_paths
 from cmd_ray.console import console
+from cmd_ray.errors import SweepStopped
 from cmd_ray.grid import VARIANT, check_grid, grid_point, trial_config, variant_label
 from cmd_ray.metrics import is_metric
-from cmd_ray.ray_internals import prefer_quiet_tune_console, quiet_checkpoint_logger
-from cmd_ray.results import rows_table, trial_rows
+from cmd_ray.ray_internals import (
+    ask_tune_to_stop,
+    leave_sigint_to_cmd_ray,
+    prefer_quiet_tune_console,
+    quiet_checkpoint_logger,
+)
+from cmd_ray.results import point_label, rows_table, trial_rows
 from cmd_ray.storage import (
     StorageError,
     absolute,
@@ -235,6 +241,14 @@ def _trial_id(result) -> str:
     return "_".join(Path(str(result.path)).name.split("_")[2:4])
 
 
+def trial_status(error: Any, history: list[dict[str, Any]], epochs: int) -> str:
+    """failed (an error), finished (every epoch recorded), else interrupted (stopped, or never
+    started): a trial is never `finished` without the metrics of its last epoch."""
+    if error is not None:
+        return "failed"
+    return "finished" if len(history) >= epochs else "interrupted"
+
+
 def collect_results(grid) -> pa.Table:
     """One table from a Tune ResultGrid of `cmd_ray.sweep.run_trial` trials."""
     rows: list[dict[str, Any]] = []
@@ -242,8 +256,9 @@ def collect_results(grid) -> pa.Table:
         params = result.config
         trial_id = _trial_id(result)
         error = "" if result.error is None else str(result.error).strip().splitlines()[-1][:500]
-        status = "failed" if result.error is not None else "finished"
         history = _trial_history(result, params["folder"])
+        epochs = trial_config(params["base"], grid_point(params)).epochs
+        status = trial_status(result.error, history, epochs)
         rows += trial_rows(trial_id, grid_point(params), params["base"], history, status, error)
     return rows_table(rows)
 
@@ -351,15 +366,24 @@ def check_resume(cfg: Config, folder: str, resume: bool) -> None:
 
 
 def run_sweep(
-    cfg: Config, resume: bool = False, log: Callable[[str], None] = console, callbacks: Optional[list[Any]] = None
+    cfg: Config,
+    resume: bool = False,
+    log: Callable[[str], None] = console,
+    callbacks: Optional[list[Any]] = None,
+    resume_command: str = "cmd-ray sweep ... --resume",
 ) -> str:
     """Run (or resume) the sweep's grid; write results.parquet; return the sweep folder (or URI).
-    `callbacks`: more Tune callbacks (e.g. the benchmark's trial clock)."""
+    `callbacks`: more Tune callbacks (e.g. the benchmark's trial clock). Stopped by SIGINT or
+    SIGTERM (or with a trial that did not finish), it writes the rows so far and raises
+    SweepStopped, whose message names the trials that finished and `resume_command`."""
     cfg = with_absolute_paths(cfg)  # trials run in folders of their own
     points = check_grid(cfg)
     folder = sweep_dir(cfg)
     check_resume(cfg, folder, resume)
+    known = resume and check_same_run(folder, cfg, "--resume", "another sweep.name", sweep=True)
     prepare_data(cfg, points)
+    if not known:
+        save_run_settings(folder, cfg, sweep=True)
     callback = prepare_wandb(cfg, wandb_dir(cfg, folder))  # sets W&B's environment before Ray starts
     init_ray_for_sweep(cfg, slots=len(points))
     import ray
@@ -371,7 +395,8 @@ def run_sweep(
     )
     started = time.perf_counter()
     tuner = build_tuner(cfg, folder, resume, ([callback] if callback else []) + list(callbacks or []), points)
-    grid = tuner.fit()
+    with StopSignals(resume_command) as stop:
+        grid = tuner.fit()
     table = collect_results(grid)
     try:
         path = write_parquet_atomic(join(folder, "results.parquet"), table)
@@ -379,11 +404,75 @@ def run_sweep(
         raise StorageError(
             err.errno, f"{err.strerror}; the trials are kept: --resume writes it without training"
         ) from None
-    failed = [r for r in grid if r.error is not None]
+    status = {row["trial_id"]: row for row in table.select(["trial_id", "status"]).to_pylist()}
+    counts = {kind: sum(r["status"] == kind for r in status.values()) for kind in ("finished", "failed", "interrupted")}
+    seconds = time.perf_counter() - started
+    if stop.signal is not None or counts["interrupted"]:
+        raise SweepStopped(stopped_message(stop.signal, table, counts, seconds, path, resume_command), stop.exit_status)
     log(
-        f"[cmd-ray] sweep done in {time.perf_counter() - started:.0f} s: {len(grid) - len(failed)} trials finished, "
-        f"{len(failed)} failed; results {path}"
+        f"[cmd-ray] sweep done in {seconds:.0f} s: {counts['finished']} trials finished, "
+        f"{counts['failed']} failed; results {path}"
     )
-    for result in failed:
-        log(f"[cmd-ray] trial {result.path.rsplit('/', 1)[-1]} failed: {str(result.error).splitlines()[0]}")
+    for result in grid:
+        if result.error is not None:
+            log(f"[cmd-ray] trial {_trial_id(result)} failed: {str(result.error).splitlines()[0]}")
     return folder
+
+
+def stopped_message(
+    signum: Optional[int], table: pa.Table, counts: dict[str, int], seconds: float, path: str, resume_command: str
+) -> str:
+    """What a stopped sweep tells its user: which trials finished, and the command that resumes it."""
+    import signal
+
+    by = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}.get(signum, "its trials stopping")
+    finished = sorted({point_label(r) for r in table.to_pylist() if r["status"] == "finished"})
+    return (
+        f"sweep stopped by {by} after {seconds:.0f} s: {counts['finished']} trial(s) finished"
+        + (f" ({'; '.join(finished)})" if finished else "")
+        + f", {counts['interrupted']} not finished (never recorded as finished), {counts['failed']} failed; "
+        f"rows so far in {path}; resume with: {resume_command}"
+    )
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) or SIGTERM while a sweep's trials run: the first asks Tune to stop
+    gracefully (trials stop; Tune saves the experiment state, so `--resume` continues them from
+    their last checkpoints); a second one ends the process at once, with one line and no dump.
+    Signal handlers belong to the main thread; elsewhere this does nothing."""
+
+    def __init__(self, resume_command: str):
+        self.resume_command = resume_command
+        self.signal: Optional[int] = None
+        self._saved: dict[int, Any] = {}
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + (self.signal or 2)
+
+    def __enter__(self) -> StopSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            leave_sigint_to_cmd_ray()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._saved[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signal is None:
+            self.signal = signum
+            console(
+                "[cmd-ray] stopping the sweep: its trials stop, keeping their last checkpoints (again: stop at once)"
+            )
+            ask_tune_to_stop()
+            return
+        console(f"cmd-ray: stopped at once; resume with: {self.resume_command}")
+        os._exit(128 + signum)
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)

@@ -122,11 +122,16 @@ def load_run_data(cfg: Config, check_models: bool = True) -> DataBundle:
     return data
 
 
+def realised_rate(data: DataBundle) -> Optional[float]:
+    """The share of wrong labels among the images trained on (None without clean labels)."""
+    rate = data.noise["subset_realised_rate"]
+    return data.noise["realised_rate"] if rate is None else rate
+
+
 def describe_data(cfg: Config, data: DataBundle) -> str:
     """'3000 train / 10000 test, noise symmetric 0.5 (realised 0.497)' for the start-up line."""
     test = f"{len(data.test)} test" if data.test is not None else f"no test split, {len(data.validation)} validation"
-    rate = data.noise["subset_realised_rate"]
-    rate = data.noise["realised_rate"] if rate is None else rate
+    rate = realised_rate(data)
     noise = {"none": "noise none", "labels": f"noisy labels from {cfg.noise.labels}"}.get(
         cfg.noise.type, f"noise {cfg.noise.type} {cfg.noise.rate:g}"
     )
@@ -202,6 +207,7 @@ def finish_record(
     """The bookkeeping both paths add to an epoch's record: data sizes, and for a run's first
     epoch (`started_at` = when the run started) the time from start to the first step."""
     record.update(train_samples=len(data.train), test_samples=len(data.test) if data.test is not None else 0)
+    record["realised_noise_rate"] = realised_rate(data)
     if started_at is not None:
         record["startup_seconds"] = stats.first_step_at - started_at
     return record

@@ -296,6 +296,11 @@ def _read_folder_split(path: str, field: str, classes: Optional[list[str]], dige
         raise DataError(
             f"{field}: class folder {folder / empty[0]} has no images; allowed: {', '.join(IMAGE_SUFFIXES)} files"
         )
+    if classes is None and len(found) < 2:
+        raise DataError(
+            f"{field}: {folder} has {len(found)} class folder ({found[0]!r}); allowed: at least 2 class folders "
+            "(a classifier of one class has nothing to learn, and no label can be wrong)"
+        )
     classes = classes or found
     unknown = [name for name in found if name not in classes]
     if unknown:
@@ -500,6 +505,8 @@ def _parquet_labels(column, source: UserSource) -> tuple[np.ndarray, list[str]]:
         names = column.to_pylist()
         classes = sorted(set(names))
         _check_class_count(source, len(classes))
+        if len(classes) < 2:
+            raise DataError(f"{where}: only one class ({classes[0]!r}); allowed: at least 2 classes")
         index = {name: i for i, name in enumerate(classes)}
         return np.array([index[n] for n in names], dtype=np.int64), classes
     if not pa.types.is_integer(column.type):

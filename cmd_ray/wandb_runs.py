@@ -99,7 +99,7 @@ class SweepWandbCallback(tune.Callback):
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         from cmd_ray.grid import grid_point, trial_config
 
-        config = trial_config(trial.config["base"], grid_point(trial.config)).to_dict()
+        config = trial_config(trial.config["base"], grid_point(trial.config)).to_used_dict()
         init = {"project": self.project, "group": self.group, "name": str(trial), "config": config}
         if self.entity:
             init["entity"] = self.entity

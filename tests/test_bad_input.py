@@ -89,6 +89,32 @@ def _labels_file(t: Path, labels: list[int]) -> list[str]:
                         "--set", "coteaching.forget_rate=0.2")  # fmt: skip
 
 
+def _one_class(t: Path) -> list[str]:
+    folder = t / "bad-data" / "one"
+    write_image_folder(folder, per_class=3)
+    for name in ("bag", "coat"):
+        for image in (folder / name).iterdir():
+            image.unlink()
+        (folder / name).rmdir()
+    return _folder_args(t, folder, "--set", "noise.rate=0.3")
+
+
+def _class_all_held_out(t: Path) -> list[str]:
+    folder = _own(t)
+    for image in sorted((folder / "bag").iterdir())[1:]:
+        image.unlink()  # one image of `bag` left: a 0.5 validation share can take it
+    return _folder_args(t, folder, "--set", "seed=1", "--set", "noise.type=none")
+
+
+def _labels_by_path(t: Path) -> list[str]:
+    folder = _own(t)
+    path = t / "bad-data" / "noisy.csv"
+    path.write_text(
+        "path,label\n" + "".join(f"{p.parent.name}/{p.name},bag\n" for p in sorted(folder.rglob("*.png"))[1:])
+    )
+    return _folder_args(t, folder, "--set", "noise.type=labels", "--set", f"noise.labels={path}")
+
+
 def _parquet_args(t: Path, *extra: str) -> list[str]:
     return ["prepare", "--set", "data.name=parquet", "--set", f"data.path={_own(t, 'parquet')}",
             "--set", f"data.root={t / 'bad-data'}", "--set", "data.validation_fraction=0.5", *extra]  # fmt: skip
@@ -160,7 +186,14 @@ CASES = [
                                           *_parquet_args(t, "--set", "model.name=preact_resnet18")[1:]],
      re.compile(r"model\.name: 'preact_resnet18' takes 32x32 images, \S+own\.parquet has 28x28; allowed here: ")),
     ("mixed sizes", _mixed_sizes, "data.image_size: got null, but images differ in size"),
-    ("label out of range", lambda t: _labels_file(t, [0, 1, 2, 3, 0, 1]), "noise.labels: label 3 at position 3"),
+    ("label out of range", lambda t: _labels_file(t, [0, 1, 2, 3, 0, 1]),
+     re.compile(r"noise\.labels: \S+noisy\.npy line 4: 3 is not a label of this data set; allowed: an integer 0 to 2")),
+    ("labels file leaves an image out", _labels_by_path,
+     re.compile(r"noise\.labels: \S+noisy\.csv names 0 paths the data set lacks and leaves out 1 of its 6 images "
+                r"\(first: 'ankle/0000\.png'\); allowed: ")),
+    ("one class", _one_class, re.compile(r"data\.path: \S+one has 1 class folder \('ankle'\); allowed: at least 2 ")),
+    ("a class all held out", _class_all_held_out,
+     re.compile(r"data\.validation_fraction: got 0\.5, but class '\w+' has \d image\(s\), all held out for validat")),
     ("labels file too short", lambda t: _labels_file(t, [0, 1, 2]), "noise.labels: "),
     ("labels file missing", lambda t: _folder_args(t, _own(t), "--set", "noise.type=labels", "--set",
                                                    f"noise.labels={t / 'none.npy'}"), "noise.labels: got"),
@@ -201,5 +234,4 @@ def test_bad_input_exits_2_with_one_line_and_no_traceback(argv, expected, tmp_pa
     else:
         assert lines[0].startswith("cmd-ray: error: " + expected), lines[0]
     assert "Traceback" not in err
-    assert not (tmp_path / "runs").exists()
-    assert {p for p in tmp_path.rglob("*")} - before <= {tmp_path / "bad-data" / ".cmd-ray.lock"}
+    assert {p for p in tmp_path.rglob("*")} == before, "a refused run writes nothing: no run folder, lock or cache"

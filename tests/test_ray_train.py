@@ -376,3 +376,31 @@ def test_cli_train_exits_1_on_a_nan_loss_naming_peer_and_step_without_a_resume_h
         f"delete {tmp_path / 'ray' / 'nan' / 'stopped-nonfinite.txt'} to resume this run with other settings)"
     )
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_local_ray_that_fails_to_start_is_tried_once_more_then_one_line(monkeypatch, capsys):
+    """On a loaded machine Ray's node sometimes misses its start-up deadline (a bare Exception
+    with a traceback); cmd-ray tries once more, and a second failure is one line, exit 1."""
+    import ray
+
+    from cmd_ray.cli import main
+    from cmd_ray.ray_train import start_local_ray
+
+    calls = []
+
+    def failing_init(**kwargs):
+        calls.append(kwargs)
+        if len(calls) in (1, 3, 4):
+            raise Exception("Traceback ...\nThe current node timed out during startup. This could happen because ...")
+
+    monkeypatch.setattr(ray, "init", failing_init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    start_local_ray(num_cpus=2)
+    assert len(calls) == 2 and calls[0]["dashboard_port"] != 0
+    assert main(["train", "--set", "epochs=1", "--set", "data.train_subset=64", "--set", "data.test_subset=64"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cmd-ray")]
+    assert err == [
+        "cmd-ray: error: the local Ray did not start, twice (The current node timed out during startup. This could "
+        "happen because ...)"
+    ]

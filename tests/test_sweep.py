@@ -543,3 +543,111 @@ def test_percentage_panels_stop_at_100(tmp_path, monkeypatch):
     monkeypatch.setattr(results, "save_figure", keep_limits)
     results.write_plots(rows, tmp_path)
     assert limits and all(-1.0 <= low and high <= 101.0 for low, high in limits), limits
+
+
+# --------------------------------------------------------------------------------------
+# Outputs that say only what is true
+
+
+def test_a_named_run_or_a_resumed_sweep_continues_only_with_its_own_settings(fake_fmnist_root, tmp_path, capsys):
+    """A run is its settings: resumed under others it would report them beside results it never
+    computed. Refused before any work, in one line naming each key and both values; keys that
+    say only where and how it runs may change."""
+    from cmd_ray.cli import main
+    from cmd_ray.config import check_same_run, save_run_settings
+    from cmd_ray.ray_train import storage_path
+
+    from .conftest import tiny_config
+
+    cfg = tiny_config(fake_fmnist_root, output_dir=str(tmp_path / "out"))
+    run = str(Path(storage_path(cfg)) / "mine")
+    save_run_settings(run, cfg)
+    elsewhere = tiny_config(fake_fmnist_root, output_dir=str(tmp_path / "out"), ray__max_failures=3,
+                            ray__log_level="INFO", testing__step_sleep=0.1)  # fmt: skip
+    assert check_same_run(run, elsewhere, "--run-name", "x")
+    argv = ["train", "--set", f"data.root={fake_fmnist_root}", "--set", f"output_dir={tmp_path / 'out'}",
+            "--set", "epochs=2", "--set", "batch_size=64", "--set", "data.train_subset=512",
+            "--set", "data.test_subset=256", "--set", "noise.rate=0.2", "--set", "peers=3",
+            "--run-name", "mine"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"cmd-ray: error: --run-name: the run at {run} was started with other settings (noise.rate 0.4 then, 0.2 now; "
+        "peers 2 then, 3 now); allowed: the settings it started with, to continue it, or another --run-name for a "
+        "new run"
+    ]
+    assert sorted(p.name for p in Path(run).iterdir()) == ["settings.json"]  # nothing trained, nothing written
+
+    sweep = tmp_path / "sweep"
+    grid = {"noise.rate": [0.2, 0.5], "method": ["ce", "cmd-p"]}
+    swept = from_dict({**cfg.to_dict(), "sweep": {"grid": grid, "max_concurrent_trials": 1}})
+    save_run_settings(str(sweep), swept, sweep=True)
+    more = from_dict({**cfg.to_dict(), "sweep": {"grid": grid, "max_concurrent_trials": 2, "placement": "trial"}})
+    assert check_same_run(str(sweep), more, "--resume", "another sweep.name", sweep=True)
+    other = from_dict({**cfg.to_dict(), "sweep": {"grid": {**grid, "noise.rate": [0.2, 0.8]}}})
+    changed = r"sweep\.grid\.noise\.rate \[0\.2, 0\.5\] then, \[0\.2, 0\.8\] now\)"
+    with pytest.raises(ConfigError, match=r"^--resume: the sweep at \S+ was started with other settings \(" + changed):
+        check_same_run(str(sweep), other, "--resume", "another sweep.name", sweep=True)
+
+
+def test_a_table_cell_holds_the_seeds_of_one_grid_point_and_names_its_figure():
+    """Two values of a swept key at one seed are two cells, never one 'n=2' cell; the caption
+    says the figure is the peers' mean and what final means."""
+    from cmd_ray.results import report_table, table_caption
+
+    base = from_dict({}).to_dict()
+    rows = []
+    for i, (tau, seed, acc) in enumerate(((0.5, 0, 0.30), (0.9, 0, 0.40), (0.9, 1, 0.50))):
+        history = [{"epoch": 0, "mean/test_accuracy": acc}]
+        point = {"knowledge.tau_end": tau, "seed": seed, "method": "cmd-p"}
+        rows += trial_rows(f"t{i}", point, base, history, "finished", "")
+    table = report_table(rows)
+    assert "cmd-p [knowledge.tau_end=0.5] | 30.00 / 30.00 (n=1)" in table
+    assert "cmd-p [knowledge.tau_end=0.9] | 45.00±7.07 / 45.00±7.07 (n=2)" in table
+    assert "35.00" not in table  # the two points are never averaged
+    caption = table_caption("mean/test_accuracy", 5)
+    assert "the peers' mean (not their ensemble)" in caption and "the mean of the last 5 epochs" in caption
+
+
+def test_a_validation_tie_chooses_nothing_and_says_tie():
+    from cmd_ray.results import validation_choice
+
+    base = from_dict({"data": {"validation_fraction": 0.1}}).to_dict()
+    rows = []
+    for i, (tau, acc) in enumerate(((0.5, 0.3833), (0.9, 0.3833), (0.7, 0.30))):
+        history = [{"epoch": 0, "mean/val_accuracy": acc}]
+        rows += trial_rows(f"t{i}", {"knowledge.tau_end": tau, "method": "cmd-p"}, base, history, "finished", "")
+    table, best = validation_choice(rows, last_epochs=1)
+    assert best == {} and "(chosen)" not in table
+    assert table.count("(tie: none chosen)") == 2
+    assert "cmd-p: a tie between knowledge.tau_end=0.5, knowledge.tau_end=0.9" in table
+    rows[0]["mean/val_accuracy"] = 0.3834  # a hundredth of a point apart: a choice
+    assert validation_choice(rows, last_epochs=1)[1] == {"cmd-p": "knowledge.tau_end=0.5"}
+
+
+def test_rows_of_a_labels_file_carry_its_name_and_realised_rate_not_an_unused_rate(tmp_path, capsys):
+    from cmd_ray.cli import main
+    from cmd_ray.results import trial_finals
+
+    labels = tmp_path / "noisy.csv"
+    labels.write_text("0\n1\n")
+    base = from_dict({"method": "ce", "noise": {"type": "labels", "labels": str(labels)}}).to_dict()
+    history = [{"epoch": 0, "mean/test_accuracy": 0.5, "realised_noise_rate": 0.295}]
+    rows = trial_rows("t0", {"seed": 0}, base, history, "finished", "")
+    assert rows[0]["noise.rate"] is None and rows[0]["noise.labels"] == str(labels)
+    (final,) = trial_finals(rows)
+    assert final["noise"] == "labels noisy.csv" and final["noise.rate"] == 0.295
+    argv = ["show-config", "--set", "method=ce", "--set", "noise.type=labels", "--set", f"noise.labels={labels}"]
+    assert main(argv) == 0
+    shown = capsys.readouterr().out
+    noise = shown[shown.index("noise:") : shown.index("model:")]
+    assert "rate" not in noise and f"labels: {labels}" in noise
+
+
+def test_a_trial_is_finished_only_with_every_epoch_recorded():
+    from cmd_ray.sweep import trial_status
+
+    assert trial_status(None, [{"epoch": 0}, {"epoch": 1}], epochs=2) == "finished"
+    assert trial_status(None, [{"epoch": 0}], epochs=2) == "interrupted"
+    assert trial_status(None, [], epochs=2) == "interrupted"  # stopped before its first report
+    assert trial_status(RuntimeError("boom"), [{"epoch": 0}, {"epoch": 1}], epochs=2) == "failed"

@@ -75,7 +75,9 @@ def throughput(cfg: Config, peer_counts: list[int], log: Callable[[str], None] =
     return rows
 
 
-def accuracy(cfg: Config, folder: Path, resume: bool = False, log: Callable[[str], None] = print) -> Path:
+def accuracy(
+    cfg: Config, folder: Path, resume: bool = False, log: Callable[[str], None] = print, resume_command: str = ""
+) -> Path:
     """Run the grid through `cmd-ray sweep` (Ray Tune, the product's path) and copy its
     results.parquet into `folder`, where the table and plots are kept; return the copy.
 
@@ -85,7 +87,7 @@ def accuracy(cfg: Config, folder: Path, resume: bool = False, log: Callable[[str
     from cmd_ray.storage import read_parquet
     from cmd_ray.sweep import run_sweep
 
-    swept = run_sweep(cfg, resume=resume, log=log)
+    swept = run_sweep(cfg, resume=resume, log=log, **({"resume_command": resume_command} if resume_command else {}))
     folder.mkdir(parents=True, exist_ok=True)
     return Path(write_parquet_atomic(folder / "results.parquet", read_parquet(join(swept, "results.parquet"))))
 
