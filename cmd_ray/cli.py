@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from cmd_ray.config import Config, ConfigError, load_config
-from cmd_ray.console import keep_every_log_line
+from cmd_ray.console import keep_every_log_line, ray_noise_kept_off_the_console
 from cmd_ray.errors import DataError, NoiseError, NonFiniteLossError, RayStartError, StorageError, SweepStopped
 from cmd_ray.storage import join, to_json
 
@@ -496,6 +496,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     keep_every_log_line()
     parser = build_parser()
     args = parser.parse_args(argv)
+    ray_before = _ray_running()
+    with ray_noise_kept_off_the_console():
+        try:
+            return _run(args)
+        finally:
+            # Ray's processes end (with their exit noise, which the filter keeps off the console)
+            # before the filter is taken down; a Ray running before the command is left alone.
+            if _ray_running() and not ray_before:
+                sys.modules["ray"].shutdown()
+
+
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, NoiseError, DataError) as err:

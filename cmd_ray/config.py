@@ -410,7 +410,8 @@ def _check_method(cfg: Config) -> None:
         raise ConfigError("noise.matrix: got null; allowed: a path to a C x C matrix file when noise.type is 'matrix'")
     for method in methods.REGISTRY.values():  # every section's ranges, whichever method reads it
         method.check_sections(cfg)
-    methods.get(cfg.method).check(cfg)
+    if not grid_sets_method(cfg):  # else each grid point's method is checked with that point
+        methods.get(cfg.method).check(cfg)
     check_above("optim.lr", cfg.optim.lr, 0)
     check_above("optim.weight_decay", cfg.optim.weight_decay, 0, inclusive=True)
     check_range("optim.momentum", cfg.optim.momentum, 0.0, 1.0)
@@ -487,12 +488,24 @@ def _check_own_data(cfg: Config) -> None:
         raise ConfigError(f"{key}: got {getattr(cfg.noise, given[0])!r}; allowed only with noise.type 'labels'")
     method = methods.get(cfg.method)
     unknown_rate = cfg.noise.type == "labels" or (own and cfg.noise.type == "none")
-    if method.needs_noise_rate(cfg) and unknown_rate and cfg.coteaching.forget_rate is None:
+    needs_rate = method.needs_noise_rate(cfg) and not grid_sets_method(cfg)
+    if needs_rate and unknown_rate and cfg.coteaching.forget_rate is None:
         raise ConfigError(
             "coteaching.forget_rate: got null, but the noise rate of these labels is unknown (the small-loss rule "
             f"of {cfg.method} needs it); allowed: your estimate of the share of wrong labels in [0, 1]"
             + method.noise_rate_hint
         )
+
+
+def grid_sets_method(cfg: Config) -> bool:
+    """Whether every point of the config's sweep grid sets its own method (a `method` axis, or a
+    `variant` axis each of whose variants names one): the top-level method then never runs, and
+    only what the points run is checked (`cmd_ray.grid.check_grid` validates each point)."""
+    grid = cfg.sweep.grid
+    variants = grid.get("variant")
+    return "method" in grid or (
+        isinstance(variants, list) and bool(variants) and all(isinstance(v, dict) and "method" in v for v in variants)
+    )
 
 
 def _check_cluster(cfg: Config) -> None:

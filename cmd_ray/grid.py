@@ -57,8 +57,9 @@ def variant_label(point: dict[str, Any]) -> Optional[str]:
 
 
 def trial_config(base: dict[str, Any], point: dict[str, Any]) -> Config:
-    """The validated config of one grid point: `base` (nested dicts) with the point's values set."""
-    values = base
+    """The validated config of one grid point: `base` (nested dicts) with the point's values set
+    (and no grid of its own: the point is one run, checked as the method it runs)."""
+    values = set_path(base, "sweep.grid", {})
     for key, value in point_overrides(point).items():
         values = set_path(values, key, value)
     return from_dict(values)

@@ -88,3 +88,11 @@ def ask_tune_to_stop() -> None:
     import signal
 
     os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def tune_is_listening() -> bool:
+    """Whether a handler (Tune's, once its run loop has begun) waits for SIGUSR1; without one,
+    SIGUSR1 would end the process."""
+    import signal
+
+    return signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None)

@@ -35,6 +35,7 @@ from cmd_ray.ray_internals import (
     leave_sigint_to_cmd_ray,
     prefer_quiet_tune_console,
     quiet_checkpoint_logger,
+    tune_is_listening,
 )
 from cmd_ray.results import point_label, rows_table, trial_rows
 from cmd_ray.storage import (
@@ -408,7 +409,8 @@ def run_sweep(
     counts = {kind: sum(r["status"] == kind for r in status.values()) for kind in ("finished", "failed", "interrupted")}
     seconds = time.perf_counter() - started
     if stop.signal is not None or counts["interrupted"]:
-        raise SweepStopped(stopped_message(stop.signal, table, counts, seconds, path, resume_command), stop.exit_status)
+        message = stopped_message(stop.signal, table, counts, len(points), seconds, path, resume_command)
+        raise SweepStopped(message, stop.exit_status)
     log(
         f"[cmd-ray] sweep done in {seconds:.0f} s: {counts['finished']} trials finished, "
         f"{counts['failed']} failed; results {path}"
@@ -420,18 +422,26 @@ def run_sweep(
 
 
 def stopped_message(
-    signum: Optional[int], table: pa.Table, counts: dict[str, int], seconds: float, path: str, resume_command: str
+    signum: Optional[int],
+    table: pa.Table,
+    counts: dict[str, int],
+    trials: int,
+    seconds: float,
+    path: str,
+    resume_command: str,
 ) -> str:
     """What a stopped sweep tells its user: which trials finished, and the command that resumes it."""
     import signal
 
     by = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}.get(signum, "its trials stopping")
     finished = sorted({point_label(r) for r in table.to_pylist() if r["status"] == "finished"})
+    started = sum(counts.values())
     return (
-        f"sweep stopped by {by} after {seconds:.0f} s: {counts['finished']} trial(s) finished"
+        f"sweep stopped by {by} after {seconds:.0f} s: {counts['finished']} of {trials} trials finished"
         + (f" ({'; '.join(finished)})" if finished else "")
-        + f", {counts['interrupted']} not finished (never recorded as finished), {counts['failed']} failed; "
-        f"rows so far in {path}; resume with: {resume_command}"
+        + f", {counts['interrupted']} stopped before their last epoch (not recorded as finished), "
+        f"{counts['failed']} failed, {trials - started} not started; rows so far in {path}; "
+        f"resume with: {resume_command}"
     )
 
 
@@ -461,6 +471,8 @@ class StopSignals:
         return self
 
     def _handle(self, signum: int, frame) -> None:
+        if self.signal is None and not tune_is_listening():  # Tune's loop has not begun: nothing to save
+            raise KeyboardInterrupt
         if self.signal is None:
             self.signal = signum
             console(
@@ -469,7 +481,7 @@ class StopSignals:
             ask_tune_to_stop()
             return
         console(f"cmd-ray: stopped at once; resume with: {self.resume_command}")
-        os._exit(128 + signum)
+        os._exit(self.exit_status)
 
     def __exit__(self, *exc) -> None:
         import signal

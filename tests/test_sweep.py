@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cmd_ray.config import ConfigError, from_dict
+from cmd_ray.console import RAY_LINE
 from cmd_ray.data import materialise
 from cmd_ray.grid import check_grid
 from cmd_ray.noise import NoiseSpec
@@ -136,69 +137,63 @@ def sweep_env(fake_fmnist_root, tmp_path):
     return env
 
 
-_PROCESS_PREFIX = re.compile(r"^(?:\x1b\[\d+m)?\((?P<process>[^)]*pid=\d+)\)(?:\x1b\[0m)? ?")
-
-
-def tracebacks_but_ray_sigterm_at_exit(output: str) -> list[str]:
-    """The tracebacks in a sweep's console output, less those of Ray's SIGTERM-at-exit race and
-    the resource-request timeouts Ray Train calls safe to ignore (see _RAY_REQUEST_TIMEOUT).
-
-    Ray reclaims a finished trial's processes with SIGTERM, and its worker's handler raises
-    SystemExit; when that lands while the process is already finalising, Python prints the
-    exception as "ignored" with a traceback. That is Ray's noise, not a fault of the run.
-    Lines are grouped by the "(name pid=N)" prefix Ray puts on each worker's output.
-    """
+def tracebacks_in(output: str) -> list[str]:
+    """Every traceback in a sweep's console output, each with the "(name pid=N)" prefix Ray puts
+    on its process's lines (or "(driver)"). None is passed over: Ray's own harmless noise is kept
+    off the console by cmd-ray (console.RayNoiseFilter), so any traceback here reached a user."""
     by_process: dict[str, list[str]] = {}
     for line in output.splitlines():
-        match = _PROCESS_PREFIX.match(line)
+        match = RAY_LINE.match(line)
         process = match["process"] if match else "driver"
-        by_process.setdefault(process, []).append(line[match.end() :] if match else line)
-    found = []
-    for process, lines in by_process.items():
-        for block in "\n".join(lines).split("Traceback (most recent call last):")[1:]:
-            if "in sigterm_handler" in block and "SystemExit: 1" in block:
-                continue
-            if "in send_resource_request" in block and _RAY_REQUEST_TIMEOUT in block:
-                continue
-            found.append(f"({process}) {block.strip()}")
-    return found
+        by_process.setdefault(process, []).append(match["text"] if match else line)
+    return [
+        f"({process}) {block.strip()}"
+        for process, lines in by_process.items()
+        for block in "\n".join(lines).split("Traceback (most recent call last):")[1:]
+    ]
 
 
-# Ray Train's controller catches this when its resource request to the autoscaling coordinator
-# times out on an overloaded machine (two sweeps on 2 cores) and logs it as a warning with its
-# traceback, "safe to ignore" when transient in Ray's own words; the run goes on.
-_RAY_REQUEST_TIMEOUT = "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready."
+def test_ray_noise_stays_off_the_console_and_everything_else_reaches_it():
+    """Blocks Ray prints and itself calls harmless (a SIGTERM raced at a process's exit, a
+    resource request that timed out on a loaded machine) are dropped; any other traceback, and
+    every other line, passes in order, whatever process printed it."""
+    import io
 
+    from cmd_ray.console import RayNoiseFilter
 
-def test_only_ray_sigterm_at_exit_tracebacks_are_passed_over():
-    ray_noise = (
-        "\x1b[36m(run_trial pid=6922)\x1b[0m Exception ignored in: <function WeakSet._remove>\n"
-        "\x1b[36m(run_trial pid=6922)\x1b[0m Traceback (most recent call last):\n"
-        '\x1b[36m(run_trial pid=6922)\x1b[0m   File "ray/_private/worker.py", line 1063, in sigterm_handler\n'
-        "\x1b[36m(run_trial pid=6922)\x1b[0m SystemExit: 1\n"
-    )
-    wandb_fault = (
-        "(_WandbLoggingActor pid=77) Traceback (most recent call last):\n"
-        '(_WandbLoggingActor pid=77)   File "wandb/sdk/lib/sock_client.py", line 1, in _read\n'
-        "(_WandbLoggingActor pid=77) ConnectionResetError: Connection lost\n"
+    sigterm_race = (
+        "\x1b[36m(_QueueActor pid=2898)\x1b[0m Exception ignored in: <module 'threading'>\n"
+        "\x1b[36m(_QueueActor pid=2898)\x1b[0m Traceback (most recent call last):\n"
+        '\x1b[36m(_QueueActor pid=2898)\x1b[0m   File "ray/_private/worker.py", line 1063, in sigterm_handler\n'
+        "\x1b[36m(_QueueActor pid=2898)\x1b[0m SystemExit: 1\n"
     )
     overloaded = (
         "(TrainController pid=5) Failed to send resource request for x. If this only happens transiently "
         "during network partition or CPU being overloaded, it's safe to ignore this error. If this error "
         "persists, file a GitHub issue.\n"
         "(TrainController pid=5) Traceback (most recent call last):\n"
-        '(TrainController pid=5)   File "ray/train/v2/_internal/execution/scaling_policy/'
-        'autoscaling_coordinator_client.py", line 58, in send_resource_request\n'
-        '(TrainController pid=5)   File "ray/_private/worker.py", line 1007, in get_objects\n'
+        '(TrainController pid=5)   File "ray/train/v2/_internal/autoscaling_coordinator_client.py", line 58, in send\n'
         "(TrainController pid=5) ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.\n"
     )
-    assert tracebacks_but_ray_sigterm_at_exit("[cmd-ray] sweep done\n" + ray_noise + overloaded) == []
-    unexplained = overloaded.replace("in send_resource_request", "in train_fn")
-    assert len(tracebacks_but_ray_sigterm_at_exit(unexplained)) == 1
-    found = tracebacks_but_ray_sigterm_at_exit(ray_noise + wandb_fault + "Traceback (most recent call last):\nKeyError")
-    assert len(found) == 2
-    assert found[0].startswith("(_WandbLoggingActor pid=77)") and "ConnectionResetError" in found[0]
-    assert found[1].startswith("(driver)") and "KeyError" in found[1]
+    wandb_fault = (
+        "(_WandbLoggingActor pid=77) Traceback (most recent call last):\n"
+        '(_WandbLoggingActor pid=77)   File "wandb/sdk/lib/sock_client.py", line 1, in _read\n'
+        "(_WandbLoggingActor pid=77) ConnectionResetError: Connection lost\n"
+    )
+    progress = "(RayTrainWorker pid=3) [ce] epoch   1/3  test acc % [ 74.4  75.7]\n"
+    console = io.StringIO()
+    noise_filter = RayNoiseFilter(console)
+    for text in ("[cmd-ray] sweep 'x': 4 trials\n", sigterm_race[:40], sigterm_race[40:], progress, overloaded,
+                 "(TrainController pid=5) Failed to send resource request, without a traceback\n", wandb_fault,
+                 progress, "Traceback (most recent call last):\nKeyError: 'x'\n"):  # fmt: skip
+        noise_filter.write(text)
+    noise_filter.close_blocks()
+    shown = console.getvalue()
+    assert noise_filter.dropped == 2
+    assert shown.count(progress) == 2 and shown.startswith("[cmd-ray] sweep 'x': 4 trials\n")
+    assert "without a traceback" in shown and "sigterm_handler" not in shown and "GetTimeoutError" not in shown
+    found = tracebacks_in(shown)
+    assert len(found) == 2 and "ConnectionResetError" in found[1] and found[0] == "(driver) KeyError: 'x'"
 
 
 def _files_containing(folder: Path, needle: bytes) -> list[Path]:
@@ -247,7 +242,7 @@ def test_smoke_sweep_writes_table_plots_offline_wandb_and_never_the_key(
         assert _files_containing(Path("/tmp/ray") / session, FAKE_KEY.encode()) == []
     # W&B's logging actors end quietly (no teardown traceback when Ray removes them).
     assert "ConnectionResetError" not in proc.stdout + proc.stderr
-    assert tracebacks_but_ray_sigterm_at_exit(proc.stdout + "\n" + proc.stderr) == [], proc.stderr[-3000:]
+    assert tracebacks_in(proc.stdout + "\n" + proc.stderr) == [], proc.stderr[-3000:]
     # No console noise a user must learn to ignore: Tune's slow-callback warning (the W&B
     # callback used to wait on each trial's queue actor), Ray's restart warning for the W&B
     # logging actor, a spread printed for a single seed, Ray's token-authentication notice.
@@ -353,7 +348,7 @@ def test_two_sweeps_at_once_on_one_machine_each_talk_to_their_own_ray(fake_fmnis
     for name, proc, output in zip(("first", "second"), procs, outputs):
         assert proc.returncode == 0, output[-3000:]
         assert "multiple active Ray instances" not in output, output[-3000:]
-        assert tracebacks_but_ray_sigterm_at_exit(output) == [], output[-3000:]
+        assert tracebacks_in(output) == [], output[-3000:]
         rows = pq.read_table(folder / name / "results.parquet").to_pylist()
         assert len(rows) == 1 and rows[0]["status"] == "finished"
 
@@ -651,3 +646,88 @@ def test_a_trial_is_finished_only_with_every_epoch_recorded():
     assert trial_status(None, [{"epoch": 0}], epochs=2) == "interrupted"
     assert trial_status(None, [], epochs=2) == "interrupted"  # stopped before its first report
     assert trial_status(RuntimeError("boom"), [{"epoch": 0}, {"epoch": 1}], epochs=2) == "failed"
+
+
+def test_a_grid_is_checked_for_the_methods_its_points_run(tmp_path):
+    """With real noisy labels (no known noise rate) the preset's own method (cmd-p) would need
+    coteaching.forget_rate; a grid whose points all run other methods never runs it."""
+    labels = tmp_path / "noisy.npy"
+    labels.write_bytes(b"")
+    noise = {"type": "labels", "labels": str(labels)}
+    for grid in ({"method": ["ce", "dml"]}, {"variant": [{"method": "ce"}, {"method": "dml", "label": "all"}]}):
+        check_grid(from_dict({"method": "cmd-p", "noise": noise, "sweep": {"grid": grid}}))
+    with pytest.raises(ConfigError, match=r"^sweep\.grid: the point method='coteaching' is refused: "
+                                          r"coteaching\.forget_rate: got null"):  # fmt: skip
+        check_grid(from_dict({"method": "cmd-p", "noise": noise, "sweep": {"grid": {"method": ["ce", "coteaching"]}}}))
+    with pytest.raises(ConfigError, match=r"^coteaching\.forget_rate: got null"):  # no grid: the method runs
+        from_dict({"method": "cmd-p", "noise": noise})
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_sweep_says_so_and_the_printed_command_finishes_it(fake_fmnist_root, tmp_path, sweep_env):
+    """Ctrl-C in a terminal reaches the driver and every process of its group (as os.killpg
+    sends it here): the sweep stops, exits 130 with one line naming what finished and the
+    command that resumes it; no trial is recorded finished without every epoch; no traceback or
+    crash dump reaches the console; the printed command then finishes the same sweep."""
+    import shlex
+
+    folder = tmp_path / "sweeps"
+    sweep = folder / "stopped"
+    cmd = _sweep_cmd(fake_fmnist_root, folder, "stopped", "--set", "epochs=3", "--set", "sweep.placement=trial",
+                     "--set", "testing.step_sleep=0.1")  # fmt: skip
+    driver = subprocess.Popen(cmd, env=sweep_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)  # fmt: skip
+    deadline = time.time() + 600
+    while time.time() < deadline and not any(len(h) >= 1 for h in _trial_histories(sweep).values()):
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGINT)
+    output = driver.communicate(timeout=300)[0]
+    assert driver.returncode == 130, output[-3000:]
+    ours = [line for line in output.splitlines() if line.startswith("cmd-ray:")]
+    assert len(ours) == 1 and ours[0].startswith("cmd-ray: sweep stopped by Ctrl-C (SIGINT) after "), output[-3000:]
+    assert re.search(
+        r": \d of 4 trials finished.*, [12] stopped before their last epoch \(not recorded as finished\), "
+        r"0 failed, \d not started; rows so far in ",
+        ours[0],
+    ), ours[0]
+    resume = ours[0].split("resume with: ", 1)[1]
+    assert resume.endswith(" --resume") and "Tuner.restore" not in output
+    assert tracebacks_in(output) == [] and "Fatal Python error" not in output, output[-3000:]
+    rows = pq.read_table(sweep / "results.parquet").to_pylist()
+    assert rows and all(r["status"] != "finished" or r.get("mean/test_accuracy") is not None for r in rows)
+    finished = {r["trial_id"] for r in rows if r["status"] == "finished"}
+    assert all(len([r for r in rows if r["trial_id"] == t]) == 3 for t in finished)
+    assert any(r["status"] == "interrupted" for r in rows)
+
+    words = shlex.split(resume)
+    assert words[:2] == ["cmd-ray", "sweep"]
+    proc = subprocess.run([sys.executable, "-m", "cmd_ray.cli", *words[1:]], env=sweep_env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = pq.read_table(sweep / "results.parquet").to_pylist()
+    assert len(table) == 12 and all(r["status"] == "finished" for r in table)
+
+
+@pytest.mark.parametrize("first", ["SIGINT", "SIGTERM"])
+def test_a_second_stop_signal_ends_the_sweep_at_once_with_one_line(first):
+    """The first SIGINT or SIGTERM asks Tune to stop gracefully (through the SIGUSR1 handler its
+    run loop installs: a stand-in here); a second one ends the process at once: one line, the
+    first signal's status, no traceback."""
+    script = (
+        "import os, signal, time\n"
+        "from cmd_ray.sweep import StopSignals\n"
+        "signal.signal(signal.SIGUSR1, lambda *_: print('tune asked to stop', flush=True))\n"
+        "with StopSignals('cmd-ray sweep --resume'):\n"
+        f"    os.kill(os.getpid(), signal.{first})\n"
+        "    time.sleep(1)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(30)\n"
+        "print('not stopped')\n"
+    )
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert time.time() - started < 20
+    assert proc.returncode == {"SIGINT": 130, "SIGTERM": 143}[first]
+    assert proc.stdout == "tune asked to stop\n"
+    assert proc.stderr.splitlines()[-1] == "cmd-ray: stopped at once; resume with: cmd-ray sweep --resume"
+    assert "Traceback" not in proc.stderr
