@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 # every editable mode).
 PIP_FILTER := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup data run test lint clean loopback
+.PHONY: setup data run test test-fast lint clean loopback
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,13 @@ data:
 run: setup data
 	$(PY) launch/tune.py --config launch/configs/fmnist-smoke.yaml --set sweep.name=fmnist-smoke-$$(date +%Y%m%d-%H%M%S)
 
+# Everything (what CI runs), with the 15 slowest tests named at the end so their time stays visible.
 test: setup data
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
+
+# The unit tier for the edit-run loop: no Ray start, no sweep (about a minute on 2 cores).
+test-fast: setup data
+	$(PY) -m pytest -q -m "not ray" --durations=5 tests
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -321,8 +321,11 @@ def _plot_epoch_grid(
     labels: list[str],
     colour: dict[str, Any],
     path: str,
+    mark_best: bool = False,
 ) -> str:
-    """One row of panels per metric, one column per noise setting, one line per run label."""
+    """One row of panels per metric, one column per noise setting, one line per run label;
+    `mark_best` puts a star on each curve's best epoch (where plain training peaks before it
+    fits the noisy labels, the field's signature picture)."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
@@ -337,7 +340,10 @@ def _plot_epoch_grid(
                     xs, ys = data[(noise, label)]
                     marker = dict(marker="o", ms=3) if len(xs) <= 20 else {}  # long runs: lines only
                     ax.plot(xs, [100 * y for y in ys], label=label, color=colour[label], **marker)
-            ax.set_title(noise if row == 0 else "")
+                    if mark_best:
+                        best = max(range(len(ys)), key=ys.__getitem__)
+                        ax.plot(xs[best], 100 * ys[best], marker="*", ms=11, color=colour[label], mec="black", mew=0.5)
+            ax.set_title(noise + (" (★ best epoch)" if mark_best else "") if row == 0 else "")
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(axis_label)
@@ -422,7 +428,7 @@ def write_plots(
         return [_plot_epoch_grid(finished, accuracy, labels, colour, join(folder, "validation_vs_epoch.png"))]
     accuracy = [(ACCURACY, "clean test accuracy (%)")]
     return [
-        _plot_epoch_grid(finished, accuracy, labels, colour, join(folder, "accuracy_vs_epoch.png")),
+        _plot_epoch_grid(finished, accuracy, labels, colour, join(folder, "accuracy_vs_epoch.png"), mark_best=True),
         _plot_epoch_grid(finished, SELECTION_METRICS, labels, colour, join(folder, "selection_vs_epoch.png")),
         _plot_final_vs_noise(trial_finals(rows, last_epochs), labels, colour, join(folder, "accuracy_vs_noise.png")),
     ]
@@ -443,9 +449,35 @@ def report(
     table = "" if metric == ACCURACY else "No test split: accuracy on the held-out noisy labels (%).\n"
     table += table_caption(metric, last_epochs) + "\n" + report_table(rows, last_epochs, metric)
     table += "\n\nAt the last epoch, mean over seeds (%):\n" + selection_table(rows, metric)
+    found = findings(rows, last_epochs, metric)
+    table += ("\n\n" + "\n".join(found)) if found else ""
     show(table)
     paths = write_plots(rows, plots_dir or join(folder, "plots"), last_epochs, validation=metric == VALIDATION)
     return table, paths
+
+
+def findings(rows: list[dict[str, Any]], last_epochs: int = 1, metric: str = ACCURACY) -> list[str]:
+    """The table in words, one sentence per noise setting: which method ends best, at what final
+    accuracy, over how many seeds, and its margin over plain cross-entropy (`ce`) where the sweep
+    ran it, e.g. 'symmetric 0.5: cmd-p ends best, 78.4% (3 seeds), 23.4 points above ce (55.0%).'"""
+    cells: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for f in trial_finals(rows, last_epochs, metric):
+        cells[(f["noise"], f["method"])].append(100 * f["final"])
+    out = []
+    for noise in sorted({n for n, _ in cells}):
+        means = {m: _mean_std(v)[0] for (n, m), v in cells.items() if n == noise}
+        if len(means) < 2:
+            continue
+        best = max(means, key=means.get)
+        seeds = len(cells[(noise, best)])
+        line = f"{noise}: {best} ends best, {means[best]:.1f}% ({seeds} seed{'s' if seeds > 1 else ''})"
+        if "ce" in means and best != "ce":
+            line += f", {means[best] - means['ce']:.1f} points above ce ({means['ce']:.1f}%)"
+        runner_up = max((m for m in means if m != best), key=means.get)
+        if runner_up != "ce":
+            line += f"; next {runner_up}, {means[runner_up]:.1f}%"
+        out.append(line + ".")
+    return out
 
 
 def selection_table(rows: list[dict[str, Any]], metric: str = ACCURACY) -> str:

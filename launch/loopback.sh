@@ -51,6 +51,6 @@ echo "[loopback] ray down"; "$ray" down -y "$work/cluster.yaml"; up=
 import sys, pyarrow.parquet as pq
 rows = pq.read_table(sys.argv[1]).to_pylist()
 trials = {r["trial_id"] for r in rows}
-assert len(trials) == 4 and all(r["status"] == "finished" for r in rows), rows
+assert len(trials) == 6 and all(r["status"] == "finished" for r in rows), rows
 print(f"[loopback] ok: {len(trials)} trials in {sys.argv[1]}")
 PY

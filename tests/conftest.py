@@ -120,6 +120,34 @@ def write_image_parquet(path: Path, n_train: int, n_test: int, size: int = 28, n
     return path
 
 
+# A test that asks for one of these starts Ray (or a sweep that does): it belongs to the `ray`
+# tier, which `make test` runs and `make test-fast` leaves out.
+RAY_FIXTURES = frozenset({"local_ray", "sweep_env", "cluster", "s3_bucket"})
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that starts Ray (through a Ray fixture) or runs end to end (`slow`) as
+    `ray`; `make test-fast` runs the rest (`-m "not ray"`)."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_in_the_fast_tier(request, monkeypatch):
+    """In the fast tier (`-m "not ray"`), a test that starts Ray in this process fails at once,
+    naming the fix, instead of silently making the tier slow."""
+    if request.node.get_closest_marker("ray") is None and "not ray" in (request.config.getoption("-m") or ""):
+        ray = sys.modules.get("ray")
+        if ray is not None:
+
+            def refuse(*_, **__):
+                raise AssertionError("this test starts Ray: give it the local_ray fixture or @pytest.mark.ray")
+
+            monkeypatch.setattr(ray, "init", refuse)
+    yield
+
+
 @pytest.fixture
 def local_ray():
     """A local Ray shared by every test that asks for one: started on first use (4 logical CPUs,
@@ -155,14 +183,22 @@ def ray_sessions_started_since(started: float) -> list[str]:
     return names
 
 
-def kill_rays_started_since(started: float) -> None:
-    """SIGKILL the daemons (GCS, raylet, dashboard, monitors) of every local Ray whose session
-    began after `started`, such as a killed sweep's own Ray; their workers follow them. Other
-    Rays on the machine are left alone (`ray stop` would stop them all, this test run's too)."""
+def ray_sessions_of(driver_pid: int, root: Path = Path("/tmp/ray")) -> list[str]:
+    """The local Ray sessions a driver process started: Ray names a session folder
+    session_<date>_<time>_<microseconds>_<pid of the process that started it>."""
+    return [folder.name for folder in root.glob(f"session_2*_{driver_pid}")]
+
+
+def kill_the_ray_of(driver_pid: int) -> None:
+    """SIGKILL the daemons (GCS, raylet, dashboard, monitors) of the local Ray that the killed
+    driver `driver_pid` started, such as a killed sweep's own Ray; their workers follow them.
+    Every other Ray on the machine is left alone: `ray stop` would stop them all, this test run's
+    and a user's sweep running beside the tests (an earlier helper that killed every Ray started
+    since the test began took a user's sweep down with it: "cancelled before it started")."""
     import signal
     import time
 
-    sessions = ray_sessions_started_since(started)
+    sessions = ray_sessions_of(driver_pid)
     for _ in range(3):  # a daemon may be starting a child as we look
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():

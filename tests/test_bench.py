@@ -48,6 +48,7 @@ def _bench_accuracy(preset: Path, folder: Path, *extra: str) -> subprocess.Compl
     return proc
 
 
+@pytest.mark.ray  # its own local Ray, in a subprocess
 def test_accuracy_bench_runs_its_grid_through_cmd_ray_sweep_and_resumes_without_training_again(
     fake_fmnist_root, tmp_path
 ):
@@ -75,6 +76,7 @@ def test_accuracy_bench_runs_its_grid_through_cmd_ray_sweep_and_resumes_without_
     )
 
 
+@pytest.mark.ray  # its own local Ray, in a subprocess
 def test_validation_sweep_ranks_candidates_on_noisy_validation_accuracy_without_test_figures(
     fake_fmnist_root, tmp_path, capsys
 ):

@@ -22,6 +22,7 @@ import time
 import pytest
 
 from cmd_ray import storage
+from cmd_ray.ray_internals import API_SERVER_ADDRESS
 
 from .conftest import FAKE_AWS_SECRET, tiny_config
 
@@ -38,9 +39,12 @@ def cluster(s3_bucket):
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    # A local Ray started earlier in this process leaves state behind that a cluster's Ray Train
-    # controller trips on; the modules before this one keep Ray out of the test process.
-    assert not ray.is_initialized(), "a local Ray is running in this test process"
+    # A local Ray started earlier in this process (the local_ray fixture of another module run
+    # by the same test worker) is shut down first, and its dashboard's address, which Ray's
+    # processes would inherit, forgotten: the cluster's processes talk to the cluster.
+    if ray.is_initialized():
+        ray.shutdown()
+    os.environ.pop(API_SERVER_ADDRESS, None)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {"TRAIN_DRIVER": 2}})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
     ray.init(address=cluster.address, logging_level="WARNING")

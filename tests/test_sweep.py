@@ -22,7 +22,7 @@ from cmd_ray.grid import check_grid
 from cmd_ray.noise import NoiseSpec
 from cmd_ray.results import report_table, trial_rows
 
-from .conftest import kill_rays_started_since, ray_sessions_started_since
+from .conftest import kill_the_ray_of, ray_sessions_of, ray_sessions_started_since
 
 FAKE_KEY = "fa4e0000000000000000000000000000deadbeef"  # 40 hex chars, the shape of a W&B key
 
@@ -208,27 +208,44 @@ def _files_containing(folder: Path, needle: bytes) -> list[Path]:
     return hits
 
 
+# Placement workers (a Ray Train run per trial, one trial at a time on 2 cores) sweeps one noise
+# rate; placement trial (two trials at once) the whole grid.
+SMOKE_GRIDS = {
+    "workers": "{noise.rate: [0.5], method: [ce, cmd-p]}",
+    "trial": "{noise.rate: [0.2, 0.5], method: [ce, cmd-p]}",
+}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("placement", ["workers", "trial"])
 def test_smoke_sweep_writes_table_plots_offline_wandb_and_never_the_key(
-    fake_fmnist_root, tmp_path, sweep_env, placement
+    fake_fmnist_root, tmp_path, sweep_env, placement, local_ray
 ):
+    """Also: the sweep starts its own Ray while this test process holds another local Ray (the
+    local_ray fixture), and Ray Train's helpers in the sweep (the placement-group cleaner asks the
+    State API) talk to their own (this replaced a test of two sweeps at once: the same two local
+    Rays on one machine, at the cost of one Ray start instead of two sweeps)."""
     folder = tmp_path / "sweeps"
-    cmd = _sweep_cmd(fake_fmnist_root, folder, "smoke", "--set", f"sweep.placement={placement}")
+    cmd = _sweep_cmd(fake_fmnist_root, folder, "smoke", "--set", f"sweep.placement={placement}",
+                     "--set", f"sweep.grid={SMOKE_GRIDS[placement]}")  # fmt: skip
     started = time.time()
     proc = subprocess.run(cmd, env=sweep_env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "multiple active Ray instances" not in proc.stdout + proc.stderr
     sweep = folder / "smoke"
     table = pq.read_table(sweep / "results.parquet").to_pylist()
-    assert len({r["trial_id"] for r in table}) == 4 and len(table) == 8  # 4 trials x 2 epochs
-    assert {(r["method"], r["noise.rate"]) for r in table} == {("ce", 0.2), ("ce", 0.5), ("cmd-p", 0.2), ("cmd-p", 0.5)}
+    trials = 2 if placement == "workers" else 4
+    assert len({r["trial_id"] for r in table}) == trials and len(table) == 2 * trials  # 2 epochs each
+    rates = (0.5,) if placement == "workers" else (0.2, 0.5)
+    assert {(r["method"], r["noise.rate"]) for r in table} == {(m, rate) for m in ("ce", "cmd-p") for rate in rates}
     assert all(r["status"] == "finished" and r["mean/test_accuracy"] > 0.3 for r in table)
     assert {r["train_samples"] for r in table} == {600}  # the fake data set, not a real one
-    assert "symmetric 0.2 final / best" in proc.stdout and "cmd-p" in proc.stdout
+    assert "symmetric 0.5 final / best" in proc.stdout and "cmd-p" in proc.stdout
+    assert re.search(r"^symmetric 0\.5: (ce|cmd-p) ends best, ", proc.stdout, re.M)  # the finding in words
     for png in ("accuracy_vs_epoch.png", "accuracy_vs_noise.png", "selection_vs_epoch.png"):
         assert (sweep / "plots" / png).stat().st_size > 5000
     runs = list((sweep / "wandb").rglob("offline-run-*"))
-    assert len(runs) == 4, runs
+    assert len(runs) == trials, runs
     assert "wandb sync" in proc.stdout
     # The key is in the environment only: no file the sweep wrote may hold it.
     assert _files_containing(sweep, FAKE_KEY.encode()) == []
@@ -272,14 +289,17 @@ def _trial_histories(sweep: Path) -> dict[str, list[dict]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("placement", ["workers", "trial"])
-def test_sweep_resumes_after_its_driver_is_killed(fake_fmnist_root, tmp_path, sweep_env, placement):
+def test_sweep_resumes_after_its_driver_is_killed(fake_fmnist_root, tmp_path, sweep_env):
+    """Placement workers (each trial a Ray Train run, resumed from Train's checkpoints); a trial
+    placed in its own process resumes from its own checkpoint file, pinned by
+    test_ctrl_c_stops_a_sweep_says_so_and_the_printed_command_finishes_it."""
     folder = tmp_path / "sweeps"
     sweep = folder / "resume"
-    # A short sleep per step keeps each epoch long enough to stop the driver mid-trial.
-    cmd = _sweep_cmd(fake_fmnist_root, folder, "resume", "--set", "epochs=3", "--set", f"sweep.placement={placement}",
-                     "--set", "testing.step_sleep=0.1")  # fmt: skip
-    started = time.time()
+    # A short sleep per step keeps each epoch long enough to stop the driver mid-trial. Two
+    # trials, one at a time: one finishes, the next is killed mid-way.
+    cmd = _sweep_cmd(fake_fmnist_root, folder, "resume", "--set", "epochs=3", "--set", "sweep.placement=workers",
+                     "--set", "testing.step_sleep=0.1",
+                     "--set", "sweep.grid={noise.rate: [0.5], method: [ce, cmd-p]}")  # fmt: skip
     driver = subprocess.Popen(cmd, env=sweep_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)  # fmt: skip
     deadline = time.time() + 600
@@ -295,7 +315,7 @@ def test_sweep_resumes_after_its_driver_is_killed(fake_fmnist_root, tmp_path, sw
         pytest.fail("the sweep never got going")
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, at once
     driver.wait(timeout=60)
-    kill_rays_started_since(started)  # stragglers of the killed local Ray, if any
+    kill_the_ray_of(driver.pid)  # stragglers of the killed driver's own local Ray, if any
     before = _trial_histories(sweep)
     finished_before = {t: h for t, h in before.items() if len(h) == 3}
     unfinished_before = {t: h for t, h in before.items() if len(h) < 3}
@@ -315,7 +335,7 @@ def test_sweep_resumes_after_its_driver_is_killed(fake_fmnist_root, tmp_path, sw
     proc = subprocess.run(cmd + ["--resume"], env=sweep_env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     after = _trial_histories(sweep)
-    assert len(after) == 4 and all(len(h) == 3 for h in after.values())
+    assert len(after) == 2 and all(len(h) == 3 for h in after.values())
     for trial, history in finished_before.items():
         assert [r["finished_at"] for r in after[trial]] == [r["finished_at"] for r in history], "re-ran a trial"
     for trial, history in before.items():  # epochs done before the kill were not trained again
@@ -324,33 +344,7 @@ def test_sweep_resumes_after_its_driver_is_killed(fake_fmnist_root, tmp_path, sw
     resumed = {f"resumed from the checkpoint after epoch {len(h)}" for h in unfinished_before.values() if h}
     assert all(line in proc.stdout + proc.stderr for line in resumed), proc.stdout[-3000:]
     table = pq.read_table(sweep / "results.parquet").to_pylist()
-    assert len(table) == 12 and all(r["status"] == "finished" for r in table)
-
-
-@pytest.mark.slow
-def test_two_sweeps_at_once_on_one_machine_each_talk_to_their_own_ray(fake_fmnist_root, tmp_path, sweep_env):
-    """Each `cmd-ray sweep` starts its own local Ray; Ray Train's helpers (the placement-group
-    cleaner asks the State API) must find their own cluster, not fail on finding two."""
-    folder = tmp_path / "sweeps"
-    env = {**sweep_env, "WANDB_MODE": "disabled"}
-    grid = ["--set", "sweep.grid={method: [cmd-p]}", "--set", "epochs=1", "--set", "ray.cpus_per_worker=0.5"]
-    procs = [
-        subprocess.Popen(
-            _sweep_cmd(fake_fmnist_root, folder, name, *grid, "--set", "sweep.placement=workers"),
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for name in ("first", "second")
-    ]
-    outputs = [proc.communicate(timeout=900)[0] for proc in procs]
-    for name, proc, output in zip(("first", "second"), procs, outputs):
-        assert proc.returncode == 0, output[-3000:]
-        assert "multiple active Ray instances" not in output, output[-3000:]
-        assert tracebacks_in(output) == [], output[-3000:]
-        rows = pq.read_table(folder / name / "results.parquet").to_pylist()
-        assert len(rows) == 1 and rows[0]["status"] == "finished"
+    assert len(table) == 6 and all(r["status"] == "finished" for r in table)
 
 
 @pytest.mark.slow
@@ -731,3 +725,13 @@ def test_a_second_stop_signal_ends_the_sweep_at_once_with_one_line(first):
     assert proc.stdout == "tune asked to stop\n"
     assert proc.stderr.splitlines()[-1] == "cmd-ray: stopped at once; resume with: cmd-ray sweep --resume"
     assert "Traceback" not in proc.stderr
+
+
+def test_the_suite_kills_only_the_ray_of_the_driver_it_killed(tmp_path):
+    """A user's sweep may run beside the test suite: the suite's clean-up after killing a sweep's
+    driver finds that driver's own Ray session by the pid Ray puts in its name, no other."""
+    for name in ("session_2026-12-03_08-41-21_768461_13213", "session_2026-12-03_08-43-32_341985_14626",
+                 "session_2026-12-03_08-44-01_000001_132130", "session_latest"):  # fmt: skip
+        (tmp_path / name).mkdir()
+    assert ray_sessions_of(13213, tmp_path) == ["session_2026-12-03_08-41-21_768461_13213"]
+    assert ray_sessions_of(99, tmp_path) == []
