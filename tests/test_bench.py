@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from cmd_ray.config import from_dict
 from cmd_ray.results import report, validation_choice
