@@ -475,7 +475,7 @@ def findings(rows: list[dict[str, Any]], last_epochs: int = 1, metric: str = ACC
             line += f", {means[best] - means['ce']:.1f} points above ce ({means['ce']:.1f}%)"
         runner_up = max((m for m in means if m != best), key=means.get)
         if runner_up != "ce":
-            line += f"; next {runner_up}, {means[runner_up]:.1f}%"
+            line += f"; next {runner_up}, {means[runner_up]:.1f}% ({means[best] - means[runner_up]:.1f} points behind)"
         out.append(line + ".")
     return out
 
