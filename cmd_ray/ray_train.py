@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from cmd_ray.config import Config, ConfigError, check_same_run, from_dict, save_run_settings
+from cmd_ray.config import Config, ConfigError, from_dict
 from cmd_ray.console import console, keep_every_log_line
 from cmd_ray.data import DataBundle, Split, labels_digest
 from cmd_ray.datasets import DatasetInfo
@@ -37,6 +37,7 @@ from cmd_ray.exchange import (
     make_groups,
     world_backend,
 )
+from cmd_ray.identity import check_same_run, save_run_settings
 from cmd_ray.peer import (
     COUNT_KEYS,
     NonFiniteLossError,

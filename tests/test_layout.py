@@ -28,7 +28,7 @@ LAYERS = [
         "methods.jocor",
     ],  # one module per method; torch-free until a loss is computed
     ["config"],  # the validated settings (its noise section is the noise spec)
-    ["noise", "labels_file", "user_data"],  # label noise, files of noisy labels; a user's images (NumPy)
+    ["noise", "labels_file", "user_data", "identity"],  # label noise, its files; a user's images; what a run is
     ["grid", "models", "data"],  # a sweep's points; networks; the Parquet cache and batches
     ["peer"],  # one peer's step
     ["summary", "exchange"],

@@ -543,7 +543,7 @@ def test_a_named_run_or_a_resumed_sweep_continues_only_with_its_own_settings(fak
     computed. Refused before any work, in one line naming each key and both values; keys that
     say only where and how it runs may change."""
     from cmd_ray.cli import main
-    from cmd_ray.config import check_same_run, save_run_settings
+    from cmd_ray.identity import check_same_run, save_run_settings
     from cmd_ray.ray_train import storage_path
 
     from .conftest import tiny_config
