@@ -470,10 +470,17 @@ def findings(rows: list[dict[str, Any]], last_epochs: int = 1, metric: str = ACC
             continue
         best = max(means, key=means.get)
         seeds = len(cells[(noise, best)])
-        line = f"{noise}: {best} ends best, {means[best]:.1f}% ({seeds} seed{'s' if seeds > 1 else ''})"
-        if "ce" in means and best != "ce":
+        tied = sorted((m for m in means if means[best] - means[m] < 0.05), key=_method_order)  # equal as printed
+        if len(tied) > 1:
+            line = (
+                f"{noise}: {', '.join(tied)} end level at {means[best]:.1f}% ({seeds} seed{'s' if seeds > 1 else ''})"
+            )
+        else:
+            line = f"{noise}: {best} ends best, {means[best]:.1f}% ({seeds} seed{'s' if seeds > 1 else ''})"
+        if "ce" in means and "ce" not in tied:
             line += f", {means[best] - means['ce']:.1f} points above ce ({means['ce']:.1f}%)"
-        runner_up = max((m for m in means if m != best), key=means.get)
+        others = [m for m in means if m not in tied]
+        runner_up = max(others, key=means.get) if others else "ce"
         if runner_up != "ce":
             line += f"; next {runner_up}, {means[runner_up]:.1f}% ({means[best] - means[runner_up]:.1f} points behind)"
         out.append(line + ".")

@@ -120,10 +120,11 @@ class SourceIdentity:
 
 
 def _listing(source: UserSource, path: str) -> list[list]:
-    """[name, size, mtime_ns] of each file of a source (a Parquet source is one file)."""
+    """[name, size, mtime_ns] of each file of a source (a Parquet source is one file, named by its
+    absolute path or URI: `~/data/x.parquet` and `/home/me/data/x.parquet` are one source)."""
     if source.kind == "parquet":
         size, mtime = _source_call(storage.file_info, path)
-        return [[path, size, mtime]]
+        return [[storage.absolute(path), size, mtime]]
     return [[str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns] for folder, p in _folder_files(path)]
 
 

@@ -735,3 +735,22 @@ def test_the_suite_kills_only_the_ray_of_the_driver_it_killed(tmp_path):
         (tmp_path / name).mkdir()
     assert ray_sessions_of(13213, tmp_path) == ["session_2026-12-03_08-41-21_768461_13213"]
     assert ray_sessions_of(99, tmp_path) == []
+
+
+def test_the_finding_in_words_names_the_best_its_margin_over_ce_and_a_level_result_as_level():
+    from cmd_ray.results import findings
+
+    base = from_dict({}).to_dict()
+
+    def rows(finals: dict[str, float]) -> list[dict]:
+        out = []
+        for i, (method, acc) in enumerate(finals.items()):
+            history = [{"epoch": 0, "mean/test_accuracy": acc}]
+            out += trial_rows(f"t{i}", {"method": method}, base, history, "finished", "")
+        return out
+
+    assert findings(rows({"ce": 0.552, "coteaching": 0.7847, "cmd-p": 0.7824})) == [
+        "symmetric 0.4: coteaching ends best, 78.5% (1 seed), 23.3 points above ce (55.2%); next cmd-p, 78.2% "
+        "(0.2 points behind)."
+    ]
+    assert findings(rows({"ce": 1.0, "cmd-p": 1.0})) == ["symmetric 0.4: ce, cmd-p end level at 100.0% (1 seed)."]

@@ -342,3 +342,15 @@ def test_prepare_asks_nothing_of_the_method_or_the_model(tmp_path, capsys):
     assert main(argv) == 0, capsys.readouterr().err
     printed = json.loads(capsys.readouterr().out)
     assert printed["shape"] == [8, 8, 1] and printed["validation_samples"] == 3
+
+
+def test_a_parquet_source_named_two_ways_is_one_source_imported_once(tmp_path, monkeypatch):
+    """The README's walk-through names the file `~/data/x.parquet` in `prepare` and a sweep makes
+    every path absolute: both must find the one import (a path as typed made a second one)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "data").mkdir()
+    write_image_parquet(tmp_path / "data" / "x.parquet", n_train=6, n_test=3)
+    typed = UserSource("parquet", "~/data/x.parquet").identity().fingerprint
+    assert UserSource("parquet", str(tmp_path / "data" / "x.parquet")).identity().fingerprint == typed
+    monkeypatch.chdir(tmp_path / "data")
+    assert UserSource("parquet", "x.parquet").identity().fingerprint == typed
