@@ -187,3 +187,13 @@ def test_a_reference_variant_is_ranked_beside_the_candidates_but_never_chosen():
     assert best == {"cmd-p": "B"}
     assert "| cmd-p | B **(chosen)** | 60.00 | 60.00 | 60.00 |" in table
     assert "| cmd-p | all knowledge (reference) | 70.00 | 70.00 | 70.00 |" in table
+
+
+def test_each_sweep_the_sweep_bench_times_runs_the_whole_grid():
+    """`cmd-ray bench sweep` times the grid through `cmd-ray sweep` in each placement: each
+    timed sweep's config keeps the grid (a trial's own config carries none)."""
+    grid = {"noise.rate": [0.2, 0.5], "method": ["ce", "cmd-p"]}
+    cfg = from_dict({"sweep": {"name": "b", "grid": grid}})
+    timed = bench.sweep_run_config(cfg, "trial", "disabled", "20261203")
+    assert timed.sweep.grid == grid and timed.sweep.placement == "trial" and timed.sweep.wandb.mode == "disabled"
+    assert timed.sweep.name == "b-trial-disabled-20261203"

@@ -25,9 +25,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from cmd_ray.config import Config
+from cmd_ray.config import Config, from_dict, set_path
 from cmd_ray.grid import check_grid, trial_config
 from cmd_ray.storage import join, write_parquet_atomic
 
@@ -239,6 +239,16 @@ SWEEP_RUNS = (  # (label, placement, W&B mode or None for the config's)
 )
 
 
+def sweep_run_config(cfg: Config, placement: str, mode: Optional[str], stamp: str) -> Config:
+    """The sweep `cmd-ray bench sweep` times for one placement (and W&B mode): `cfg`, grid and all,
+    under a sweep name of its own."""
+    values = set_path(cfg.to_dict(), "sweep.placement", placement)
+    values = set_path(values, "sweep.name", f"{cfg.sweep.name}-{placement}-{mode or 'wandb'}-{stamp}")
+    if mode is not None:
+        values = set_path(values, "sweep.wandb.mode", mode)
+    return from_dict(values)
+
+
 def sweep_overhead(
     cfg: Config,
     jobs: int = 2,
@@ -261,10 +271,7 @@ def sweep_overhead(
     figures: dict[str, Any] = {"trials": len(points), "jobs": jobs, "in_process_seconds": pool, "sweeps": {}}
     log(f"[bench sweep] in-process: {pool:.0f} s")
     for label, placement, mode in (r for r in SWEEP_RUNS if r[0] in runs):
-        point = {"sweep.placement": placement, "sweep.name": f"{cfg.sweep.name}-{placement}-{mode or 'wandb'}-{stamp}"}
-        if mode is not None:
-            point["sweep.wandb.mode"] = mode
-        c = trial_config(cfg.to_dict(), point)
+        c = sweep_run_config(cfg, placement, mode, stamp)
         clock = _trial_clock()
         started = time.time()
         folder = run_sweep(c, log=log, callbacks=[clock])
