@@ -191,6 +191,7 @@ COUNT_KEYS = (
     "train_correct",
     "trusted",
     "trusted_clean",
+    "disagreed",
 )
 
 
@@ -237,6 +238,21 @@ def step_counts(parts: LossParts, logits: torch.Tensor, batch: Batch) -> dict[st
     }
 
 
+def disagreement_count(index: int, peer_logits: torch.Tensor) -> float:
+    """Samples of the batch on which peer `index` predicts another class than the other peers,
+    averaged over them: sum_b (1 / (P - 1)) sum_{j != index} [argmax z_index,b != argmax z_j,b].
+
+    peer_logits (P, B, C): every peer's logits on the batch, as exchanged. For two peers this
+    counts the samples the pair disagree on (Co-teaching+'s disagreement set); it needs no clean
+    label, so it is reported for user data too."""
+    predictions = peer_logits.detach().argmax(-1)
+    others = [j for j in range(predictions.shape[0]) if j != index]
+    if not others:
+        return 0.0
+    differ = torch.stack([predictions[index] != predictions[j] for j in others]).float().mean(0)
+    return float(differ.sum())
+
+
 @dataclass
 class StepResult:
     """What one peer step did: summed counts for the epoch, the selection mask, the loss."""
@@ -268,6 +284,7 @@ def peer_step(
     peer.scheduler.step()
     counts = step_counts(parts, logits, batch)
     counts["tau_sum"] = (parts.tau if math.isfinite(parts.tau) else float("nan")) * counts["samples"]
+    counts["disagreed"] = disagreement_count(peer.index, peer_logits)
     return StepResult(counts, parts.selected.detach().cpu(), float(parts.total.detach()))
 
 
@@ -295,6 +312,7 @@ def epoch_metrics(counts: dict[str, float]) -> dict[str, float]:
         "train_clean_accuracy": counts.get("train_correct", 0.0) / n,
         "trusted_fraction": counts.get("trusted", 0.0) / n,
         "trusted_precision": counts.get("trusted_clean", 0.0) / counts["trusted"] if counts.get("trusted") else nan,
+        "disagreement": counts.get("disagreed", nan) / n,
     }
 
 

@@ -202,6 +202,7 @@ def trial_finals(rows: list[dict[str, Any]], last_epochs: int = 1, metric: str =
                 "ensemble_final": trial_rows_[-1].get(ensemble_key(metric.split("/", 1)[1])),
                 "selection_precision": trial_rows_[-1].get(mean_key("selection_precision")),
                 "memorisation": trial_rows_[-1].get(mean_key("memorisation")),
+                "disagreement": trial_rows_[-1].get(mean_key("disagreement")),
             }
         )
     return out
@@ -404,14 +405,15 @@ SELECTION_METRICS = [
     (mean_key("selected_fraction"), "selected fraction (%)"),
     (mean_key("selection_precision"), "selection precision (%)"),
     (mean_key("memorisation"), "memorisation (%)"),
+    (mean_key("disagreement"), "peer disagreement (%)"),
 ]
 
 
 def write_plots(
     rows: list[dict[str, Any]], folder: str | Path, last_epochs: int = 1, validation: bool = False
 ) -> list[str]:
-    """PNG plots: accuracy vs epoch; selected fraction, selection precision and memorisation vs
-    epoch; final accuracy (mean of the last `last_epochs` epochs) vs noise rate. One colour per
+    """PNG plots: accuracy vs epoch; selected fraction, selection precision, memorisation and the
+    peers' disagreement vs epoch; final accuracy (mean of the last `last_epochs` epochs) vs noise rate. One colour per
     method (or grid variant) in every panel. `validation`: accuracy on the held-out noisy labels
     instead of the clean test set, and no final-accuracy plot (for choosing settings)."""
     import matplotlib
@@ -488,22 +490,25 @@ def findings(rows: list[dict[str, Any]], last_epochs: int = 1, metric: str = ACC
 
 
 def selection_table(rows: list[dict[str, Any]], metric: str = ACCURACY) -> str:
-    """Markdown: last-epoch selection precision and memorisation per method and noise (mean over
-    seeds, %; '-' where no clean labels exist)."""
+    """Markdown: last-epoch selection precision, memorisation and the peers' disagreement per
+    method and noise (mean over seeds, %; '-' where a figure is not available, e.g. no clean
+    labels)."""
     finals = trial_finals(rows, metric=metric)
     methods = sorted({f["method"] for f in finals}, key=_method_order)
     noises = sorted({f["noise"] for f in finals})
-    lines = ["| method | " + " | ".join(f"{n}: selection precision / memorisation" for n in noises) + " |"]
+    figures = ("selection_precision", "memorisation", "disagreement")
+    header = " / ".join(figure.replace("_", " ") for figure in figures)
+    lines = ["| method | " + " | ".join(f"{n}: {header}" for n in noises) + " |"]
     lines.append("|---" * (len(noises) + 1) + "|")
     for method in methods:
         cells = []
         for noise in noises:
             group = [f for f in finals if f["method"] == method and f["noise"] == noise]
-            prec = [100 * f["selection_precision"] for f in group if _known(f["selection_precision"])]
-            mem = [100 * f["memorisation"] for f in group if _known(f["memorisation"])]
-            p = f"{_mean_std(prec)[0]:.1f}" if prec else "-"
-            m = f"{_mean_std(mem)[0]:.1f}" if mem else "-"
-            cells.append(f"{p} / {m}")
+            shown = []
+            for figure in figures:
+                values = [100 * f[figure] for f in group if _known(f.get(figure))]
+                shown.append(f"{_mean_std(values)[0]:.1f}" if values else "-")
+            cells.append(" / ".join(shown))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

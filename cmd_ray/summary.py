@@ -44,6 +44,7 @@ def epoch_record(
         "tau",
         "trusted_fraction",
         "trusted_precision",
+        "disagreement",
     ):
         values = [record[peer_key(k, key)] for k in range(len(peer_counts))]
         finite = [v for v in values if not math.isnan(v)]
@@ -80,7 +81,8 @@ def progress_line(record: dict[str, Any], peers: int, epochs: int, label: str = 
         + val
         + f"  loss {record[peer_key(0, 'loss')]:.3f}  tau {_fmt(record[mean_key('tau')], pct=False)}"
         f"  sel {_fmt(record[mean_key('selected_fraction')])}% prec {_fmt(record[mean_key('selection_precision')])}%"
-        f"  mem {_fmt(record[mean_key('memorisation')])}%  {record['samples_per_second']:.0f} samples/s"
+        f"  mem {_fmt(record[mean_key('memorisation')])}%  disagree {_fmt(record.get(mean_key('disagreement')))}%"
+        f"  {record['samples_per_second']:.0f} samples/s"
         f"  exch {100 * record['exchange_fraction']:.1f}%"
     )
 

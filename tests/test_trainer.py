@@ -34,6 +34,7 @@ def test_every_method_trains_and_reports_per_epoch_metrics(fake_fmnist_root, met
     first = summary["history"][0]
     for key in ("loss", "ce_loss", "distill_loss", "selected_fraction", "memorisation", "label_correction_rate"):
         assert f"peer0/{key}" in first
+    assert all(0.0 <= record["mean/disagreement"] <= 1.0 for record in summary["history"])
     if method == "ce":
         assert summary["selected_fraction"]["peer0"] == 0.0
         assert first["peer0/distill_loss"] == 0.0
@@ -44,6 +45,23 @@ def test_every_method_trains_and_reports_per_epoch_metrics(fake_fmnist_root, met
         assert 0.0 < summary["selected_fraction"]["peer0"] <= 1.0
     # The fake data are easy: every method must learn them despite 40% noise.
     assert summary["test_accuracy"]["ensemble"]["best"] > 0.5
+
+
+def test_disagreement_counts_the_samples_a_peer_predicts_unlike_the_others_averaged_over_them():
+    from cmd_ray.peer import disagreement_count, epoch_metrics
+
+    def logits_for(predictions):  # (P, B) class ids -> (P, B, 3) logits with those argmaxes
+        return torch.nn.functional.one_hot(torch.tensor(predictions), 3).float()
+
+    two = logits_for([[0, 1, 2, 2], [0, 2, 2, 1]])
+    assert disagreement_count(0, two) == disagreement_count(1, two) == 2.0  # samples 1 and 3
+    three = logits_for([[0, 1, 2, 2], [0, 2, 2, 1], [0, 1, 1, 1]])
+    # peer 0 differs from peer 1 on 2 samples and from peer 2 on 2: (2 + 2) / 2
+    assert disagreement_count(0, three) == 2.0
+    # peer 2 differs from peer 0 on samples 2, 3 and from peer 1 on samples 1, 2: (2 + 2) / 2
+    assert disagreement_count(2, three) == 2.0
+    assert disagreement_count(1, logits_for([[1, 1], [1, 1]])) == 0.0
+    assert epoch_metrics({"samples": 8.0, "disagreed": 2.0})["disagreement"] == 0.25
 
 
 def test_validation_accuracy_is_scored_on_held_out_noisy_labels_never_clean_ones(fake_fmnist_root, monkeypatch):

@@ -254,6 +254,7 @@ def test_own_labels_train_without_clean_label_metrics_and_report_validation_with
     for key in ("selection_precision", "memorisation", "label_correction_rate", "train_clean_accuracy"):
         assert math.isnan(record[f"peer0/{key}"]), key  # not available, never computed on noisy labels
     assert record["peer0/selected_fraction"] > 0  # what needs no clean labels is still there
+    assert 0.0 <= record["mean/disagreement"] <= 1.0
     assert summary["noise"]["realised_rate"] is None and "rate" not in summary["noise"]  # no rate was asked for
 
 
