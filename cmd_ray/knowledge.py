@@ -111,7 +111,8 @@ class Formulation:
     certainty, threshold_on: see `certainty` and `select`; loss: kl | label_correction |
     target_mix (how selected knowledge enters the loss); weight, temperature: lambda, T of
     `kl`; epsilon: certainty (eps = g(s) c(q)) | trust (eps = g(s)) for label correction;
-    label_trust: all | small_loss | agreement (which noisy labels the label term keeps);
+    label_trust: all | small_loss | joint_small_loss | agreement (which noisy labels the label
+    term keeps); joint_weight: JoCoR's lambda in the joint loss that joint_small_loss ranks by;
     target: soft | hard (distil q itself, or its argmax as a one-hot pseudo-label).
     """
 
@@ -124,6 +125,7 @@ class Formulation:
     epsilon: str = "certainty"
     label_trust: str = "all"
     target: str = "soft"  # soft: the peers' mean probabilities q | hard: one-hot argmax q
+    joint_weight: float = 0.9  # lambda of the joint loss, label_trust joint_small_loss only
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,24 @@ def coteaching_keep(source_losses: torch.Tensor, forget_rate: float) -> torch.Te
     return keep
 
 
-LABEL_TRUST = ("all", "small_loss", "agreement")
+def joint_loss(all_logits: list[torch.Tensor], noisy_labels: torch.Tensor, weight: float):
+    """JoCoR's per-sample joint loss (B,) and its two parts (label, agreement), from every peer's
+    logits (B, C) in peer order: (1 - lambda) sum_k CE(z_k, y~) + lambda / (P - 1) sum_{j != k}
+    KL(p_j || p_k), lambda = `weight` (for P = 2, the published symmetric KL)."""
+    peers = len(all_logits)
+    log_probs = [F.log_softmax(z, dim=-1) for z in all_logits]
+    label = (1.0 - weight) * torch.stack([F.nll_loss(lp, noisy_labels, reduction="none") for lp in log_probs]).sum(0)
+    pairs = [
+        (log_probs[j].exp() * (log_probs[j] - log_probs[k])).sum(-1)  # KL(p_j || p_k)
+        for k in range(peers)
+        for j in range(peers)
+        if j != k
+    ]
+    agreement = (weight / (peers - 1)) * torch.stack(pairs).sum(0)
+    return label + agreement, label, agreement
+
+
+LABEL_TRUST = ("all", "small_loss", "joint_small_loss", "agreement")
 
 
 def trusted_labels(
@@ -200,18 +219,28 @@ def trusted_labels(
     forget_rate: float,
     target: torch.Tensor,
     selected: torch.Tensor,
+    everyone: Optional[torch.Tensor] = None,
+    joint_weight: float = 0.9,
 ) -> torch.Tensor:
     """Which noisy labels the label term keeps, (B,) bool.
 
     all: every label. small_loss: the (1 - r) share of the batch with the smallest mean loss
-    under the other peers (Co-teaching's rule; sources (J, B, C) their logits). agreement:
-    every label except where selected knowledge names another class (argmax q != y~).
+    under the other peers (Co-teaching's rule; sources (J, B, C) their logits).
+    joint_small_loss: the (1 - r) share with the smallest JoCoR joint loss over every peer
+    (`everyone` (P, B, C), detached, this peer's own included), so all peers trust the same
+    labels: those they both fit and agree on. agreement: every label except where selected
+    knowledge names another class (argmax q != y~).
     """
     if rule == "all":
         return torch.ones_like(noisy_labels, dtype=torch.bool)
     if rule == "small_loss":
         losses = torch.stack([F.cross_entropy(s, noisy_labels, reduction="none") for s in sources])
         return coteaching_keep(losses, forget_rate)
+    if rule == "joint_small_loss":
+        if everyone is None:
+            raise ValueError("labels.trust joint_small_loss needs every peer's logits")
+        joint, _, _ = joint_loss(list(everyone), noisy_labels, joint_weight)
+        return coteaching_keep(joint[None], forget_rate)
     if rule == "agreement":
         return ~(selected & (target.argmax(-1) != noisy_labels))
     raise ValueError(f"labels.trust: got {rule!r}; allowed: {', '.join(LABEL_TRUST)}")
@@ -258,7 +287,10 @@ def peer_loss(
     probs = F.softmax(sources, dim=-1)
     mask = select(certainty(probs, form.certainty), at.tau, form.threshold_on)
     target, selected = selected_target(sources, mask, 1.0)
-    trusted = trusted_labels(sources, noisy_labels, form.label_trust, at.forget_rate, target, selected)
+    everyone = peer_logits.detach().float() if form.label_trust == "joint_small_loss" else None
+    trusted = trusted_labels(
+        sources, noisy_labels, form.label_trust, at.forget_rate, target, selected, everyone, form.joint_weight
+    )
     label_weight = trusted.float()
     if form.loss == "kl":
         t = form.temperature

@@ -92,7 +92,11 @@ BAD = [
     ),
     ({"distill": {"trust_midpoint": 1.5}}, r"^distill\.trust_midpoint: got 1\.5; allowed: a number in \[0\.0, 1\.0\]$"),
     ({"distill": {"trust_steepness": 0}}, r"^distill\.trust_steepness: got 0\.0; allowed: a number > 0$"),
-    ({"labels": {"trust": "clean"}}, r"^labels\.trust: got 'clean'; allowed: one of 'all', 'small_loss', 'agreement'$"),
+    (
+        {"labels": {"trust": "clean"}},
+        r"^labels\.trust: got 'clean'; allowed: one of 'all', 'small_loss', "
+        r"'joint_small_loss', 'agreement'$",
+    ),
     ({"use_gpu": "yes"}, r"^use_gpu: got 'yes'; allowed: true or false$"),
     ({"data": 3}, r"^data: got 3; allowed: a mapping of its keys$"),
     ({"batch_size": 10, "replicas": 3}, r"^batch_size: got 10; allowed: a multiple of replicas=3$"),

@@ -135,12 +135,66 @@ def test_coteaching_plus_is_coteaching_before_init_epochs_and_still_when_no_peer
     assert not parts.selected.any() and parts.total.item() == 0.0 and not own.grad.any()
 
 
+def test_cmd_with_joint_small_loss_trusts_the_labels_jocors_joint_loss_keeps_the_same_for_every_peer():
+    cfg = {
+        "labels": {"trust": "joint_small_loss", "joint_weight": 0.7},
+        "coteaching": {"forget_rate": 0.5, "ramp_epochs": 0},
+    }
+    plan = _plan("cmd-p", **cfg)
+    # Sample 0: peer 1 fits its label, peer 0 predicts the other class: Co-teaching's rule for
+    # peer 0 (peer 1's loss alone) trusts it, the joint loss (both losses and their disagreement) not.
+    z1 = [[-3.0, 3.0], *Z1[1:]]
+    z2 = [[3.0, -3.0], *Z2[1:]]
+    peer_logits = torch.tensor([z1, z2])
+    labels = torch.tensor(LABELS)
+    by_hand = _jocor_by_hand(z1, z2, LABELS, 0.7)
+    keep = sorted(sorted(range(4), key=by_hand.__getitem__)[:2])
+    for peer in range(2):
+        parts = plan.loss(peer, peer_logits[peer].clone(), peer_logits, labels, LATE)
+        assert parts.trusted.nonzero().flatten().tolist() == keep, peer  # the same labels for both peers
+    jocor = _plan("jocor", jocor={"weight": 0.7}, coteaching=cfg["coteaching"]).loss(
+        0, peer_logits[0], peer_logits, labels, LATE
+    )
+    assert jocor.selected.nonzero().flatten().tolist() == keep  # JoCoR keeps these samples too
+    small_loss = _plan("cmd-p", coteaching=cfg["coteaching"]).loss(0, peer_logits[0], peer_logits, labels, LATE)
+    assert 0 in small_loss.trusted.nonzero().flatten().tolist() and 0 not in keep
+
+
+def test_cmd_warm_up_selects_no_knowledge_before_its_epochs_and_as_usual_after():
+    plan = _plan("cmd-p", knowledge={"warmup_epochs": 2})
+    usual = _plan("cmd-p")
+    peer_logits, labels = torch.tensor([Z1, Z2]), torch.tensor(LABELS)
+    early = StepSchedule(step=19, total_steps=1000, steps_per_epoch=10)  # epoch 1.9
+    after = StepSchedule(step=20, total_steps=1000, steps_per_epoch=10)
+    assert math.isinf(plan.values(early).tau) and not math.isinf(usual.values(early).tau)
+    assert not plan.loss(0, peer_logits[0], peer_logits, labels, early).selected.any()
+    assert plan.values(after) == usual.values(after)
+    assert _plan("dml", knowledge={"warmup_epochs": 2}).values(early).tau == -math.inf  # DML: all knowledge, always
+
+
+def test_every_cmd_setting_reaches_its_formulation_field():
+    """formulation_of names every field: a setting wired to the wrong field would fail here."""
+    cfg = {
+        "knowledge": {"certainty": "max_prob", "threshold_on": "quantile"},
+        "distill": {"loss": "target_mix", "weight": 3.0, "temperature": 2.0, "epsilon": "trust", "target": "hard"},
+        "labels": {"trust": "joint_small_loss", "joint_weight": 0.25},
+    }
+    form = _plan("cmd-s", **cfg).form
+    assert dataclasses.asdict(form) == {
+        "schedule": "static", "certainty": "max_prob", "threshold_on": "quantile", "loss": "target_mix",
+        "weight": 3.0, "temperature": 2.0, "epsilon": "trust", "label_trust": "joint_small_loss",
+        "target": "hard", "joint_weight": 0.25,
+    }  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "values,match",
     [
         ({"method": "jocor", "jocor": {"weight": 1.5}}, r"^jocor.weight: got 1.5; allowed: a number in \[0.0, 1.0\]$"),
         ({"coteaching_plus": {"init_epochs": -1}}, r"^coteaching_plus.init_epochs: got -1.0; allowed: a number >= 0$"),
         ({"jocor": {"lambda": 0.9}}, r"^jocor.lambda: unknown key; allowed at this level: weight$"),
+        ({"labels": {"joint_weight": 2}}, r"^labels.joint_weight: got 2.0; allowed: a number in \[0.0, 1.0\]$"),
+        ({"knowledge": {"warmup_epochs": -1}}, r"^knowledge.warmup_epochs: got -1.0; allowed: a number >= 0$"),
     ],
 )
 def test_bad_method_settings_are_refused_naming_the_field(values, match):

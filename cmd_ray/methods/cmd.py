@@ -9,6 +9,7 @@ knowledge: tau = -inf) reuse as CMD's special cases.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional
 
@@ -34,6 +35,9 @@ class KnowledgeConfig:
     shape: Literal["logistic", "linear"] = "logistic"
     steepness: float = 10.0  # B in g(s) = 1 / (1 + exp(-B (s - s0)))
     midpoint: float = 0.5  # s0
+    # cmd-s / cmd-p: epochs at the start in which no knowledge is selected (the peers learn from
+    # the label term alone before they distil each other's still-unformed knowledge); 0 = none.
+    warmup_epochs: float = 0.0
 
 
 @dataclass
@@ -67,10 +71,19 @@ class LabelsConfig:
     """Which noisy labels the label term of a cmd-s / cmd-p peer's loss keeps."""
 
     # all: every label | small_loss: the (1 - r(t)) share of each batch with the smallest loss
-    # under the other peers (Co-teaching's rule, r(t) from coteaching.*) | agreement: every label
-    # except where the selected knowledge names another class.
+    # under the other peers (Co-teaching's rule, r(t) from coteaching.*) | joint_small_loss: the
+    # (1 - r(t)) share with the smallest JoCoR joint loss over all peers (every peer trusts the
+    # same labels: those the peers both fit and agree on) | agreement: every label except where
+    # the selected knowledge names another class.
     # small_loss was chosen on a noisy validation split in the memorisation regime (docs/ACCURACY.md).
-    trust: Literal["all", "small_loss", "agreement"] = "small_loss"
+    trust: Literal["all", "small_loss", "joint_small_loss", "agreement"] = "small_loss"
+    # lambda of the joint loss (1 - lambda) sum CE + lambda sum KL that joint_small_loss ranks
+    # samples by (JoCoR's published 0.9); joint_small_loss only.
+    joint_weight: float = 0.9
+
+
+# The label trusts that drop the large-loss share r(t) of each batch (Co-teaching's schedule).
+SMALL_LOSS_TRUST = ("small_loss", "joint_small_loss")
 
 
 def formulation_of(cfg: Any, schedule: str) -> Formulation:
@@ -79,7 +92,16 @@ def formulation_of(cfg: Any, schedule: str) -> Formulation:
 
     k, d = cfg.knowledge, cfg.distill
     return Formulation(
-        schedule, k.certainty, k.threshold_on, d.loss, d.weight, d.temperature, d.epsilon, cfg.labels.trust, d.target
+        schedule=schedule,
+        certainty=k.certainty,
+        threshold_on=k.threshold_on,
+        loss=d.loss,
+        weight=d.weight,
+        temperature=d.temperature,
+        epsilon=d.epsilon,
+        label_trust=cfg.labels.trust,
+        target=d.target,
+        joint_weight=cfg.labels.joint_weight,
     )
 
 
@@ -89,14 +111,14 @@ class DistillationPlan(Plan):
 
     form: Formulation
     knowledge: Any  # the knowledge section, for tau(s)
-    forget: Optional[ForgetSchedule]  # labels.trust small_loss only
+    forget: Optional[ForgetSchedule]  # labels.trust small_loss / joint_small_loss only
     trust_steepness: float = 10.0
     trust_midpoint: float = 0.5
     mix_weight: float = 1.0
 
     @classmethod
     def of(cls, cfg: Any, form: Formulation, noise_rate: Optional[float]) -> DistillationPlan:
-        forget = ForgetSchedule.of(cfg, noise_rate) if form.label_trust == "small_loss" else None
+        forget = ForgetSchedule.of(cfg, noise_rate) if form.label_trust in SMALL_LOSS_TRUST else None
         d = cfg.distill
         return cls(form, cfg.knowledge, forget, d.trust_steepness, d.trust_midpoint, d.mix_weight)
 
@@ -109,7 +131,10 @@ class DistillationPlan(Plan):
             trust = self.mix_weight
         else:
             trust = global_trust(when.progress, self.trust_steepness, self.trust_midpoint)
-        return StepValues(threshold(self.form.schedule, when.progress, self.knowledge), forget_rate, trust)
+        tau = threshold(self.form.schedule, when.progress, self.knowledge)
+        if self.form.schedule in ("static", "progressive") and when.epoch_progress < self.knowledge.warmup_epochs:
+            tau = math.inf  # warm-up: no knowledge selected yet
+        return StepValues(tau, forget_rate, trust)
 
     def loss(self, peer_index, logits, peer_logits, noisy_labels, when):
         from cmd_ray.knowledge import peer_loss
@@ -128,6 +153,8 @@ class _Cmd(Method):
         for name in ("tau", "tau_start", "tau_end", "midpoint"):
             check_range(f"knowledge.{name}", getattr(k, name), 0.0, 1.0)
         check_above("knowledge.steepness", k.steepness, 0)
+        check_above("knowledge.warmup_epochs", k.warmup_epochs, 0, inclusive=True)
+        check_range("labels.joint_weight", cfg.labels.joint_weight, 0.0, 1.0)
         check_above("distill.weight", d.weight, 0, inclusive=True)
         check_above("distill.temperature", d.temperature, 0)
         check_range("distill.mix_weight", d.mix_weight, 0.0, 1.0)
@@ -135,7 +162,7 @@ class _Cmd(Method):
         check_range("distill.trust_midpoint", d.trust_midpoint, 0.0, 1.0)
 
     def needs_noise_rate(self, cfg: Any) -> bool:
-        return cfg.labels.trust == "small_loss"
+        return cfg.labels.trust in SMALL_LOSS_TRUST
 
     def plan(self, cfg: Any, noise_rate: Optional[float]) -> Plan:
         return DistillationPlan.of(cfg, formulation_of(cfg, self.schedule), noise_rate)

@@ -30,32 +30,13 @@ class JocorConfig:
     weight: float = 0.9
 
 
-def joint_loss(all_logits: list, noisy_labels, weight: float):
-    """JoCoR's per-sample joint loss (B,) and its two parts (label, agreement), from each peer's
-    logits (B, C) in peer order (the caller's own with gradient, the others detached)."""
-    import torch
-    from torch.nn import functional as F
-
-    peers = len(all_logits)
-    log_probs = [F.log_softmax(z, dim=-1) for z in all_logits]
-    label = (1.0 - weight) * torch.stack([F.nll_loss(lp, noisy_labels, reduction="none") for lp in log_probs]).sum(0)
-    pairs = [
-        (log_probs[j].exp() * (log_probs[j] - log_probs[k])).sum(-1)  # KL(p_j || p_k)
-        for k in range(peers)
-        for j in range(peers)
-        if j != k
-    ]
-    agreement = (weight / (peers - 1)) * torch.stack(pairs).sum(0)
-    return label + agreement, label, agreement
-
-
 @dataclass(frozen=True)
 class JocorPlan(Plan):
     forget: ForgetSchedule
     weight: float
 
     def loss(self, peer_index, logits, peer_logits, noisy_labels, when):
-        from cmd_ray.knowledge import LossParts, coteaching_keep
+        from cmd_ray.knowledge import LossParts, coteaching_keep, joint_loss
 
         own = logits.float()
         exchanged = peer_logits.detach().float()
