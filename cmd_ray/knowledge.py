@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from torch.nn import functional as F
-
-if TYPE_CHECKING:
-    from cmd_ray.methods.cmd import KnowledgeConfig
 
 SCHEDULES = ("zero", "all", "static", "progressive")
 
@@ -55,17 +52,26 @@ def progressive_tau(
     return tau_start + (tau_end - tau_start) * g
 
 
-def threshold(schedule: str, progress: float, knowledge_cfg: KnowledgeConfig) -> float:
-    """tau(s) for a schedule: -inf selects everything (all), +inf nothing (zero)."""
+def threshold(
+    schedule: str,
+    progress: float,
+    tau: float = 0.5,
+    tau_start: float = 0.3,
+    tau_end: float = 0.7,
+    shape: str = "logistic",
+    steepness: float = 10.0,
+    midpoint: float = 0.5,
+) -> float:
+    """tau(s) for a schedule: `tau` (static), `progressive_tau` (progressive), -inf selects
+    everything (all), +inf nothing (zero). Plain numbers: the `knowledge` section spells them."""
     if schedule == "all":
         return -math.inf
     if schedule == "zero":
         return math.inf
     if schedule == "static":
-        return knowledge_cfg.tau
+        return tau
     if schedule == "progressive":
-        k = knowledge_cfg
-        return progressive_tau(progress, k.tau_start, k.tau_end, k.shape, k.steepness, k.midpoint)
+        return progressive_tau(progress, tau_start, tau_end, shape, steepness, midpoint)
     raise ValueError(f"knowledge.schedule: got {schedule!r}; allowed: {', '.join(SCHEDULES)}")
 
 

@@ -60,10 +60,9 @@ def test_quantile_threshold_selects_the_top_fraction():
 
 
 def test_zero_and_all_schedules():
-    cfg = from_dict({})
     c = torch.rand(2, 7)
-    assert not select(c, threshold("zero", 0.3, cfg.knowledge)).any()
-    assert select(c, threshold("all", 0.3, cfg.knowledge)).all()
+    assert not select(c, threshold("zero", 0.3)).any()
+    assert select(c, threshold("all", 0.3)).all()
 
 
 def test_progressive_tau_endpoints_and_midpoint():
@@ -97,7 +96,7 @@ def test_zero_knowledge_is_plain_cross_entropy():
     cfg = from_dict({"method": "ce"})
     peer_logits, labels = _batch()
     own = peer_logits[0].clone().requires_grad_()
-    parts = peer_loss(own, peer_logits, 0, labels, formulation(cfg), StepValues(threshold("zero", 0.0, cfg.knowledge)))
+    parts = peer_loss(own, peer_logits, 0, labels, formulation(cfg), StepValues(threshold("zero", 0.0)))
     assert parts.total.item() == pytest.approx(F.cross_entropy(own, labels).item(), abs=1e-6)
     assert not parts.selected.any()
 
@@ -274,6 +273,14 @@ def test_global_trust_is_logistic_in_training_progress():
     assert global_trust(0.0, 16, 0.15) == pytest.approx(1 / (1 + math.exp(16 * 0.15)))
     values = [global_trust(s / 20, 16, 0.15) for s in range(21)]
     assert values == sorted(values) and values[-1] > 0.99
+
+
+def test_the_threshold_follows_its_schedule_from_plain_numbers():
+    assert threshold("static", 0.9, tau=0.42) == 0.42
+    assert threshold("progressive", 0.5, tau_start=0.2, tau_end=0.6, shape="linear") == pytest.approx(0.4)
+    assert threshold("progressive", 1.0, tau_start=0.2, tau_end=0.6) == pytest.approx(progressive_tau(1.0, 0.2, 0.6))
+    with pytest.raises(ValueError, match="knowledge.schedule"):
+        threshold("rising", 0.5)
 
 
 def test_a_falling_threshold_selects_more_knowledge_later():

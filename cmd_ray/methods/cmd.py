@@ -131,7 +131,10 @@ class DistillationPlan(Plan):
             trust = self.mix_weight
         else:
             trust = global_trust(when.progress, self.trust_steepness, self.trust_midpoint)
-        tau = threshold(self.form.schedule, when.progress, self.knowledge)
+        k = self.knowledge
+        tau = threshold(
+            self.form.schedule, when.progress, k.tau, k.tau_start, k.tau_end, k.shape, k.steepness, k.midpoint
+        )
         if self.form.schedule in ("static", "progressive") and when.epoch_progress < self.knowledge.warmup_epochs:
             tau = math.inf  # warm-up: no knowledge selected yet
         return StepValues(tau, forget_rate, trust)
