@@ -268,7 +268,7 @@ def collect_results(grid) -> pa.Table:
 def concurrency(cfg: Config, total: dict[str, float]) -> int:
     """Trials that fit at once: limited by the trials' (or their workers') CPUs or GPUs and by
     sweep.max_concurrent_trials."""
-    from cmd_ray.ray_train import cpus_per_worker
+    from cmd_ray.cluster import cpus_per_worker
 
     workers = cfg.workers
     if cfg.placement == "trial":
@@ -301,7 +301,7 @@ def init_ray_for_sweep(cfg: Config, slots: int) -> None:
     """Local: start Ray with `slots` TRAIN_DRIVER units. Cluster: join it (its head advertises them)."""
     import ray
 
-    from cmd_ray.ray_train import init_ray
+    from cmd_ray.cluster import init_ray
 
     if ray.is_initialized():
         return

@@ -160,7 +160,7 @@ def local_ray():
     # poll often so a kill soon after a report finds it registered.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     if not ray.is_initialized():
-        from cmd_ray.ray_train import start_local_ray
+        from cmd_ray.cluster import start_local_ray
 
         start_local_ray(num_cpus=4)
     yield

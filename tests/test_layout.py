@@ -31,6 +31,7 @@ LAYERS = [
     ["peer"],  # one peer's step
     ["summary", "exchange"],
     ["trainer"],  # the shared epoch loop, in-process trainer
+    ["cluster"],  # joining or starting Ray, what it can place
     ["ray_train"],  # Ray Train
     ["results"],  # tables and plots, no Ray
     ["wandb_runs", "sweep"],  # Ray Tune

@@ -230,7 +230,7 @@ def test_workers_get_the_data_through_the_object_store_and_refuse_other_labels(f
 
 
 def test_gpu_asked_on_a_cluster_without_gpus_is_refused(fake_fmnist_root, local_ray):
-    from cmd_ray.ray_train import check_cluster_resources
+    from cmd_ray.cluster import check_cluster_resources
 
     with pytest.raises(ConfigError, match=r"^use_gpu: got true, but the Ray cluster has no GPUs"):
         check_cluster_resources(tiny_config(fake_fmnist_root, use_gpu=True))
@@ -319,7 +319,7 @@ def test_only_placement_groups_of_drivers_that_died_are_released(monkeypatch):
 
     pg_module = importlib.import_module("ray.util.placement_group")  # the module, not its function
 
-    from cmd_ray.ray_train import release_orphaned_placement_groups
+    from cmd_ray.cluster import release_orphaned_placement_groups
 
     jobs = [SimpleNamespace(job_id="01000000", status="JobStatus.RUNNING"),
             SimpleNamespace(job_id="02000000", status="JobStatus.SUCCEEDED")]  # fmt: skip
@@ -384,7 +384,7 @@ def test_a_local_ray_that_fails_to_start_is_tried_once_more_then_one_line(monkey
     import ray
 
     from cmd_ray.cli import main
-    from cmd_ray.ray_train import start_local_ray
+    from cmd_ray.cluster import start_local_ray
 
     calls = []
 
