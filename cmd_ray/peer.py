@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -339,11 +340,39 @@ def accuracy_names(peers: int, split: str = "test") -> list[str]:
     return [peer_key(k, accuracy(split)) for k in range(peers)] + [ensemble_key(accuracy(split))]
 
 
-def evaluate(peer_probs: list[torch.Tensor], labels: torch.Tensor, split: str = "test") -> dict[str, float]:
-    """Accuracy of each peer and of their ensemble (mean of softmax outputs) against `labels`:
-    the clean labels of the test set, or the noisy labels of the validation split."""
-    correct = correct_counts(peer_probs, labels) / max(len(labels), 1)
-    return dict(zip(accuracy_names(len(peer_probs), split), correct.tolist()))
+def scored_splits(data: DataBundle) -> list[tuple[str, Split, torch.Tensor]]:
+    """The splits scored after every epoch, each with the labels it is scored against: the test
+    set on its clean labels, the validation split on its *noisy* labels (choosing settings never
+    sees a clean label)."""
+    splits = []
+    if data.test is not None:
+        splits.append(("test", data.test, data.test.clean_labels))
+    if data.validation is not None:
+        splits.append(("val", data.validation, data.validation.noisy_labels))
+    return splits
+
+
+# (split, its labels) -> every peer's softmax outputs (n, C) on the part of the split this
+# process scores, and those samples' labels (n,).
+ProbabilitiesOf = Callable[[Split, torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]]
+
+
+def evaluate(
+    data: DataBundle, probabilities_of: ProbabilitiesOf, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+) -> dict[str, float]:
+    """Accuracy of every peer and of their ensemble (mean of softmax outputs) on each scored split:
+    `peerK/<split>_accuracy`, `ensemble/<split>_accuracy`. One path for both placements, like
+    the exchange: in process, `probabilities_of` runs every peer on the whole split and there is
+    nothing to `reduce`; on Ray workers it scores this worker's shard with the peers' outputs
+    gathered, and `reduce` sums the correct counts (P + 1,) over the workers."""
+    accuracy = {}
+    for name, split, labels in scored_splits(data):
+        probs, part_labels = probabilities_of(split, labels)
+        correct = correct_counts(probs, part_labels)
+        if reduce is not None:
+            correct = reduce(correct)
+        accuracy.update(zip(accuracy_names(len(probs), name), (correct / max(len(split), 1)).tolist()))
+    return accuracy
 
 
 def steps_per_epoch(cfg: Config, data: DataBundle) -> int:

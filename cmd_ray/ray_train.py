@@ -24,7 +24,6 @@ from cmd_ray.cluster import check_cluster_resources, init_ray, worker_resources
 from cmd_ray.config import Config, from_dict
 from cmd_ray.console import console
 from cmd_ray.data import DataBundle, Split, labels_digest
-from cmd_ray.datasets import DatasetInfo
 from cmd_ray.errors import DataMismatchError
 from cmd_ray.exchange import (
     CollectiveExchange,
@@ -42,9 +41,8 @@ from cmd_ray.peer import (
     COUNT_KEYS,
     NonFiniteLossError,
     Peer,
-    accuracy_names,
     build_peer,
-    correct_counts,
+    evaluate,
     method_plan,
     steps_per_epoch,
     test_probabilities,
@@ -115,28 +113,22 @@ def _restore(peer: Peer, topology: Topology) -> tuple[int, list[dict[str, Any]]]
         return read_checkpoint(Path(folder), [peer], topology.replica)
 
 
-def _accuracy_across_workers(
-    cfg: Config,
-    topology: Topology,
-    peer: Peer,
-    split: Split,
-    info: DatasetInfo,
-    labels: torch.Tensor,
-    exchange_group,
-    name: str = "test",
-) -> dict[str, float]:
-    """Accuracy of every peer and the ensemble on `split` against `labels` (collectives).
+def _evaluate_across_workers(cfg: Config, topology: Topology, peer: Peer, data: DataBundle, exchange_group):
+    """Every peer's and the ensemble's accuracy (collectives): each replica scores its shard of a
+    split, the exchange group stacks the peers' softmax outputs so the ensemble can be scored,
+    and the correct counts of peer 0's workers are summed over every worker."""
 
-    Each replica evaluates its shard; the exchange group stacks the peers' softmax outputs
-    so the ensemble can be scored; peer 0's workers hold the totals."""
-    positions = torch.arange(len(split)).tensor_split(cfg.replicas)[topology.replica]
-    probs = test_probabilities(peer, split.subset(positions), info).to(peer.device)
-    stacked = all_gather_stack(probs, cfg.peers, exchange_group).cpu()
-    correct = correct_counts(list(stacked), labels[positions])
-    if topology.peer != 0:
-        correct.zero_()
-    correct = all_reduce_sum(correct.to(peer.device, torch.float64)).cpu()
-    return dict(zip(accuracy_names(cfg.peers, name), (correct / len(split)).tolist()))
+    def probabilities_of(split: Split, labels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        positions = torch.arange(len(split)).tensor_split(cfg.replicas)[topology.replica]
+        probs = test_probabilities(peer, split.subset(positions), data.info).to(peer.device)
+        return list(all_gather_stack(probs, cfg.peers, exchange_group).cpu()), labels[positions]
+
+    def sum_over_workers(correct: torch.Tensor) -> torch.Tensor:
+        if topology.peer != 0:
+            correct = torch.zeros_like(correct)
+        return all_reduce_sum(correct.to(peer.device, torch.float64)).cpu()
+
+    return evaluate(data, probabilities_of, sum_over_workers)
 
 
 def _epoch_record_across_workers(
@@ -157,14 +149,7 @@ def _epoch_record_across_workers(
     all_reduce_sum(table)
     peer_counts = [dict(zip(EPOCH_COUNT_KEYS, row.tolist())) for row in table.cpu()]
 
-    accuracy = {}
-    if data.test is not None:
-        labels = data.test.clean_labels
-        accuracy.update(_accuracy_across_workers(cfg, topology, peer, data.test, data.info, labels, exchange_group))
-    if data.validation is not None:
-        labels = data.validation.noisy_labels  # model selection sees noisy labels only
-        val = _accuracy_across_workers(cfg, topology, peer, data.validation, data.info, labels, exchange_group, "val")
-        accuracy.update(val)
+    accuracy = _evaluate_across_workers(cfg, topology, peer, data, exchange_group)
 
     # Exchange time without the waiting on the slower peer (measured apart when
     # testing.measure_wait is on); waiting reported on its own.

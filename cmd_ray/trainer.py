@@ -234,15 +234,8 @@ class StepTrace:
 
 
 def _evaluate_in_process(peers: list[Peer], data: DataBundle) -> dict[str, float]:
-    """Every peer's and the ensemble's accuracy: clean test labels, noisy validation labels."""
-    accuracy = {}
-    if data.test is not None:
-        test_probs = [test_probabilities(p, data.test, data.info) for p in peers]
-        accuracy.update(evaluate(test_probs, data.test.clean_labels))
-    if data.validation is not None:
-        val_probs = [test_probabilities(p, data.validation, data.info) for p in peers]
-        accuracy.update(evaluate(val_probs, data.validation.noisy_labels, "val"))
-    return accuracy
+    """Every peer's and the ensemble's accuracy, each peer on the whole of every scored split."""
+    return evaluate(data, lambda split, labels: ([test_probabilities(p, split, data.info) for p in peers], labels))
 
 
 def train_in_process(

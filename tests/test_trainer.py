@@ -65,22 +65,23 @@ def test_disagreement_counts_the_samples_a_peer_predicts_unlike_the_others_avera
 
 
 def test_validation_accuracy_is_scored_on_held_out_noisy_labels_never_clean_ones(fake_fmnist_root, monkeypatch):
-    from cmd_ray import trainer
+    from cmd_ray import peer, trainer
 
     scored = []
-    real_evaluate = trainer.evaluate
+    real_correct_counts = peer.correct_counts
 
-    def spy(probs, labels, split="test"):
-        scored.append((split, labels.clone()))
-        return real_evaluate(probs, labels, split)
+    def spy(probs, labels):
+        scored.append(labels.clone())
+        return real_correct_counts(probs, labels)
 
-    monkeypatch.setattr(trainer, "evaluate", spy)
+    monkeypatch.setattr(peer, "correct_counts", spy)
     cfg = tiny_config(fake_fmnist_root, method="cmd-s", data__train_subset=None, data__validation_fraction=0.25)
     data = trainer.load_run_data(cfg)
     summary = train_in_process(cfg, data, log=lambda _: None)
     assert len(data.train) == 450 and summary["history"][0]["train_samples"] == 450
-    val_labels = [labels for split, labels in scored if split == "val"]
-    assert len(val_labels) == 2  # once per epoch
+    val_size = len(data.validation)
+    val_labels = [labels for labels in scored if len(labels) == val_size]
+    assert len(scored) == 4 and len(val_labels) == 2 and len(data.test) != val_size  # test and val, each epoch
     assert all(torch.equal(labels, data.validation.noisy_labels) for labels in val_labels)
     assert not torch.equal(data.validation.noisy_labels, data.validation.clean_labels)
     for record in summary["history"]:
