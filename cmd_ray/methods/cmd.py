@@ -133,9 +133,16 @@ class DistillationPlan(Plan):
             trust = global_trust(when.progress, self.trust_steepness, self.trust_midpoint)
         k = self.knowledge
         tau = threshold(
-            self.form.schedule, when.progress, k.tau, k.tau_start, k.tau_end, k.shape, k.steepness, k.midpoint
+            self.form.schedule,
+            when.progress,
+            tau=k.tau,
+            tau_start=k.tau_start,
+            tau_end=k.tau_end,
+            shape=k.shape,
+            steepness=k.steepness,
+            midpoint=k.midpoint,
         )
-        if self.form.schedule in ("static", "progressive") and when.epoch_progress < self.knowledge.warmup_epochs:
+        if self.form.schedule in ("static", "progressive") and when.epoch_progress < k.warmup_epochs:
             tau = math.inf  # warm-up: no knowledge selected yet
         return StepValues(tau, forget_rate, trust)
 
