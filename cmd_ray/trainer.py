@@ -204,10 +204,16 @@ def train_epoch(
 def finish_record(
     record: dict[str, Any], data: DataBundle, stats: EpochStats, started_at: Optional[float]
 ) -> dict[str, Any]:
-    """The bookkeeping both paths add to an epoch's record: data sizes, and for a run's first
-    epoch (`started_at` = when the run started) the time from start to the first step."""
+    """The bookkeeping both paths add to an epoch's record: data sizes, torch's CPU thread count
+    and vector unit, and for a run's first epoch (`started_at` = when the run started) the time
+    from start to the first step."""
     record.update(train_samples=len(data.train), test_samples=len(data.test) if data.test is not None else 0)
     record["realised_noise_rate"] = realised_rate(data)
+    # CPU float reductions differ in their last bits with the thread count and the vector unit
+    # (AVX512, AVX2, ...), and at heavy noise a last-bit difference can move a 60-epoch run by
+    # points: a run repeats bit for bit only on the same pair, so every record says which it had.
+    record["torch_threads"] = torch.get_num_threads()
+    record["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     if started_at is not None:
         record["startup_seconds"] = stats.first_step_at - started_at
     return record

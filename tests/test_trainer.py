@@ -35,6 +35,8 @@ def test_every_method_trains_and_reports_per_epoch_metrics(fake_fmnist_root, met
     for key in ("loss", "ce_loss", "distill_loss", "selected_fraction", "memorisation", "label_correction_rate"):
         assert f"peer0/{key}" in first
     assert all(0.0 <= record["mean/disagreement"] <= 1.0 for record in summary["history"])
+    assert all(record["torch_threads"] == torch.get_num_threads() for record in summary["history"])
+    assert first["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     if method == "ce":
         assert summary["selected_fraction"]["peer0"] == 0.0
         assert first["peer0/distill_loss"] == 0.0
