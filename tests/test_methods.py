@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import re
 
 import numpy as np
@@ -219,3 +221,97 @@ def test_cmd_ray_methods_lists_every_registered_method_with_the_sections_it_read
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == list(methods.NAMES)
     assert "[jocor, coteaching]" in lines[methods.NAMES.index("jocor")]
+
+
+THROWAWAY_METHOD = '''"""Label smoothing (Szegedy et al., 2016): each peer alone on smoothed labels (a throwaway)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from cmd_ray.errors import check_range
+from cmd_ray.methods.base import Method, Plan
+
+
+@dataclass
+class SmoothingConfig:
+    epsilon: float = 0.1  # the share of each label's mass spread evenly over the classes
+
+
+@dataclass(frozen=True)
+class SmoothingPlan(Plan):
+    epsilon: float
+
+    def loss(self, peer_index, logits, peer_logits, noisy_labels, when):
+        import math
+
+        import torch
+        import torch.nn.functional as F
+
+        from cmd_ray.knowledge import LossParts
+
+        ce = F.cross_entropy(logits.float(), noisy_labels, label_smoothing=self.epsilon)
+        nothing = torch.zeros_like(noisy_labels, dtype=torch.bool)
+        return LossParts(ce, ce.detach(), torch.zeros(()), nothing, None, math.inf)
+
+
+class Smoothing(Method):
+    name = "smooth"
+    summary = "each peer alone on label-smoothed noisy labels"
+    sections = {"smoothing": SmoothingConfig}
+    reads = ("smoothing",)
+
+    def check_sections(self, cfg: Any) -> None:
+        check_range("smoothing.epsilon", cfg.smoothing.epsilon, 0.0, 0.99)
+
+    def plan(self, cfg: Any, noise_rate: Optional[float]) -> Plan:
+        return SmoothingPlan(cfg.smoothing.epsilon)
+
+
+METHOD = Smoothing()
+'''
+
+
+def test_a_new_method_is_one_module_and_its_registry_line(fake_fmnist_root, tmp_path):
+    """The README's "Adding a method", done: a copy of the package gets one new module and its
+    registry line, and from there the command line lists the method, trains with it and its
+    section, and refuses a bad value of that section in one line naming the field."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import cmd_ray
+
+    package = tmp_path / "src" / "cmd_ray"
+    shutil.copytree(Path(cmd_ray.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "methods" / "smoothing.py").write_text(THROWAWAY_METHOD)
+    registry = package / "methods" / "__init__.py"
+    text = registry.read_text()
+    imports = "from cmd_ray.methods import ce, cmd, coteaching, coteaching_plus, dml, jocor"
+    assert imports in text and "    cmd.CMD_P,\n)" in text
+    text = text.replace(imports, imports + ", smoothing").replace(
+        "    cmd.CMD_P,\n)", "    cmd.CMD_P,\n    smoothing.METHOD,\n)"
+    )
+    registry.write_text(text)
+
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "src")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cmd_ray.cli", *args], env=env, capture_output=True,
+                              text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+
+    listed = cli("methods")
+    assert listed.returncode == 0 and "smooth" in listed.stdout and "smoothing" in listed.stdout, listed.stderr
+    run = ["train", "--in-process", "--set", "method=smooth", "--set", f"data.root={fake_fmnist_root}",
+           "--set", "data.train_subset=256", "--set", "data.test_subset=128", "--set", "model.name=mlp",
+           "--set", "epochs=1", "--set", f"output_dir={tmp_path / 'runs'}"]  # fmt: skip
+    trained = cli(*run, "--set", "smoothing.epsilon=0.2")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    summary = json.loads((tmp_path / "runs" / "summary.json").read_text())
+    assert summary["method"] == "smooth" and summary["config"]["smoothing"] == {"epsilon": 0.2}
+    assert summary["history"][0]["peer0/ce_loss"] > 0
+    refused = cli(*run, "--set", "smoothing.epsilon=1.5")
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr
+    assert "smoothing.epsilon" in refused.stderr
