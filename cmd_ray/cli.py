@@ -38,7 +38,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cmd-ray", description="CMD: confident knowledge selection + mutual distillation"
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_parser(sub)
+    sweep = sub.add_parser("sweep", help="run a Ray Tune grid (sweep.grid) of Ray Train runs, logged to W&B")
+    _add_config_args(sweep)
+    sweep.add_argument("--resume", action="store_true", help="continue the sweep of this sweep.name")
+    sweep.add_argument("--address", help="Ray cluster to join (e.g. auto); default: $RAY_ADDRESS or a local Ray")
+    _add_report_parser(sub)
+    _add_bench_parser(sub)
+    prepare = sub.add_parser("prepare", help="build the Parquet data cache for a config and report the noise")
+    _add_config_args(prepare)
+    show = sub.add_parser("show-config", help="print the validated config as YAML")
+    _add_config_args(show)
+    sub.add_parser("methods", help="list the registered methods and the config sections each reads")
+    return parser
 
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train P peers on noisy labels and print a JSON summary")
     _add_config_args(train)
     train.add_argument("--output-json", help="also write the summary JSON here")
@@ -56,11 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="step all peers in this process (the reference path) instead of Ray workers",
     )
 
-    sweep = sub.add_parser("sweep", help="run a Ray Tune grid (sweep.grid) of Ray Train runs, logged to W&B")
-    _add_config_args(sweep)
-    sweep.add_argument("--resume", action="store_true", help="continue the sweep of this sweep.name")
-    sweep.add_argument("--address", help="Ray cluster to join (e.g. auto); default: $RAY_ADDRESS or a local Ray")
 
+def _add_report_parser(sub: argparse._SubParsersAction) -> None:
     report = sub.add_parser("report", help="print a sweep's method x noise table and write its plots")
     report.add_argument("folder", help="the sweep folder (holds results.parquet)")
     report.add_argument("--last-epochs", type=int, default=1, help="final accuracy = mean of the last N epochs")
@@ -81,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="rank each method's swept knowledge/distill settings by noisy-validation accuracy (no test figures)",
     )
 
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks that print figures: throughput, load, accuracy, sweep, import")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     tp = bench_sub.add_parser("throughput", help="Ray workers vs in-process peers, side by side")
@@ -100,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     acc.add_argument("--resume", action="store_true", help="continue the sweep of this sweep.name")
     acc.add_argument("--last-epochs", type=int, default=5, help="final accuracy = mean of the last N epochs")
+    _add_bench_sweep_parser(bench_sub)
+    imp = bench_sub.add_parser("import", help="import a generated image folder into the cache: images per second")
+    imp.add_argument("--images", type=int, default=10000, help="how many PNG images to generate and import")
+    imp.add_argument("--size", type=int, default=32, help="their side in pixels")
+    imp.add_argument("--grey", action="store_true", help="grey images (default: RGB)")
+    imp.add_argument("--folder", help="where to write the images and the cache (default: a temporary folder)")
+
+
+def _add_bench_sweep_parser(bench_sub: argparse._SubParsersAction) -> None:
     sw = bench_sub.add_parser(
         "sweep", help="a grid as in-process runs and as `cmd-ray sweep` (each placement): wall times, a trial's phases"
     )
@@ -113,20 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=["trial", "workers"],
         help="which placements to time beside the in-process runs (trial also runs with W&B disabled)",
     )
-
-    imp = bench_sub.add_parser("import", help="import a generated image folder into the cache: images per second")
-    imp.add_argument("--images", type=int, default=10000, help="how many PNG images to generate and import")
-    imp.add_argument("--size", type=int, default=32, help="their side in pixels")
-    imp.add_argument("--grey", action="store_true", help="grey images (default: RGB)")
-    imp.add_argument("--folder", help="where to write the images and the cache (default: a temporary folder)")
-
-    prepare = sub.add_parser("prepare", help="build the Parquet data cache for a config and report the noise")
-    _add_config_args(prepare)
-
-    show = sub.add_parser("show-config", help="print the validated config as YAML")
-    _add_config_args(show)
-    sub.add_parser("methods", help="list the registered methods and the config sections each reads")
-    return parser
 
 
 def _check_writable(field_name: str, folder: str) -> None:
