@@ -543,24 +543,7 @@ def validation_choice(rows: list[dict[str, Any]], last_epochs: int = 3) -> tuple
     accuracy (mean of the last `last_epochs` epochs); its overall score is the mean over
     noise settings. Test accuracy is not read here.
     """
-    scores: dict[tuple[str, str, str], list[float]] = defaultdict(list)
-    reference: set[tuple[str, str]] = set()  # shown for comparison, never chosen
-    by_trial: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        if row.get("status") == "finished" and row.get(VALIDATION) is not None:
-            by_trial[row["trial_id"]].append(row)
-    if not by_trial:
-        raise ValueError("no finished trial has validation accuracy; set data.validation_fraction > 0")
-    firsts = [trial[0] for trial in by_trial.values()]
-    columns = {k for row in firsts for k in row if k.startswith(CANDIDATE_SECTIONS)}
-    varying = {k for k in columns if len({repr(row.get(k)) for row in firsts}) > 1}
-    for trial in by_trial.values():
-        trial.sort(key=lambda r: r["epoch"])
-        tail = [r[VALIDATION] for r in trial[-last_epochs:]]
-        first = trial[0]
-        scores[(first["method"], _candidate(first, varying), _noise_label(first))].append(sum(tail) / len(tail))
-        if first.get("reference"):
-            reference.add((first["method"], _candidate(first, varying)))
+    scores, reference = _validation_scores(rows, last_epochs)
     noises = sorted({n for _, _, n in scores})
     candidates = sorted({(m, c) for m, c, _ in scores}, key=lambda mc: (_method_order(mc[0]), mc[1]))
     overall = {}
@@ -568,18 +551,7 @@ def validation_choice(rows: list[dict[str, Any]], last_epochs: int = 3) -> tuple
         cells = [scores.get((method, cand, n)) for n in noises]
         done = [sum(c) / len(c) for c in cells if c]
         overall[(method, cand)] = sum(done) / len(done) if len(done) == len(noises) else float("nan")
-    best: dict[str, str] = {}
-    tied: dict[str, list[str]] = {}
-    for method in sorted({m for m, _ in candidates}, key=_method_order):
-        ranked = sorted(
-            ((s, c) for (m, c), s in overall.items() if m == method and not math.isnan(s) and (m, c) not in reference),
-            reverse=True,
-        )
-        top = [c for s, c in ranked if ranked[0][0] - s < TIE]
-        if len(top) > 1:
-            tied[method] = sorted(top)
-        elif ranked:
-            best[method] = ranked[0][1]
+    best, tied = _choose_on_validation(overall, reference)
     lines = ["| method | candidate | " + " | ".join(noises) + " | mean |", "|---" * (len(noises) + 3) + "|"]
     for method, cand in candidates:
         cells = [scores.get((method, cand, n)) for n in noises]
@@ -605,3 +577,50 @@ def validation_choice(rows: list[dict[str, Any]], last_epochs: int = 3) -> tuple
             "or validation images would separate them"
         )
     return "\n".join(lines), best
+
+
+def _validation_scores(
+    rows: list[dict[str, Any]], last_epochs: int
+) -> tuple[dict[tuple[str, str, str], list[float]], set[tuple[str, str]]]:
+    """Each finished trial's final validation accuracy (mean of its last `last_epochs` epochs),
+    listed under (method, candidate, noise); and the (method, candidate) pairs marked as a
+    reference (shown for comparison, never chosen)."""
+    scores: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    reference: set[tuple[str, str]] = set()
+    by_trial: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row.get("status") == "finished" and row.get(VALIDATION) is not None:
+            by_trial[row["trial_id"]].append(row)
+    if not by_trial:
+        raise ValueError("no finished trial has validation accuracy; set data.validation_fraction > 0")
+    firsts = [trial[0] for trial in by_trial.values()]
+    columns = {k for row in firsts for k in row if k.startswith(CANDIDATE_SECTIONS)}
+    varying = {k for k in columns if len({repr(row.get(k)) for row in firsts}) > 1}
+    for trial in by_trial.values():
+        trial.sort(key=lambda r: r["epoch"])
+        tail = [r[VALIDATION] for r in trial[-last_epochs:]]
+        first = trial[0]
+        scores[(first["method"], _candidate(first, varying), _noise_label(first))].append(sum(tail) / len(tail))
+        if first.get("reference"):
+            reference.add((first["method"], _candidate(first, varying)))
+    return scores, reference
+
+
+def _choose_on_validation(
+    overall: dict[tuple[str, str], float], reference: set[tuple[str, str]]
+) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Per method, the candidate with the best overall score (references and incomplete ones
+    left out), or, when others are within TIE of it, the tied candidates and no choice."""
+    best: dict[str, str] = {}
+    tied: dict[str, list[str]] = {}
+    for method in sorted({m for m, _ in overall}, key=_method_order):
+        ranked = sorted(
+            ((s, c) for (m, c), s in overall.items() if m == method and not math.isnan(s) and (m, c) not in reference),
+            reverse=True,
+        )
+        top = [c for s, c in ranked if ranked[0][0] - s < TIE]
+        if len(top) > 1:
+            tied[method] = sorted(top)
+        elif ranked:
+            best[method] = ranked[0][1]
+    return best, tied
