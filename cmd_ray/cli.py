@@ -296,7 +296,8 @@ def resume_command(args: argparse.Namespace, command: tuple[str, ...] = ("sweep"
 
 
 def _print_validation_choice(folder: str | Path, last_epochs: int) -> int:
-    from cmd_ray.results import read_results, validation_choice, write_plots
+    from cmd_ray.results import read_results, write_plots
+    from cmd_ray.validation import validation_choice
 
     rows = read_results(folder)
     table, best = validation_choice(rows, last_epochs)

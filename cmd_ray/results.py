@@ -107,10 +107,10 @@ def read_joined(folder: str | Path, others: list[str | Path]) -> list[dict[str, 
 
 
 def _cell(row: dict[str, Any]) -> tuple[str, str, Any]:
-    return run_label(row), _noise_label(row), row["seed"]
+    return run_label(row), noise_label(row), row["seed"]
 
 
-def _noise_label(row: dict[str, Any]) -> str:
+def noise_label(row: dict[str, Any]) -> str:
     """A row's noise as the tables and plots name it: its type and rate, or its file for
     `matrix` and `labels` (which ask for no rate)."""
     kind = row["noise.type"]
@@ -131,7 +131,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def point_label(row: dict[str, Any]) -> str:
     """A results row's trial in words: 'ce, symmetric 0.2, seed 0'."""
-    return f"{run_label(row)}, {_noise_label(row)}, seed {row['seed']}"
+    return f"{run_label(row)}, {noise_label(row)}, seed {row['seed']}"
 
 
 def run_label(row: dict[str, Any]) -> str:
@@ -162,7 +162,7 @@ def cell_labels(rows: list[dict[str, Any]]) -> dict[str, str]:
         firsts.setdefault(row["trial_id"], row)
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in firsts.values():
-        groups[(run_label(row), _noise_label(row))].append(row)
+        groups[(run_label(row), noise_label(row))].append(row)
     columns = _config_keys() & {k for row in firsts.values() for k in row}
     split = sorted(
         k for k in columns - {"seed"} if any(len({repr(r.get(k)) for r in group}) > 1 for group in groups.values())
@@ -190,7 +190,7 @@ def trial_finals(rows: list[dict[str, Any]], last_epochs: int = 1, metric: str =
         out.append(
             {
                 "method": labels[trial_id],
-                "noise": _noise_label(first),
+                "noise": noise_label(first),
                 "noise.type": first["noise.type"],
                 # A labels file or a matrix asks for no rate: plotted at the rate it realised.
                 "noise.rate": first["noise.rate"]
@@ -237,7 +237,7 @@ def report_table(rows: list[dict[str, Any]], last_epochs: int = 1, metric: str =
     cells: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for f in finals:
         cells[(f["method"], f["noise"])].append(f)
-    methods = sorted({f["method"] for f in finals}, key=_method_order)
+    methods = sorted({f["method"] for f in finals}, key=method_order)
     noises = sorted({f["noise"] for f in finals})
     header = ["method"] + [f"{n} final / best" for n in noises]
     lines = [header]
@@ -277,7 +277,7 @@ def compare_table(rows: list[dict[str, Any]], other: list[dict[str, Any]], last_
         "| method | noise | this sweep | the other | difference | largest difference of one seed |",
         "|---|---|---|---|---|---|",
     ]
-    for method, noise in sorted(set(mine) & set(theirs), key=lambda c: (_method_order(c[0]), c[1])):
+    for method, noise in sorted(set(mine) & set(theirs), key=lambda c: (method_order(c[0]), c[1])):
         a, b = mine[(method, noise)], theirs[(method, noise)]
         paired = [a[seed] - b[seed] for seed in a if seed in b]
         largest = max(paired, key=abs) if paired else float("nan")
@@ -292,7 +292,7 @@ def compare_table(rows: list[dict[str, Any]], other: list[dict[str, Any]], last_
 METHOD_ORDER = methods.NAMES
 
 
-def _method_order(label: str) -> tuple[int, str]:
+def method_order(label: str) -> tuple[int, str]:
     """Baselines first, CMD last; a variant sorts after the method its label starts with."""
     method = next((m for m in sorted(METHOD_ORDER, key=len, reverse=True) if label.startswith(m)), None)
     return (METHOD_ORDER.index(method) if method else len(METHOD_ORDER), label)
@@ -307,7 +307,7 @@ def _epoch_curves(finished: list[dict[str, Any]], metric: str) -> Curves:
     acc: dict[tuple[str, str, int], list[float]] = defaultdict(list)
     for r in finished:
         if r.get(metric) is not None:
-            acc[(_noise_label(r), labels[r["trial_id"]], r["epoch"])].append(r[metric])
+            acc[(noise_label(r), labels[r["trial_id"]], r["epoch"])].append(r[metric])
     out: Curves = {}
     for (noise, label, epoch), values in sorted(acc.items()):
         xs, ys = out.setdefault((noise, label), ([], []))
@@ -330,7 +330,7 @@ def _plot_epoch_grid(
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    noises = sorted({_noise_label(r) for r in finished})
+    noises = sorted({noise_label(r) for r in finished})
     fig, axes = plt.subplots(len(metrics), len(noises), figsize=(4 * len(noises), 3.2 * len(metrics)), squeeze=False)
     for row, (metric, axis_label) in enumerate(metrics):
         data = _epoch_curves(finished, metric)
@@ -423,7 +423,7 @@ def write_plots(
     finished = [r for r in rows if r.get("status") == "finished" and r.get(metric) is not None]
     if not finished:
         return []
-    labels = sorted(set(cell_labels(finished).values()), key=_method_order)
+    labels = sorted(set(cell_labels(finished).values()), key=method_order)
     colour = _colours(labels)
     if validation:
         accuracy = [(VALIDATION, "noisy validation accuracy (%)")]
@@ -472,7 +472,7 @@ def findings(rows: list[dict[str, Any]], last_epochs: int = 1, metric: str = ACC
             continue
         best = max(means, key=means.get)
         seeds = len(cells[(noise, best)])
-        tied = sorted((m for m in means if means[best] - means[m] < 0.05), key=_method_order)  # equal as printed
+        tied = sorted((m for m in means if means[best] - means[m] < 0.05), key=method_order)  # equal as printed
         if len(tied) > 1:
             line = (
                 f"{noise}: {', '.join(tied)} end level at {means[best]:.1f}% ({seeds} seed{'s' if seeds > 1 else ''})"
@@ -494,7 +494,7 @@ def selection_table(rows: list[dict[str, Any]], metric: str = ACCURACY) -> str:
     method and noise (mean over seeds, %; '-' where a figure is not available, e.g. no clean
     labels)."""
     finals = trial_finals(rows, metric=metric)
-    methods = sorted({f["method"] for f in finals}, key=_method_order)
+    methods = sorted({f["method"] for f in finals}, key=method_order)
     noises = sorted({f["noise"] for f in finals})
     figures = ("selection_precision", "memorisation", "disagreement")
     header = " / ".join(figure.replace("_", " ") for figure in figures)
@@ -511,116 +511,3 @@ def selection_table(rows: list[dict[str, Any]], metric: str = ACCURACY) -> str:
             cells.append(" / ".join(shown))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------
-# Choosing hyper-parameters on the validation split (never on the test set)
-
-# Config sections a validation sweep's candidates differ in: every method's own.
-CANDIDATE_SECTIONS = tuple(f"{key}." for key in methods.SECTIONS)
-
-
-def _candidate(row: dict[str, Any], varying: set[str]) -> str:
-    """The swept settings a row's method uses, e.g. 'knowledge.tau=0.3, labels.trust=all', or its
-    grid variant's label."""
-    if row.get("variant"):
-        return row["variant"]
-    method = methods.REGISTRY.get(row.get("method"))
-    ignored = method.ignored_keys if method else frozenset()
-    keys = sorted(k for k in varying if k not in ignored)
-    return ", ".join(f"{k}={row.get(k)}" for k in keys) or "defaults"
-
-
-# Scores closer than this (a fraction of accuracy: 0.005 points) are a tie: the table shows two
-# decimals, and a choice no reader can see is no choice.
-TIE = 5e-5
-
-
-def validation_choice(rows: list[dict[str, Any]], last_epochs: int = 3) -> tuple[str, dict[str, str]]:
-    """Rank each method's candidates by noisy-validation accuracy; return (markdown table, best per method).
-
-    A candidate's score per noise setting is the mean over seeds of its final validation
-    accuracy (mean of the last `last_epochs` epochs); its overall score is the mean over
-    noise settings. Test accuracy is not read here.
-    """
-    scores, reference = _validation_scores(rows, last_epochs)
-    noises = sorted({n for _, _, n in scores})
-    candidates = sorted({(m, c) for m, c, _ in scores}, key=lambda mc: (_method_order(mc[0]), mc[1]))
-    overall = {}
-    for method, cand in candidates:
-        cells = [scores.get((method, cand, n)) for n in noises]
-        done = [sum(c) / len(c) for c in cells if c]
-        overall[(method, cand)] = sum(done) / len(done) if len(done) == len(noises) else float("nan")
-    best, tied = _choose_on_validation(overall, reference)
-    lines = ["| method | candidate | " + " | ".join(noises) + " | mean |", "|---" * (len(noises) + 3) + "|"]
-    for method, cand in candidates:
-        cells = [scores.get((method, cand, n)) for n in noises]
-        shown = [f"{100 * sum(c) / len(c):.2f}" if c else "-" for c in cells]
-        mark = (
-            " **(chosen)**"
-            if best.get(method) == cand
-            else " (tie: none chosen)"
-            if cand in tied.get(method, ())
-            else " (reference)"
-            if (method, cand) in reference
-            else ""
-        )
-        mean = overall[(method, cand)]
-        lines.append(
-            f"| {method} | {cand}{mark} | "
-            + " | ".join(shown)
-            + f" | {'-' if math.isnan(mean) else f'{100 * mean:.2f}'} |"
-        )
-    for method, names in tied.items():
-        lines.append(
-            f"\n{method}: a tie between {', '.join(names)} (within {100 * TIE:g} points): none is chosen; more seeds "
-            "or validation images would separate them"
-        )
-    return "\n".join(lines), best
-
-
-def _validation_scores(
-    rows: list[dict[str, Any]], last_epochs: int
-) -> tuple[dict[tuple[str, str, str], list[float]], set[tuple[str, str]]]:
-    """Each finished trial's final validation accuracy (mean of its last `last_epochs` epochs),
-    listed under (method, candidate, noise); and the (method, candidate) pairs marked as a
-    reference (shown for comparison, never chosen)."""
-    scores: dict[tuple[str, str, str], list[float]] = defaultdict(list)
-    reference: set[tuple[str, str]] = set()
-    by_trial: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        if row.get("status") == "finished" and row.get(VALIDATION) is not None:
-            by_trial[row["trial_id"]].append(row)
-    if not by_trial:
-        raise ValueError("no finished trial has validation accuracy; set data.validation_fraction > 0")
-    firsts = [trial[0] for trial in by_trial.values()]
-    columns = {k for row in firsts for k in row if k.startswith(CANDIDATE_SECTIONS)}
-    varying = {k for k in columns if len({repr(row.get(k)) for row in firsts}) > 1}
-    for trial in by_trial.values():
-        trial.sort(key=lambda r: r["epoch"])
-        tail = [r[VALIDATION] for r in trial[-last_epochs:]]
-        first = trial[0]
-        scores[(first["method"], _candidate(first, varying), _noise_label(first))].append(sum(tail) / len(tail))
-        if first.get("reference"):
-            reference.add((first["method"], _candidate(first, varying)))
-    return scores, reference
-
-
-def _choose_on_validation(
-    overall: dict[tuple[str, str], float], reference: set[tuple[str, str]]
-) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """Per method, the candidate with the best overall score (references and incomplete ones
-    left out), or, when others are within TIE of it, the tied candidates and no choice."""
-    best: dict[str, str] = {}
-    tied: dict[str, list[str]] = {}
-    for method in sorted({m for m, _ in overall}, key=_method_order):
-        ranked = sorted(
-            ((s, c) for (m, c), s in overall.items() if m == method and not math.isnan(s) and (m, c) not in reference),
-            reverse=True,
-        )
-        top = [c for s, c in ranked if ranked[0][0] - s < TIE]
-        if len(top) > 1:
-            tied[method] = sorted(top)
-        elif ranked:
-            best[method] = ranked[0][1]
-    return best, tied

@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from cmd_ray.config import from_dict
-from cmd_ray.results import report, validation_choice
+from cmd_ray.results import report
 from cmd_ray.tools import bench
+from cmd_ray.validation import validation_choice
 
 
 def _bench_config(root, tmp_path, **values) -> Path:

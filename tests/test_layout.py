@@ -34,6 +34,7 @@ LAYERS = [
     ["cluster"],  # joining or starting Ray, what it can place
     ["ray_train"],  # Ray Train
     ["results"],  # tables and plots, no Ray
+    ["validation"],  # choosing settings on the noisy validation split
     ["wandb_runs", "sweep"],  # Ray Tune
     ["tools", "tools.bench", "tools.gpu_check"],  # outside the core: only the command line imports them
     ["cli"],  # the front door (`cmd-ray ...`)

@@ -205,16 +205,16 @@ def test_a_csv_labels_file_that_cannot_be_read_is_one_line_naming_why(text, mess
 
 
 def test_noise_read_from_a_file_is_named_by_the_file_not_by_a_rate_nobody_asked_for():
-    from cmd_ray.results import _noise_label
+    from cmd_ray.results import noise_label
 
     labels = NoiseSpec("labels", 0.4, labels="~/data/CIFAR-10_human.pt", labels_key="worse_label")
     assert labels.tag() == "labels-CIFAR-10_human-worse_label" and "rate" not in labels.describe()
     assert NoiseSpec("matrix", 0.4, matrix="/x/T.npy").tag() == "matrix-T"
     assert NoiseSpec("symmetric", 0.4).tag() == "symmetric-0.4" and NoiseSpec("none", 0.4).tag() == "clean"
     row = {"noise.type": "labels", "noise.rate": 0.4, "noise.labels": "/d/noisy.csv", "noise.labels_key": None}
-    assert _noise_label(row) == "labels noisy.csv"
-    assert _noise_label({**row, "noise.type": "none"}) == "none"
-    assert _noise_label({**row, "noise.type": "pairflip", "noise.rate": 0.45}) == "pairflip 0.45"
+    assert noise_label(row) == "labels noisy.csv"
+    assert noise_label({**row, "noise.type": "none"}) == "none"
+    assert noise_label({**row, "noise.type": "pairflip", "noise.rate": 0.45}) == "pairflip 0.45"
 
 
 def test_the_noise_files_are_checked_beside_their_readers_not_when_a_worker_rebuilds_the_config(tmp_path):

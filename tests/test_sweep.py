@@ -631,7 +631,7 @@ def test_a_table_cell_holds_the_seeds_of_one_grid_point_and_names_its_figure():
 
 
 def test_a_validation_tie_chooses_nothing_and_says_tie():
-    from cmd_ray.results import validation_choice
+    from cmd_ray.validation import validation_choice
 
     base = from_dict({"data": {"validation_fraction": 0.1}}).to_dict()
     rows = []
