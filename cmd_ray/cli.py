@@ -85,7 +85,8 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
         metavar="FOLDER",
         action="append",
         default=[],
-        help="join another sweep's rows into the table and plots (same settings, other cells; repeatable)",
+        help="join another sweep's rows into the table and plots (same settings, other cells or candidates; "
+        "repeatable)",
     )
     report.add_argument(
         "--validation",
@@ -295,11 +296,11 @@ def resume_command(args: argparse.Namespace, command: tuple[str, ...] = ("sweep"
     return shlex.join(words)
 
 
-def _print_validation_choice(folder: str | Path, last_epochs: int) -> int:
-    from cmd_ray.results import read_results, write_plots
+def _print_validation_choice(folder: str | Path, last_epochs: int, joined: Optional[list[str]] = None) -> int:
+    from cmd_ray.results import read_joined, write_plots
     from cmd_ray.validation import validation_choice
 
-    rows = read_results(folder)
+    rows = read_joined(folder, joined or [])
     table, best = validation_choice(rows, last_epochs)
     print(table)
     for method, candidate in best.items():
@@ -316,7 +317,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ConfigError(f"--last-epochs: got {args.last_epochs}; allowed: an integer >= 1")
     try:
         if args.validation:
-            return _print_validation_choice(args.folder, args.last_epochs)
+            return _print_validation_choice(args.folder, args.last_epochs, args.joined)
         if args.compare:
             from cmd_ray.results import compare_table, read_results
 
@@ -325,7 +326,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         raise ConfigError(f"{'--compare' if args.compare and args.compare in str(err) else 'folder'}: {err}") from None
     except ValueError as err:
-        raise ConfigError(f"{'--with' if args.joined and not args.validation else '--validation'}: {err}") from None
+        field = "--with" if args.joined and " repeats " in str(err) else "--validation" if args.validation else "folder"
+        raise ConfigError(f"{field}: {err}") from None
     if args.compare:
         print("\nCompared with " + args.compare + " (final, %):\n" + comparison)
     print("plots: " + ", ".join(str(p) for p in plots))

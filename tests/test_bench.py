@@ -198,3 +198,32 @@ def test_each_sweep_the_sweep_bench_times_runs_the_whole_grid():
     timed = bench.sweep_run_config(cfg, "trial", "disabled", "20261203")
     assert timed.sweep.grid == grid and timed.sweep.placement == "trial" and timed.sweep.wandb.mode == "disabled"
     assert timed.sweep.name == "b-trial-disabled-20261203"
+
+
+def test_candidates_measured_in_two_sweeps_are_ranked_as_one_validation_table(tmp_path, capsys):
+    """`cmd-ray report A --validation --with B`: a candidate swept later (B) is ranked beside
+    A's on the same noisy-validation rule; a candidate both sweeps ran is refused, naming --with."""
+    import pyarrow as pa
+
+    from cmd_ray.cli import main
+
+    def write(folder: Path, accuracy_by_variant: dict[str, float]) -> None:
+        rows = [
+            {"trial_id": f"{variant}-{rate}", "status": "finished", "method": "cmd-p", "variant": variant,
+             "noise.type": "symmetric", "noise.rate": rate, "seed": 0, "epoch": epoch, "mean/val_accuracy": accuracy}
+            for variant, accuracy in accuracy_by_variant.items()
+            for rate in (0.2, 0.5)
+            for epoch in range(3)
+        ]  # fmt: skip
+        folder.mkdir()
+        pq.write_table(pa.Table.from_pylist(rows), folder / "results.parquet")
+
+    write(tmp_path / "first", {"defaults": 0.5, "warm-up": 0.45})
+    write(tmp_path / "later", {"lambda 8, warm-up": 0.55})
+    write(tmp_path / "again", {"defaults": 0.6})
+    assert main(["report", str(tmp_path / "first"), "--validation", "--with", str(tmp_path / "later")]) == 0
+    out = capsys.readouterr().out
+    assert "| cmd-p | lambda 8, warm-up **(chosen)** | 55.00 | 55.00 | 55.00 |" in out
+    assert "| cmd-p | defaults | 50.00 | 50.00 | 50.00 |" in out and "| cmd-p | warm-up |" in out
+    assert main(["report", str(tmp_path / "first"), "--validation", "--with", str(tmp_path / "again")]) == 2
+    assert capsys.readouterr().err.startswith("cmd-ray: error: --with: ")
