@@ -235,78 +235,131 @@ def _combine(*hooks: Optional[Callable]) -> Optional[Callable]:
     return call_all
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point: this worker trains peer rank // D on shard rank % D of each batch."""
-    import ray.train
+class WorkerHooks:
+    """What a worker does beside training, in one place: the timeline of its phases (rank 0
+    writes it for `cmd-ray bench sweep`), the placement record, the progress line, the
+    non-finite-loss marker, and the per-step test hooks (step trace, injected crash)."""
+
+    def __init__(self, cfg: Config, topology: Topology, run_dir: str):
+        self.cfg, self.topology, self.run_dir = cfg, topology, run_dir
+        self.timeline: dict[str, float] = {"loop_start": time.time()}
+        self.on_step = _combine(
+            StepTrace(cfg.testing.trace_dir, topology.replica) if cfg.testing.trace_dir else None,
+            _crash_hook(cfg, topology.rank, join(run_dir, ".crash-injected")),
+        )
+
+    @property
+    def lead(self) -> bool:
+        """Rank 0 speaks for the run (console lines, run-folder files)."""
+        return self.topology.rank == 0
+
+    def stamp(self, phase: str) -> None:
+        self.timeline[phase] = time.time()
+
+    def stopped_before(self) -> bool:
+        """A numerical fault replays identically: a restarted worker group does not retry it."""
+        stopped = nonfinite_stop(self.run_dir)
+        if stopped is not None and self.lead:
+            console(f"[cmd-ray] not retrying after a non-finite loss: {stopped}")
+        return stopped is not None
+
+    def placed(self, placements: list[Placement]) -> None:
+        """Which node and GPU each worker got (this attempt's; a restart rewrites it)."""
+        self.stamp("groups_ready")
+        if self.lead:
+            placement = [{"rank": r, "node": w.node, "devices": list(w.devices)} for r, w in enumerate(placements)]
+            write_json_atomic(join(self.run_dir, PLACEMENT_FILE), {"workers": placement})
+            if self.cfg.use_gpu:
+                console(f"[cmd-ray] {_describe_backends(self.topology, placements)}")
+
+    def resumed(self, start_epoch: int) -> None:
+        self.stamp("peer_ready")
+        if self.lead and start_epoch:
+            console(f"[cmd-ray] resumed from the checkpoint after epoch {start_epoch}")
+
+    def nonfinite(self, err: NonFiniteLossError) -> None:
+        _record_nonfinite(self.run_dir, err)
+
+    def epoch_done(self, record: dict[str, Any], stats: EpochStats, label: str) -> None:
+        self.timeline.setdefault("first_step", stats.first_step_at)
+        if self.lead:
+            console(progress_line(record, self.cfg.peers, self.cfg.epochs, label))
+
+    def reported(self, seconds: float) -> None:
+        self.timeline["report_seconds"] = self.timeline.get("report_seconds", 0.0) + seconds
+
+    def finished(self) -> None:
+        if self.lead:
+            self.stamp("loop_end")
+            write_json_atomic(join(self.run_dir, TIMELINE_FILE), self.timeline)
+
+
+def _worker_device(cfg: Config) -> torch.device:
     import ray.train.torch
 
-    timeline = {"loop_start": time.time()}
-    cfg = from_dict(loop_config["config"])
-    quiet_report_logger(cfg.ray.log_level)
-    topology = Topology(cfg.peers, cfg.replicas, ray.train.get_context().get_world_rank())
-    run_dir = loop_config["run_dir"]
-    stopped = nonfinite_stop(run_dir)
-    if stopped is not None:  # a numerical fault replays identically: do not retry it
-        if topology.rank == 0:
-            console(f"[cmd-ray] not retrying after a non-finite loss: {stopped}")
-        return
-    data = _received_data(loop_config, topology)
-    timeline["data_received"] = time.time()
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    return device
+
+
+def _report(cfg: Config, record: dict[str, Any], peer: Peer, history: list[dict[str, Any]], done: int,
+            topology: Topology) -> None:  # fmt: skip
+    """One report per epoch to Ray Train, with a checkpoint every `ray.checkpoint_every` epochs
+    and after the last (each worker writes its peer's shard; rank 0 the history)."""
+    import ray.train
+
+    if done % cfg.ray.checkpoint_every == 0 or done == cfg.epochs:
+        with tempfile.TemporaryDirectory() as folder:
+            write_checkpoint(Path(folder), [peer], done, history if topology.rank == 0 else None, topology.replica)
+            ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    else:
+        ray.train.report(record)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point: this worker trains peer rank // D on shard rank % D of each batch."""
+    import ray.train
+
+    cfg = from_dict(loop_config["config"])
+    quiet_report_logger(cfg.ray.log_level)
+    topology = Topology(cfg.peers, cfg.replicas, ray.train.get_context().get_world_rank())
+    hooks = WorkerHooks(cfg, topology, loop_config["run_dir"])
+    if hooks.stopped_before():
+        return
+    data = _received_data(loop_config, topology)
+    hooks.stamp("data_received")
+    device = _worker_device(cfg)
     torch.manual_seed(cfg.seed)
     placements = gather_placements(_placement(device))
     groups = make_groups(topology, placements)
-    timeline["groups_ready"] = time.time()
-    if topology.rank == 0:
-        # Which node and GPU each worker got (this attempt's; a restart rewrites it).
-        placement = [{"rank": r, "node": w.node, "devices": list(w.devices)} for r, w in enumerate(placements)]
-        write_json_atomic(join(run_dir, PLACEMENT_FILE), {"workers": placement})
-        if cfg.use_gpu:
-            console(f"[cmd-ray] {_describe_backends(topology, placements)}")
+    hooks.placed(placements)
     peer = build_peer(cfg, topology.peer, data.info, steps_per_epoch(cfg, data) * cfg.epochs, device)
     start_epoch, history = _restore(peer, topology)
-    timeline["peer_ready"] = time.time()
+    hooks.resumed(start_epoch)
     if cfg.replicas > 1:
         peer.model = torch.nn.parallel.DistributedDataParallel(
             peer.model, process_group=groups.peer, device_ids=[device.index] if device.type == "cuda" else None
         )
     exchange = CollectiveExchange(topology, groups.exchange, measure_wait=cfg.testing.measure_wait)
-    on_step = _combine(
-        StepTrace(cfg.testing.trace_dir, topology.replica) if cfg.testing.trace_dir else None,
-        _crash_hook(cfg, topology.rank, join(run_dir, ".crash-injected")),
-    )
-    if topology.rank == 0 and start_epoch:
-        console(f"[cmd-ray] resumed from the checkpoint after epoch {start_epoch}")
     plan = method_plan(cfg, data.info.num_classes)
     for epoch in range(start_epoch, cfg.epochs):
         exchange.wait_seconds = 0.0
         try:
-            stats = train_epoch(cfg, [peer], data, epoch, exchange, topology.replica, on_step, plan)
+            stats = train_epoch(cfg, [peer], data, epoch, exchange, topology.replica, hooks.on_step, plan)
         except NonFiniteLossError as err:
-            _record_nonfinite(run_dir, err)
+            hooks.nonfinite(err)
             raise
         record = _epoch_record_across_workers(
             cfg, topology, peer, data, epoch, stats, exchange.wait_seconds, groups.exchange
         )
         first = epoch == 0  # a resumed run's start-up was counted before the restart
         history.append(finish_record(record, data, stats, loop_config.get("started_at") if first else None))
-        timeline.setdefault("first_step", stats.first_step_at)
-        if topology.rank == 0:
-            console(progress_line(record, cfg.peers, cfg.epochs, loop_config.get("label", "")))
-        done = epoch + 1
+        hooks.epoch_done(record, stats, loop_config.get("label", ""))
         reporting = time.perf_counter()
-        if done % cfg.ray.checkpoint_every == 0 or done == cfg.epochs:
-            with tempfile.TemporaryDirectory() as folder:
-                write_checkpoint(Path(folder), [peer], done, history if topology.rank == 0 else None, topology.replica)
-                ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(folder))
-        else:
-            ray.train.report(record)
-        timeline["report_seconds"] = timeline.get("report_seconds", 0.0) + time.perf_counter() - reporting
-    if topology.rank == 0:
-        timeline["loop_end"] = time.time()
-        write_json_atomic(join(run_dir, TIMELINE_FILE), timeline)
+        _report(cfg, record, peer, history, epoch + 1, topology)
+        hooks.reported(time.perf_counter() - reporting)
+    hooks.finished()
 
 
 # --------------------------------------------------------------------------------------
