@@ -19,9 +19,10 @@ from cmd_ray.exchange import free_port
 from cmd_ray.ray_internals import API_SERVER_ADDRESS, prepare_local_ray_environment
 
 
-def init_ray(cfg: Config, extra_resources: Optional[dict[str, float]] = None) -> None:
+def init_ray(cfg: Config, extra_resources: Optional[dict[str, float]] = None, dashboard: bool = True) -> None:
     """Join the cluster named by ray.address / $RAY_ADDRESS, or start a local embedded Ray
-    (with `extra_resources`, e.g. the sweep's TRAIN_DRIVER slots)."""
+    (with `extra_resources`, e.g. the sweep's TRAIN_DRIVER slots; with its dashboard only when
+    `dashboard`: see start_local_ray)."""
     import ray
 
     if ray.is_initialized():
@@ -31,7 +32,7 @@ def init_ray(cfg: Config, extra_resources: Optional[dict[str, float]] = None) ->
         ray.init(address=cfg.ray.address or os.environ["RAY_ADDRESS"], logging_level="WARNING")
         release_orphaned_placement_groups()
         return
-    start_local_ray(cfg.ray.num_cpus, extra_resources)
+    start_local_ray(cfg.ray.num_cpus, extra_resources, dashboard=dashboard)
 
 
 def release_orphaned_placement_groups(log: Callable[[str], None] = console) -> list[str]:
@@ -65,13 +66,17 @@ def release_orphaned_placement_groups(log: Callable[[str], None] = console) -> l
     return [g.placement_group_id for g in orphans]
 
 
-def start_local_ray(num_cpus: Optional[float] = None, resources: Optional[dict[str, float]] = None) -> None:
+def start_local_ray(
+    num_cpus: Optional[float] = None, resources: Optional[dict[str, float]] = None, dashboard: bool = True
+) -> None:
     """A new embedded Ray on this machine that talks only to itself, whatever other local Rays run.
 
     Ray's own processes that look the cluster up by themselves (Ray Train's placement-group
     cleaner asks the State API) find *every* local Ray on the machine and fail when there are
     two; naming this cluster's dashboard in the environment that Ray's processes inherit keeps
-    each one talking to its own.
+    each one talking to its own. The dashboard is what answers the State API; it is 11 processes
+    (the server, a fork server and 9 modules), so a Ray that runs no Ray Train (a sweep whose
+    trials hold their peers) starts without it (`dashboard=False`).
     """
     prepare_local_ray_environment()
     keep_every_log_line()
@@ -79,7 +84,10 @@ def start_local_ray(num_cpus: Optional[float] = None, resources: Optional[dict[s
 
     for attempt in (1, 2):  # a loaded machine sometimes misses Ray's start-up deadline once
         port = free_port("127.0.0.1")
-        os.environ[API_SERVER_ADDRESS] = f"http://127.0.0.1:{port}"
+        if dashboard:
+            os.environ[API_SERVER_ADDRESS] = f"http://127.0.0.1:{port}"
+        else:
+            os.environ.pop(API_SERVER_ADDRESS, None)  # another Ray's, inherited, is not this one's
         try:
             ray.init(
                 # "local": always a new Ray. Without an address Ray joins the newest local cluster it
@@ -89,7 +97,7 @@ def start_local_ray(num_cpus: Optional[float] = None, resources: Optional[dict[s
                 num_cpus=num_cpus,
                 resources=resources,
                 logging_level="WARNING",
-                include_dashboard=True,
+                include_dashboard=dashboard,
                 dashboard_host="127.0.0.1",
                 dashboard_port=port,
             )

@@ -298,14 +298,16 @@ def prepare_data(cfg: Config, points: list[dict[str, Any]]) -> None:
 
 
 def init_ray_for_sweep(cfg: Config, slots: int) -> None:
-    """Local: start Ray with `slots` TRAIN_DRIVER units. Cluster: join it (its head advertises them)."""
+    """Local: start Ray with `slots` TRAIN_DRIVER units, and its dashboard only for placement
+    workers (Ray Train asks the State API; a trial that holds its peers runs no Ray Train).
+    Cluster: join it (its head advertises the slots)."""
     import ray
 
     from cmd_ray.cluster import init_ray
 
     if ray.is_initialized():
         return
-    init_ray(cfg, extra_resources={DRIVER_RESOURCE: slots})
+    init_ray(cfg, extra_resources={DRIVER_RESOURCE: slots}, dashboard=cfg.placement == "workers")
 
 
 def trial_resources(cfg: Config, total: dict[str, float]) -> dict[str, float]:

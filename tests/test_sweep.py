@@ -786,3 +786,21 @@ def test_the_finding_in_words_names_the_best_its_margin_over_ce_and_a_level_resu
         "(0.2 points behind)."
     ]
     assert findings(rows({"ce": 1.0, "cmd-p": 1.0})) == ["symmetric 0.4: ce, cmd-p end level at 100.0% (1 seed)."]
+
+
+@pytest.mark.parametrize("placement, dashboard", [("trial", False), ("workers", True)])
+def test_a_sweeps_local_ray_starts_its_dashboard_only_where_ray_train_runs(monkeypatch, placement, dashboard):
+    """The dashboard (11 processes) answers the State API, which Ray Train's placement-group
+    cleaner asks; a sweep whose trials hold their peers runs no Ray Train and starts without it."""
+    import ray
+
+    from cmd_ray.sweep import init_ray_for_sweep
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)  # restored after: start_local_ray sets it
+    init_ray_for_sweep(from_dict({"sweep": {"placement": placement}}), slots=2)
+    assert len(calls) == 1 and calls[0]["include_dashboard"] is dashboard
+    assert calls[0]["resources"] == {"TRAIN_DRIVER": 2}
