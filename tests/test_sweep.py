@@ -232,12 +232,14 @@ def test_smoke_sweep_writes_table_plots_offline_wandb_and_never_the_key(
 
 
 def _a_user_sees_the_whole_sweep_and_never_the_key(
-    proc: subprocess.CompletedProcess, sweep: Path, started: float, trials: int, epochs: int
+    proc: subprocess.CompletedProcess, sweep: Path, started: float, trials: int, epochs: int, reported: bool = True
 ) -> None:
     """What a finished sweep of _sweep_cmd's grid (ce and cmd-p at symmetric 0.2 and 0.5) must
-    show: every trial's epochs in the table, the table and the finding in words on the console,
-    the plots, one offline W&B run per trial; the W&B key in no file, line or Ray log; no traceback
-    and none of the console noise a user would have to learn to ignore."""
+    show: every trial's epochs in the table, one offline W&B run per trial; the W&B key in no
+    file, line or Ray log; no traceback and none of the console noise a user would have to learn
+    to ignore. `reported` (`cmd-ray sweep`, not the load bench): also the table and the finding in
+    words on the console, the plots and the `wandb sync` hint (written from the results table
+    whatever the placement)."""
     table = pq.read_table(sweep / "results.parquet").to_pylist()
     assert len({r["trial_id"] for r in table}) == trials and len(table) == epochs * trials
     assert {(r["method"], r["noise.rate"]) for r in table} == {
@@ -245,13 +247,14 @@ def _a_user_sees_the_whole_sweep_and_never_the_key(
     }
     assert all(r["status"] == "finished" for r in table)
     assert {r["train_samples"] for r in table} == {600}  # the fake data set, not a real one
-    assert "symmetric 0.5 final / best" in proc.stdout and "cmd-p" in proc.stdout
-    assert re.search(r"^symmetric 0\.5: (ce|cmd-p) ends best, ", proc.stdout, re.M)  # the finding in words
-    for png in ("accuracy_vs_epoch.png", "accuracy_vs_noise.png", "selection_vs_epoch.png"):
-        assert (sweep / "plots" / png).stat().st_size > 5000
     runs = list((sweep / "wandb").rglob("offline-run-*"))
     assert len(runs) == trials, runs
-    assert "wandb sync" in proc.stdout
+    if reported:
+        assert "symmetric 0.5 final / best" in proc.stdout and "cmd-p" in proc.stdout
+        assert re.search(r"^symmetric 0\.5: (ce|cmd-p) ends best, ", proc.stdout, re.M)  # the finding in words
+        for png in ("accuracy_vs_epoch.png", "accuracy_vs_noise.png", "selection_vs_epoch.png"):
+            assert (sweep / "plots" / png).stat().st_size > 5000
+        assert "wandb sync" in proc.stdout
     # The key is in the environment only: no file the sweep wrote may hold it.
     assert _files_containing(sweep, FAKE_KEY.encode()) == []
     assert FAKE_KEY not in proc.stdout + proc.stderr
@@ -374,7 +377,9 @@ def test_a_failing_trial_does_not_stop_the_sweep_and_is_reported(fake_fmnist_roo
 @pytest.mark.slow
 def test_load_bench_bounds_concurrency_by_resources_and_reports_peak_memory(fake_fmnist_root, tmp_path, sweep_env):
     """Its sweep is also the smoke test of placement workers (each trial a Ray Train run): what a
-    user sees of it is checked as for test_smoke_sweep_writes_table_plots_offline_wandb_and_never_the_key."""
+    user sees of it is checked as for test_smoke_sweep_writes_table_plots_offline_wandb_and_never_the_key
+    but the printed report and plots, which the bench does not write (they come from the results
+    table whatever the placement; the smoke test pins them)."""
     folder = tmp_path / "sweeps"
     out = tmp_path / "load.json"
     cmd = _sweep_cmd(fake_fmnist_root, folder, "load", "--set", "epochs=1", "--set", "ray.cpus_per_worker=0.5",
@@ -384,7 +389,7 @@ def test_load_bench_bounds_concurrency_by_resources_and_reports_peak_memory(fake
     started = time.time()
     proc = subprocess.run(cmd + ["--output-json", str(out)], env=sweep_env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    _a_user_sees_the_whole_sweep_and_never_the_key(proc, folder / "load", started, trials=4, epochs=1)
+    _a_user_sees_the_whole_sweep_and_never_the_key(proc, folder / "load", started, trials=4, epochs=1, reported=False)
     figures = json.loads(out.read_text())
     assert figures["trials"] == figures["finished"] == 4 and figures["failed"] == 0
     assert figures["concurrency_bound_trials"] == 2  # 2 CPUs / (2 workers x 0.5 CPU)
