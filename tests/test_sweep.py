@@ -298,15 +298,17 @@ def _trial_histories(sweep: Path) -> dict[str, list[dict]]:
 
 @pytest.mark.slow
 def test_sweep_resumes_after_its_driver_is_killed(fake_fmnist_root, tmp_path, sweep_env):
-    """Placement workers (each trial a Ray Train run, resumed from Train's checkpoints); a trial
-    placed in its own process resumes from its own checkpoint file, pinned by
-    test_ctrl_c_stops_a_sweep_says_so_and_the_printed_command_finishes_it."""
+    """Placement trial: each trial resumes from its own checkpoint file after the driver (and
+    its local Ray) died at once. Placement workers (each trial a Ray Train run, resumed from
+    Train's checkpoints) after its driver is killed is pinned on a cluster with object storage,
+    test_multinode.py::test_a_sweep_on_the_cluster_keeps_everything_on_s3_and_resumes_after_its_driver_dies;
+    a stop by Ctrl-C by test_ctrl_c_stops_a_sweep_says_so_and_the_printed_command_finishes_it."""
     folder = tmp_path / "sweeps"
     sweep = folder / "resume"
     # A short sleep per step keeps each epoch long enough to stop the driver mid-trial. Two
     # trials, one at a time: one finishes, the next is killed mid-way.
-    cmd = _sweep_cmd(fake_fmnist_root, folder, "resume", "--set", "epochs=3", "--set", "sweep.placement=workers",
-                     "--set", "testing.step_sleep=0.1",
+    cmd = _sweep_cmd(fake_fmnist_root, folder, "resume", "--set", "epochs=3", "--set", "sweep.placement=trial",
+                     "--set", "sweep.cpus_per_trial=2", "--set", "testing.step_sleep=0.1",
                      "--set", "sweep.grid={noise.rate: [0.5], method: [ce, cmd-p]}")  # fmt: skip
     driver = subprocess.Popen(cmd, env=sweep_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)  # fmt: skip
