@@ -77,6 +77,11 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
     report.add_argument("folder", help="the sweep folder (holds results.parquet)")
     report.add_argument("--last-epochs", type=int, default=1, help="final accuracy = mean of the last N epochs")
     report.add_argument(
+        "--plots",
+        metavar="DIR",
+        help="where to write the plots (default: FOLDER/plots; give another to keep a committed folder as measured)",
+    )
+    report.add_argument(
         "--compare", metavar="FOLDER", help="also compare with another sweep of the same cells (e.g. an earlier run)"
     )
     report.add_argument(
@@ -296,7 +301,9 @@ def resume_command(args: argparse.Namespace, command: tuple[str, ...] = ("sweep"
     return shlex.join(words)
 
 
-def _print_validation_choice(folder: str | Path, last_epochs: int, joined: Optional[list[str]] = None) -> int:
+def _print_validation_choice(
+    folder: str | Path, last_epochs: int, joined: Optional[list[str]] = None, plots_dir: Optional[str] = None
+) -> int:
     from cmd_ray.results import read_joined, write_plots
     from cmd_ray.validation import validation_choice
 
@@ -305,7 +312,7 @@ def _print_validation_choice(folder: str | Path, last_epochs: int, joined: Optio
     print(table)
     for method, candidate in best.items():
         print(f"chosen for {method} on validation: {candidate}")
-    plots = write_plots(rows, join(folder, "plots"), last_epochs, validation=True)
+    plots = write_plots(rows, plots_dir or join(folder, "plots"), last_epochs, validation=True)
     print("plots: " + ", ".join(str(p) for p in plots))
     return 0
 
@@ -317,12 +324,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ConfigError(f"--last-epochs: got {args.last_epochs}; allowed: an integer >= 1")
     try:
         if args.validation:
-            return _print_validation_choice(args.folder, args.last_epochs, args.joined)
+            return _print_validation_choice(args.folder, args.last_epochs, args.joined, args.plots)
         if args.compare:
             from cmd_ray.results import compare_table, read_results
 
             comparison = compare_table(read_results(args.folder), read_results(args.compare), args.last_epochs)
-        _, plots = report(args.folder, args.last_epochs, joined=args.joined)
+        _, plots = report(args.folder, args.last_epochs, plots_dir=args.plots, joined=args.joined)
     except FileNotFoundError as err:
         raise ConfigError(f"{'--compare' if args.compare and args.compare in str(err) else 'folder'}: {err}") from None
     except ValueError as err:

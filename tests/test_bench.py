@@ -221,7 +221,10 @@ def test_candidates_measured_in_two_sweeps_are_ranked_as_one_validation_table(tm
     write(tmp_path / "first", {"defaults": 0.5, "warm-up": 0.45})
     write(tmp_path / "later", {"lambda 8, warm-up": 0.55})
     write(tmp_path / "again", {"defaults": 0.6})
-    assert main(["report", str(tmp_path / "first"), "--validation", "--with", str(tmp_path / "later")]) == 0
+    plots = tmp_path / "joined-plots"  # the measured folder's own plots stay as they were
+    command = ["report", str(tmp_path / "first"), "--validation", "--with", str(tmp_path / "later")]
+    assert main([*command, "--plots", str(plots)]) == 0
+    assert (plots / "validation_vs_epoch.png").is_file() and not (tmp_path / "first" / "plots").exists()
     out = capsys.readouterr().out
     assert "| cmd-p | lambda 8, warm-up **(chosen)** | 55.00 | 55.00 | 55.00 |" in out
     assert "| cmd-p | defaults | 50.00 | 50.00 | 50.00 |" in out and "| cmd-p | warm-up |" in out

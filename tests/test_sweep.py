@@ -99,7 +99,9 @@ def test_rows_added_by_a_later_sweep_join_the_table_once_and_a_repeated_run_is_r
     write(tmp_path / "first", "cmd-p", [0, 1])
     write(tmp_path / "later", "jocor", [0, 1])  # the same trial ids t0, t1: kept apart
     write(tmp_path / "again", "cmd-p", [1])
-    assert main(["report", str(tmp_path / "first"), "--with", str(tmp_path / "later")]) == 0
+    plots = tmp_path / "joined-plots"
+    assert main(["report", str(tmp_path / "first"), "--with", str(tmp_path / "later"), "--plots", str(plots)]) == 0
+    assert (plots / "accuracy_vs_epoch.png").is_file() and not (tmp_path / "first" / "plots").exists()
     table = capsys.readouterr().out
     assert "jocor " in table and "cmd-p " in table and table.count("(n=2)") == 2
     assert table.index("jocor ") < table.index("cmd-p ")  # the registry's order: rivals before CMD
