@@ -23,7 +23,7 @@ from cmd_ray.data import DataBundle, Split, augment, normalise
 from cmd_ray.datasets import DATASETS, Augmentation, DatasetInfo, augmentation
 from cmd_ray.errors import NonFiniteLossError
 from cmd_ray.knowledge import LossParts
-from cmd_ray.methods import Plan, StepSchedule
+from cmd_ray.methods import Plan, StepInputs, StepSchedule
 from cmd_ray.metrics import accuracy, ensemble_key, peer_key
 from cmd_ray.models import build_model
 from cmd_ray.noise import expected_flip_rate
@@ -34,7 +34,8 @@ class Peer:
     """A peer network with its optimiser, learning-rate schedule and own random stream.
 
     Each peer keeps its own RNG state (dropout) so that stepping P peers in one process
-    draws exactly the numbers P separate worker processes would.
+    draws exactly the numbers P separate worker processes would, and its method's state
+    (`StepInputs.state`), saved and restored with it.
     """
 
     index: int
@@ -44,6 +45,7 @@ class Peer:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     autocast_bf16: bool = False
     rng_state: Optional[torch.Tensor] = None
+    method_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def build_peer(cfg: Config, index: int, info: DatasetInfo, total_steps: int, device: torch.device) -> Peer:
@@ -81,6 +83,7 @@ def peer_state(peer: Peer, epoch: int) -> dict:
         "optimizer": peer.optimizer.state_dict(),
         "scheduler": peer.scheduler.state_dict(),
         "rng_state": peer.rng_state,
+        "method_state": {key: value.cpu() for key, value in peer.method_state.items()},
     }
 
 
@@ -92,6 +95,8 @@ def load_peer_state(peer: Peer, state: dict) -> int:
     peer.optimizer.load_state_dict(state["optimizer"])
     peer.scheduler.load_state_dict(state["scheduler"])
     peer.rng_state = state["rng_state"]
+    # Checkpoints written before methods kept state have none: nothing to restore.
+    peer.method_state = {key: value.to(peer.device) for key, value in state.get("method_state", {}).items()}
     return int(state["epoch"])
 
 
@@ -103,6 +108,7 @@ class Batch:
     noisy_labels: torch.Tensor  # (B,)
     clean_labels: Optional[torch.Tensor]  # (B,) metrics only; None where no clean labels exist
     index: torch.Tensor  # (B,) sample ids, for checking that peers agree
+    positions: Optional[torch.Tensor] = None  # (B,) positions in the split (per-sample method state)
 
 
 def make_batch(
@@ -124,6 +130,7 @@ def make_batch(
         noisy_labels=split.noisy_labels[positions].to(device),
         clean_labels=None if split.clean_labels is None else split.clean_labels[positions].to(device),
         index=split.index[positions].to(device),
+        positions=positions.to(device),
     )
 
 
@@ -163,6 +170,12 @@ def forward(peer: Peer, images: torch.Tensor) -> torch.Tensor:
     peer.model.train()
     with _own_rng(peer), _autocast(peer):
         return peer.model(images).float()
+
+
+def step_inputs(peer: Peer, batch: Batch, seed: int) -> StepInputs:
+    """What the method may read of this step beside the logits (see `StepInputs`)."""
+    positions = batch.positions if batch.positions is not None else torch.arange(len(batch.index))
+    return StepInputs(positions, batch.images, lambda images: forward(peer, images), seed, peer.method_state)
 
 
 def method_plan(cfg: Config, num_classes: Optional[int] = None) -> Plan:
@@ -264,15 +277,22 @@ class StepResult:
 
 
 def peer_step(
-    plan: Plan, peer: Peer, logits: torch.Tensor, peer_logits: torch.Tensor, batch: Batch, when: StepSchedule
+    plan: Plan,
+    peer: Peer,
+    logits: torch.Tensor,
+    peer_logits: torch.Tensor,
+    batch: Batch,
+    when: StepSchedule,
+    seed: int = 0,
 ) -> StepResult:
     """Select, distil, step: one optimiser step of `peer` given every peer's logits.
 
     plan: the run's method (`method_plan`); logits (B, C): this peer's own, with graph (from
     `forward`); peer_logits (P, B, C): all peers' detached logits on the same batch, in peer
-    order. Raises NonFiniteLossError naming the peer, epoch and step if the loss is NaN or inf.
+    order; seed: the step's seed, for a method's own random draws. Raises NonFiniteLossError
+    naming the peer, epoch and step if the loss is NaN or inf.
     """
-    parts = plan.loss(peer.index, logits, peer_logits, batch.noisy_labels, when)
+    parts = plan.loss(peer.index, logits, peer_logits, batch.noisy_labels, when, step_inputs(peer, batch, seed))
     if not torch.isfinite(parts.total):
         epoch = when.step // max(when.steps_per_epoch, 1) + 1
         raise NonFiniteLossError(
@@ -318,15 +338,20 @@ def epoch_metrics(counts: dict[str, float]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def test_probabilities(peer: Peer, split: Split, info: DatasetInfo, batch_size: int = 1000) -> torch.Tensor:
-    """Softmax outputs (N, C) on every test image, in eval mode; no batch is dropped."""
+def eval_logits(peer: Peer, split: Split, info: DatasetInfo, batch_size: int = 1000) -> torch.Tensor:
+    """Logits (N, C) on every image of a split, unaugmented, in eval mode; no batch is dropped."""
     peer.model.eval()
     out = []
     for positions in torch.arange(len(split)).split(batch_size):
         images = normalise(split.images[positions].to(peer.device), info)
         with _autocast(peer):
-            out.append(torch.softmax(peer.model(images).float(), -1).cpu())
+            out.append(peer.model(images).float().cpu())
     return torch.cat(out)
+
+
+def test_probabilities(peer: Peer, split: Split, info: DatasetInfo, batch_size: int = 1000) -> torch.Tensor:
+    """Softmax outputs (N, C) on every image of a split, in eval mode; no batch is dropped."""
+    return torch.softmax(eval_logits(peer, split, info, batch_size), -1)
 
 
 def correct_counts(peer_probs: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,9 @@
 `train_epoch` steps the peers a process holds (all P in-process; one on a Ray worker) over
 one epoch: same batches in the same order for every peer, every peer forwards before any
 steps, then the logits are exchanged and each local peer runs `peer_step`. The exchange
-is a function argument: an in-memory stack here, an all-gather in `cmd_ray.exchange`.
+is a function argument: an in-memory stack here, an all-gather in `cmd_ray.exchange`. A
+method's epoch hook (`Plan.epoch_values`) runs before the epoch's first step and its values go
+through the same exchange.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from cmd_ray.config import Config, check_models_fit
 from cmd_ray.console import console
 from cmd_ray.data import DataBundle, epoch_batches, load_data, shard
-from cmd_ray.methods import Plan
+from cmd_ray.methods import EPOCH_VALUES, Plan
 from cmd_ray.peer import (
     Batch,
     Peer,
@@ -30,6 +32,7 @@ from cmd_ray.peer import (
     add_counts,
     augment_seed,
     build_peer,
+    eval_logits,
     evaluate,
     forward,
     load_peer_state,
@@ -146,6 +149,25 @@ def in_process_exchange(logits: list[torch.Tensor], batch: Batch) -> torch.Tenso
     return torch.stack([z.detach() for z in logits])
 
 
+def share_epoch_values(plan: Plan, peers: list[Peer], data: DataBundle, epoch: int, exchange: Exchange) -> None:
+    """Run the method's epoch hook on each local peer over the whole training split and put
+    every peer's values (P, N, K), gathered through the run's exchange, into each local peer's
+    method state; nothing when the method does not want it before this epoch."""
+    if not plan.wants_epoch_values(epoch):
+        return
+    train = data.train
+    values = []
+    for peer in peers:
+        logits = eval_logits(peer, train, data.info)
+        own = plan.epoch_values(peer.index, logits, train.noisy_labels, epoch)
+        values.append(own.reshape(len(train), -1).float().to(peer.device))
+    device = peers[0].device
+    whole_split = Batch(torch.empty(0), train.noisy_labels, None, train.index.to(device), torch.arange(len(train)))
+    shared = exchange(values, whole_split)
+    for peer in peers:
+        peer.method_state[EPOCH_VALUES] = shared.to(peer.device)
+
+
 @dataclass
 class EpochStats:
     """What one epoch of the local peers did."""
@@ -180,6 +202,7 @@ def train_epoch(
     start = time.perf_counter()
     device = peers[0].device
     policy = run_augmentation(cfg, data.info)
+    share_epoch_values(plan, peers, data, epoch, exchange)
     for step, global_positions in enumerate(epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch)):
         positions = shard(global_positions, replica, cfg.replicas)
         seed = augment_seed(cfg, epoch, step) + replica
@@ -191,7 +214,7 @@ def train_epoch(
         peer_logits = exchange(logits, batch)
         exchange_seconds += time.perf_counter() - t0
         when = StepSchedule(epoch * per_epoch + step, total_steps, per_epoch)
-        results = [peer_step(plan, peer, z, peer_logits, batch, when) for peer, z in zip(peers, logits)]
+        results = [peer_step(plan, peer, z, peer_logits, batch, when, seed) for peer, z in zip(peers, logits)]
         for total, result in zip(counts, results):
             add_counts(total, result.counts)
         if on_step is not None:

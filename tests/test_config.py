@@ -64,7 +64,8 @@ BAD = [
     ({"peers": 1}, r"^peers: got 1; allowed: an integer >= 2"),
     (
         {"method": "mixup"},
-        r"^method: got 'mixup'; allowed: one of 'ce', 'dml', 'coteaching', 'coteaching\+', 'jocor', 'cmd-s', 'cmd-p'$",
+        r"^method: got 'mixup'; allowed: one of 'ce', 'dml', 'coteaching', 'coteaching\+', 'jocor', 'dividemix', "
+        r"'cmd-s', 'cmd-p'$",
     ),
     ({"noise": {"rate": 1.2}}, r"^noise\.rate: got 1\.2; allowed: a number in \[0\.0, 1\.0\]$"),
     ({"noise": {"type": "gauss"}}, r"^noise\.type: got 'gauss'; allowed: one of"),

@@ -243,7 +243,7 @@ class SmoothingConfig:
 class SmoothingPlan(Plan):
     epsilon: float
 
-    def loss(self, peer_index, logits, peer_logits, noisy_labels, when):
+    def loss(self, peer_index, logits, peer_logits, noisy_labels, when, inputs=None):
         import math
 
         import torch
@@ -289,8 +289,8 @@ def test_a_new_method_is_one_module_and_its_registry_line(fake_fmnist_root, tmp_
     (package / "methods" / "smoothing.py").write_text(THROWAWAY_METHOD)
     registry = package / "methods" / "__init__.py"
     text = registry.read_text()
-    imports = "from cmd_ray.methods import ce, cmd, coteaching, coteaching_plus, dml, jocor"
-    assert imports in text and "    cmd.CMD_P,\n)" in text
+    imports = re.search(r"^from cmd_ray.methods import ce, .*$", text, flags=re.MULTILINE).group(0)
+    assert "    cmd.CMD_P,\n)" in text
     text = text.replace(imports, imports + ", smoothing").replace(
         "    cmd.CMD_P,\n)", "    cmd.CMD_P,\n    smoothing.METHOD,\n)"
     )

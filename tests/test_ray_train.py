@@ -14,7 +14,7 @@ from cmd_ray.config import ConfigError
 from cmd_ray.methods import NAMES as METHODS
 from cmd_ray.trainer import train_in_process
 
-from .conftest import needs_fmnist, tiny_config
+from .conftest import SHORT_RUN, needs_fmnist, tiny_config
 
 ray = pytest.importorskip("ray")
 
@@ -38,7 +38,7 @@ LABEL_CORRECTION = dict(
 
 @pytest.mark.parametrize(
     "formulation",
-    [{"method": name} for name in METHODS] + [LABEL_CORRECTION],
+    [{"method": name, **SHORT_RUN.get(name, {})} for name in METHODS] + [LABEL_CORRECTION],
     ids=[*METHODS, "cmd-p-label-correction"],
 )
 def test_two_peer_workers_match_the_in_process_trainer_step_for_step(

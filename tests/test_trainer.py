@@ -23,6 +23,7 @@ def test_every_method_trains_and_reports_per_epoch_metrics(fake_fmnist_root, met
     # JoCoR's published lambda = 0.9 leaves its labels a weight of 0.1: on these 18 steps the two
     # peers agree long before they learn (0.44 accuracy, measured), so the check of learning uses 0.5.
     light = {"jocor__weight": 0.5} if method == "jocor" else {}
+    light |= {"dividemix__warm_up": 1} if method == "dividemix" else {}  # epoch 1 warm-up, epoch 2 MixMatch
     cfg = tiny_config(fake_fmnist_root, method=method, data__train_subset=None, data__test_subset=None, **light)
     lines = []
     summary = train_in_process(cfg, log=lines.append)
@@ -45,6 +46,9 @@ def test_every_method_trains_and_reports_per_epoch_metrics(fake_fmnist_root, met
         assert first["peer0/distill_loss"] > 0.0
     if method == "coteaching":
         assert 0.0 < summary["selected_fraction"]["peer0"] <= 1.0
+    if method == "dividemix":  # no division during warm-up; then a labelled share by the other's mixture
+        assert first["peer0/selected_fraction"] == 0.0
+        assert 0.0 < summary["history"][1]["peer0/selected_fraction"] < 1.0
     # The fake data are easy: every method must learn them despite 40% noise.
     assert summary["test_accuracy"]["ensemble"]["best"] > 0.5
 
@@ -175,3 +179,66 @@ def test_bf16_precision_runs_the_forward_in_bfloat16_and_still_learns_on_cpu(fak
     summary = train_in_process(cfg, log=lambda _: None)
     assert all(torch.isfinite(torch.tensor(r["peer0/loss"])) for r in summary["history"])
     assert summary["test_accuracy"]["ensemble"]["best"] > 0.5
+
+
+class _SharingPlan:
+    """A method that shares 1000 k + position for peer k's samples once an epoch, counts in its
+    state how often it stepped on each sample, and records what every step's inputs held."""
+
+    def __init__(self):
+        self.seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def wants_epoch_values(self, epoch):
+        return True
+
+    def epoch_values(self, peer_index, logits, noisy_labels, epoch):
+        return (1000.0 * peer_index + torch.arange(len(noisy_labels), dtype=torch.float32))[:, None]
+
+    def loss(self, peer_index, logits, peer_logits, noisy_labels, when, inputs=None):
+        from cmd_ray.knowledge import LossParts
+
+        self.seen.append((inputs.sample_ids.clone(), inputs.epoch_values()[..., 0].clone(), noisy_labels.clone()))
+        counts = inputs.state.setdefault("steps", torch.zeros(600))
+        counts.index_add_(0, inputs.sample_ids, torch.ones(len(inputs.sample_ids)))
+        ce = torch.nn.functional.cross_entropy(logits, noisy_labels)
+        nothing = torch.zeros(len(noisy_labels), dtype=torch.bool)
+        return LossParts(ce, ce.detach(), torch.zeros(()), nothing, None, float("inf"))
+
+
+def test_a_methods_epoch_values_reach_every_peer_at_the_batchs_samples_and_its_state_survives_checkpoints(
+    fake_fmnist_root, tmp_path
+):
+    """The contract DivideMix needs: sample ids that address the training split, every peer's
+    epoch-hook values gathered at those ids, and per-peer state saved and restored with the peer
+    in both checkpoint formats (the Tune trial's one file, Ray Train's folder of shards)."""
+    from cmd_ray.trainer import (
+        checkpoint_bytes,
+        load_checkpoint_bytes,
+        load_run_data,
+        read_checkpoint,
+        train_epoch,
+        write_checkpoint,
+    )
+
+    cfg = tiny_config(fake_fmnist_root, data__train_subset=None, data__test_subset=None)
+    data = load_run_data(cfg)
+    assert len(data.train) == 600
+    build = lambda: [build_peer(cfg, k, data.info, 20, torch.device("cpu")) for k in range(2)]  # noqa: E731
+    peers, plan = build(), _SharingPlan()
+    train_epoch(cfg, peers, data, 0, plan=plan)
+    assert len(plan.seen) == 2 * 10  # 2 peers x ceil(600 / 64) steps
+    for ids, values, labels in plan.seen:
+        assert torch.equal(values, torch.stack([1000.0 * k + ids.float() for k in range(2)]))
+        assert torch.equal(labels, data.train.noisy_labels[ids])  # the ids are positions in the training split
+    for peer in peers:
+        assert torch.equal(peer.method_state["steps"], torch.ones(600))  # every sample once in the epoch
+
+    restored = build()
+    load_checkpoint_bytes(checkpoint_bytes(peers, 1, []), restored)
+    write_checkpoint(tmp_path, peers, 1, [])
+    from_folder = build()
+    read_checkpoint(tmp_path, from_folder)
+    for peer, again, also in zip(peers, restored, from_folder):
+        assert again.method_state.keys() == also.method_state.keys() == {"steps", "epoch_values"}
+        for key, value in peer.method_state.items():
+            assert torch.equal(again.method_state[key], value) and torch.equal(also.method_state[key], value)

@@ -8,8 +8,8 @@ report ordering, the GPU check and sweep variants all read this registry.
 from __future__ import annotations
 
 from cmd_ray.errors import ConfigError
-from cmd_ray.methods import ce, cmd, coteaching, coteaching_plus, dml, jocor
-from cmd_ray.methods.base import Method, Plan, StepSchedule
+from cmd_ray.methods import ce, cmd, coteaching, coteaching_plus, dividemix, dml, jocor
+from cmd_ray.methods.base import EPOCH_VALUES, Method, Plan, StepInputs, StepSchedule
 
 # Baselines first, CMD last: the order of every report table.
 _ALL: tuple[Method, ...] = (
@@ -18,6 +18,7 @@ _ALL: tuple[Method, ...] = (
     coteaching.METHOD,
     coteaching_plus.METHOD,
     jocor.METHOD,
+    dividemix.METHOD,
     cmd.CMD_S,
     cmd.CMD_P,
 )
@@ -47,4 +48,4 @@ def get(name: str) -> Method:
         raise ConfigError(f"method: got {name!r}; allowed: one of {', '.join(NAMES)}") from None
 
 
-__all__ = ["NAMES", "REGISTRY", "SECTIONS", "Method", "Plan", "StepSchedule", "get"]
+__all__ = ["EPOCH_VALUES", "NAMES", "REGISTRY", "SECTIONS", "Method", "Plan", "StepInputs", "StepSchedule", "get"]

@@ -5,7 +5,11 @@ config section it brings (a dataclass of documented defaults), the checks of its
 `plan(cfg, noise_rate)`, which fixes everything that is constant over a run (the formulation,
 the forget-rate ceiling) and returns a `Plan`. A plan's `loss` turns one batch into one peer's
 `LossParts`, given the peer's own logits (with gradient), every peer's exchanged logits and
-the noisy labels; the Ray workers and the in-process trainer call it the same way.
+the noisy labels; the Ray workers and the in-process trainer call it the same way. Methods that
+need more of a step (sample ids, the images, another forward pass, per-sample state kept across
+epochs and checkpoints, values each peer computes over the whole training set once an epoch and
+shares with the others) read it from the `StepInputs` the engine passes beside, and say when
+they want the epoch hook (`wants_epoch_values`, `epoch_values`).
 
 Method modules are read by config validation, which must not import torch (`cmd-ray --help`
 and `show-config` stay fast): they import torch and `cmd_ray.knowledge` inside their loss
@@ -14,7 +18,8 @@ functions, never at module level.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from cmd_ray.errors import ConfigError
@@ -44,6 +49,35 @@ class StepSchedule:
         return self.step / max(self.steps_per_epoch, 1)
 
 
+@dataclass
+class StepInputs:
+    """What a method may read of one step beyond the logits and noisy labels.
+
+    sample_ids index the training split (0 .. N - 1), so they address per-sample state; the
+    images are the batch exactly as the peer forwarded it (normalised, augmented as the run
+    asks); `forward` runs this peer's network on other inputs in training mode with the
+    gradient kept, under the peer's own random stream and precision (a second forward pass, as
+    MixMatch needs). `state` is this peer's method state: tensors the method keeps across steps,
+    saved in every checkpoint and restored with the peer (Ray and in-process alike); the engine
+    puts the last epoch hook's shared values there as `state[EPOCH_VALUES]` (P, N, K).
+    """
+
+    sample_ids: torch.Tensor  # (B,) long: positions in the training split
+    images: torch.Tensor  # (B, C, H, W) float
+    forward: Callable[[torch.Tensor], torch.Tensor]  # images (b, C, H, W) -> logits (b, C), with graph
+    seed: int  # the step's seed (shared by every peer); draw a method's random numbers from it
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def epoch_values(self) -> Optional[torch.Tensor]:
+        """Every peer's epoch-hook values at this batch's samples, (P, B, K); None before any."""
+        values = self.state.get(EPOCH_VALUES)
+        return None if values is None else values[:, self.sample_ids.to(values.device)]
+
+
+# The key of `StepInputs.state` under which the engine keeps the epoch hook's shared values.
+EPOCH_VALUES = "epoch_values"
+
+
 class Plan:
     """A method fixed for one run: `loss` is called once per peer and step."""
 
@@ -54,10 +88,26 @@ class Plan:
         peer_logits: torch.Tensor,
         noisy_labels: torch.Tensor,
         when: StepSchedule,
+        inputs: Optional[StepInputs] = None,
     ) -> LossParts:
         """Loss of peer `peer_index` on one batch. logits (B, C) this peer's own, with gradient;
         peer_logits (P, B, C) every peer's logits on the batch in peer order (row `peer_index`
-        holds this peer's own values, detached); noisy_labels (B,). Clean labels never enter."""
+        holds this peer's own values, detached); noisy_labels (B,); inputs: the rest of the step
+        (the engine always passes it; unit tests of methods that do not read it may leave it out).
+        Clean labels never enter."""
+        raise NotImplementedError
+
+    def wants_epoch_values(self, epoch: int) -> bool:
+        """Whether the epoch hook runs before epoch `epoch` (0-based) trains; by default never."""
+        return False
+
+    def epoch_values(
+        self, peer_index: int, logits: torch.Tensor, noisy_labels: torch.Tensor, epoch: int
+    ) -> torch.Tensor:
+        """The epoch hook: this peer's per-sample values (N, K) to share with every peer for the
+        epoch's steps. logits (N, C): this peer's network in eval mode on every training sample,
+        unaugmented, in training-split order; noisy_labels (N,). The engine gathers every peer's
+        values into `StepInputs.state[EPOCH_VALUES]` (P, N, K) through the run's exchange."""
         raise NotImplementedError
 
 

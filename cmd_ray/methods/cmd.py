@@ -146,7 +146,7 @@ class DistillationPlan(Plan):
             tau = math.inf  # warm-up: no knowledge selected yet
         return StepValues(tau, forget_rate, trust)
 
-    def loss(self, peer_index, logits, peer_logits, noisy_labels, when):
+    def loss(self, peer_index, logits, peer_logits, noisy_labels, when, inputs=None):
         from cmd_ray.knowledge import peer_loss
 
         return peer_loss(logits, peer_logits, peer_index, noisy_labels, self.form, self.values(when))

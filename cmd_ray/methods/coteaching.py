@@ -87,7 +87,7 @@ def small_loss_parts(
 class CoteachingPlan(Plan):
     forget: ForgetSchedule
 
-    def loss(self, peer_index, logits, peer_logits, noisy_labels, when):
+    def loss(self, peer_index, logits, peer_logits, noisy_labels, when, inputs=None):
         others = [j for j in range(peer_logits.shape[0]) if j != peer_index]
         sources = peer_logits[others].detach().float()
         return small_loss_parts(logits.float(), sources, noisy_labels, self.forget.at(when))

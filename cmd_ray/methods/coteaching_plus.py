@@ -38,7 +38,7 @@ class CoteachingPlusPlan(Plan):
     forget: ForgetSchedule
     init_epochs: float  # epochs of plain Co-teaching
 
-    def loss(self, peer_index, logits, peer_logits, noisy_labels, when):
+    def loss(self, peer_index, logits, peer_logits, noisy_labels, when, inputs=None):
         others = [j for j in range(peer_logits.shape[0]) if j != peer_index]
         sources = peer_logits[others].detach().float()
         among = None if when.epoch_progress < self.init_epochs else disagreement(peer_logits.detach())

@@ -35,7 +35,7 @@ class JocorPlan(Plan):
     forget: ForgetSchedule
     weight: float
 
-    def loss(self, peer_index, logits, peer_logits, noisy_labels, when):
+    def loss(self, peer_index, logits, peer_logits, noisy_labels, when, inputs=None):
         from cmd_ray.knowledge import LossParts, coteaching_keep, joint_loss
 
         own = logits.float()

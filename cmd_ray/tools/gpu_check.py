@@ -33,7 +33,7 @@ from cmd_ray import methods
 from cmd_ray.config import from_dict
 from cmd_ray.datasets import DATA_ROOT
 from cmd_ray.exchange import free_port
-from cmd_ray.methods import StepSchedule
+from cmd_ray.methods import EPOCH_VALUES, StepInputs, StepSchedule
 from cmd_ray.metrics import TEST_ACCURACY, peer_key
 from cmd_ray.peer import method_plan
 
@@ -43,6 +43,7 @@ CHANCE = 0.1  # Fashion-MNIST has 10 balanced classes
 FORMULATIONS: dict[str, dict[str, Any]] = {
     **{name: {"method": name} for name in methods.NAMES},
     "cmd-p kl small-loss weight 8": {"method": "cmd-p", "distill": {"weight": 8.0}},
+    "dividemix mixmatch": {"method": "dividemix", "dividemix": {"warm_up": 0}},
     "cmd-p label correction": {
         "method": "cmd-p",
         "distill": {"loss": "label_correction", "epsilon": "trust"},
@@ -109,11 +110,19 @@ def check_maths(
     labels = torch.randint(0, 10, (256,), generator=g)
     when = StepSchedule(step=30, total_steps=100, steps_per_epoch=10)  # past every ramp's start
     worst, mismatched = 0.0, []
+    clean = torch.rand(2, 256, 1, generator=g)  # an epoch hook's values (DivideMix: clean probabilities)
+
+    def inputs(logits: torch.Tensor, values: torch.Tensor) -> StepInputs:
+        # The network of a method's second forward pass is the identity: images are the logits.
+        ids = torch.arange(logits.shape[0], device=logits.device)
+        return StepInputs(ids, logits[:, :, None, None], lambda x: x.flatten(1), seed, {EPOCH_VALUES: values})
+
     for name, settings in FORMULATIONS.items():
         plan = method_plan(from_dict({**settings, "noise": {"type": "symmetric", "rate": 0.4}}))
-        here = plan.loss(0, peer_logits[0], peer_logits, labels, when)
+        here = plan.loss(0, peer_logits[0], peer_logits, labels, when, inputs(peer_logits[0], clean))
         there_logits = move(peer_logits)
-        there = plan.loss(0, there_logits[0], there_logits, move(labels), when)
+        there_inputs = inputs(there_logits[0], move(clean))
+        there = plan.loss(0, there_logits[0], there_logits, move(labels), when, there_inputs)
         difference = abs(float(here.total) - float(there.total))
         worst = max(worst, difference)
         if not torch.equal(here.selected, there.selected.cpu()) or difference > 1e-4:
