@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from cmd_ray.config import Config, ConfigError, load_config
+from cmd_ray.config import Config, ConfigError
 from cmd_ray.console import keep_every_log_line, ray_noise_kept_off_the_console
 from cmd_ray.errors import DataError, NoiseError, NonFiniteLossError, RayStartError, StorageError, SweepStopped
+from cmd_ray.presets import load_config
 from cmd_ray.storage import join, to_json
 
 # A Ray Train run's folder name under ray.storage_path (one path segment, portable).

@@ -11,9 +11,10 @@ from __future__ import annotations
 import itertools
 from typing import Any, Optional
 
-from cmd_ray.config import Config, ConfigError, from_dict, set_path
+from cmd_ray.config import Config, ConfigError, from_dict
 from cmd_ray.errors import NoiseError
 from cmd_ray.noise import check_noise_files
+from cmd_ray.presets import set_path
 
 # Keys no grid may sweep: they say how and where the sweep runs, not what a trial is.
 GRID_FORBIDDEN = ("sweep", "ray", "output_dir")

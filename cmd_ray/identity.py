@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from cmd_ray.config import Config, ConfigError, flatten, with_absolute_paths
+from cmd_ray.config import Config, ConfigError
+from cmd_ray.presets import flatten, with_absolute_paths
 from cmd_ray.storage import exists, join, read_bytes, write_json_atomic
 
 # Keys that say where and how a run executes, not what it computes: a named run resumed (or a

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cmd_ray import methods
-from cmd_ray.config import NOISE_READS, flatten
+from cmd_ray.config import NOISE_READS
 from cmd_ray.grid import point_overrides, trial_config, variant_label
 from cmd_ray.metrics import TEST_ACCURACY, VALIDATION_ACCURACY, ensemble_key, mean_key
+from cmd_ray.presets import flatten
 from cmd_ray.storage import exists, join, read_parquet, save_figure
 
 # Config columns every results row carries (the grid's own keys are added to these). The noise

@@ -25,12 +25,13 @@ from typing import Any, Optional
 
 import pyarrow as pa
 
-from cmd_ray.config import Config, ConfigError, set_path, with_absolute_paths
+from cmd_ray.config import Config, ConfigError
 from cmd_ray.console import console
 from cmd_ray.errors import SweepStopped
 from cmd_ray.grid import VARIANT, check_grid, grid_point, trial_config, variant_label
 from cmd_ray.identity import check_same_run, save_run_settings
 from cmd_ray.metrics import is_metric
+from cmd_ray.presets import set_path, with_absolute_paths
 from cmd_ray.ray_internals import (
     ask_tune_to_stop,
     leave_sigint_to_cmd_ray,

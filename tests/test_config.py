@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from cmd_ray.cli import main
-from cmd_ray.config import Config, ConfigError, apply_overrides, from_dict, load_config
+from cmd_ray.config import Config, ConfigError, from_dict
 from cmd_ray.grid import check_grid, trial_config
+from cmd_ray.presets import apply_overrides, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -237,7 +238,7 @@ def test_a_setting_the_method_never_reads_is_noted_not_silently_taken(capsys):
 def test_a_sweep_hands_its_trials_absolute_paths(tmp_path, monkeypatch):
     """Tune runs each trial in a folder of its own: relative paths are made absolute against the
     folder the sweep was started in (found by the README walk-through: data.path: digits)."""
-    from cmd_ray.config import with_absolute_paths
+    from cmd_ray.presets import with_absolute_paths
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

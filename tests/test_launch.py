@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from cmd_ray.cli import head_node_args, main
-from cmd_ray.config import from_dict, load_config
+from cmd_ray.config import from_dict
+from cmd_ray.presets import load_config
 from cmd_ray.sweep import wandb_mode
 
 from .conftest import needs_fmnist, write_fake_cifar, write_fake_fashion_mnist

@@ -25,7 +25,9 @@ LAYERS = [
     ["catalogue"],  # names: data sets, noise types, models
     ["knowledge"],  # pure maths (torch)
     _package("methods"),  # one module per method; torch-free until a loss is computed
-    ["config"],  # the validated settings (its noise section is the noise spec)
+    ["sections"],  # the config's sections other than the methods' (its noise section is the noise spec)
+    ["config"],  # the validated settings
+    ["presets"],  # YAML files, --set overrides, ${ENV} references, absolute paths
     ["noise", "labels_file", "user_data", "identity"],  # label noise, its files; a user's images; what a run is
     ["grid", "models", "data"],  # a sweep's points; networks; the Parquet cache and batches
     ["peer"],  # one peer's step

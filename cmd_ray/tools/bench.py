@@ -27,8 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
-from cmd_ray.config import Config, from_dict, set_path
+from cmd_ray.config import Config, from_dict
 from cmd_ray.grid import check_grid, trial_config
+from cmd_ray.presets import set_path
 from cmd_ray.storage import join, write_parquet_atomic
 
 
