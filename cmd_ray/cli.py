@@ -275,7 +275,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_grid(cfg)
     if not args.resume:
         _check_writable("sweep.storage_path", cfg.sweep.storage_path)
-    from cmd_ray.results import report
+    from cmd_ray.report import report
     from cmd_ray.sweep import run_sweep, wandb_dir, wandb_mode
 
     folder = run_sweep(cfg, resume=args.resume, resume_command=resume_command(args))
@@ -305,7 +305,8 @@ def resume_command(args: argparse.Namespace, command: tuple[str, ...] = ("sweep"
 def _print_validation_choice(
     folder: str | Path, last_epochs: int, joined: Optional[list[str]] = None, plots_dir: Optional[str] = None
 ) -> int:
-    from cmd_ray.results import read_joined, write_plots
+    from cmd_ray.report import write_plots
+    from cmd_ray.results import read_joined
     from cmd_ray.validation import validation_choice
 
     rows = read_joined(folder, joined or [])
@@ -319,7 +320,7 @@ def _print_validation_choice(
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cmd_ray.results import report
+    from cmd_ray.report import report
 
     if args.last_epochs < 1:
         raise ConfigError(f"--last-epochs: got {args.last_epochs}; allowed: an integer >= 1")
@@ -374,7 +375,7 @@ def bench_load(args: argparse.Namespace) -> int:
 
 def bench_accuracy(args: argparse.Namespace) -> int:
     from cmd_ray.grid import check_grid
-    from cmd_ray.results import report
+    from cmd_ray.report import report
     from cmd_ray.tools import bench
 
     cfg = _load(args)

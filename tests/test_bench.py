@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cmd_ray.config import from_dict
-from cmd_ray.results import report
+from cmd_ray.report import report
 from cmd_ray.tools import bench
 from cmd_ray.validation import validation_choice
 

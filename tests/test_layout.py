@@ -35,7 +35,8 @@ LAYERS = [
     ["trainer"],  # the shared epoch loop, in-process trainer
     ["cluster"],  # joining or starting Ray, what it can place
     ["ray_train"],  # Ray Train
-    ["results"],  # tables and plots, no Ray
+    ["results"],  # the results table and the tables computed from it, no Ray
+    ["report"],  # what `cmd-ray report` prints and draws
     ["validation"],  # choosing settings on the noisy validation split
     ["wandb_runs", "sweep"],  # Ray Tune
     ["tools", "tools.bench", "tools.gpu_check"],  # outside the core: only the command line imports them

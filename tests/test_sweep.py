@@ -534,40 +534,40 @@ def test_a_results_table_the_storage_refuses_is_one_line_and_resume_writes_it_wi
 
 
 def test_percentage_panels_stop_at_100(tmp_path, monkeypatch):
-    from cmd_ray import results
+    from cmd_ray import report
 
     base = from_dict({}).to_dict()
     history = [{"epoch": e, "mean/test_accuracy": 0.9, "mean/selected_fraction": 1.0,
                 "mean/selection_precision": 1.0, "mean/memorisation": 0.0} for e in range(3)]  # fmt: skip
     rows = trial_rows("t0", {"method": "cmd-p"}, base, history, "finished", "")
     limits = []
-    real_save = results.save_figure
+    real_save = report.save_figure
 
     def keep_limits(fig, path):
         limits.extend(ax.get_ylim() for ax in fig.axes)
         return real_save(fig, path)
 
-    monkeypatch.setattr(results, "save_figure", keep_limits)
-    results.write_plots(rows, tmp_path)
+    monkeypatch.setattr(report, "save_figure", keep_limits)
+    report.write_plots(rows, tmp_path)
     assert limits and all(-1.0 <= low and high <= 101.0 for low, high in limits), limits
 
 
 def test_the_selection_plot_and_table_show_the_peers_disagreement_beside_selection_precision(tmp_path, monkeypatch):
-    from cmd_ray import results
+    from cmd_ray import report, results
 
     base = from_dict({}).to_dict()
     history = [{"epoch": e, "mean/test_accuracy": 0.9, "mean/selected_fraction": 1.0, "mean/selection_precision": 0.9,
                 "mean/memorisation": 0.1, "mean/disagreement": 0.3 - 0.1 * e} for e in range(3)]  # fmt: skip
     rows = trial_rows("t0", {"method": "cmd-p"}, base, history, "finished", "")
     panels = []
-    real_save = results.save_figure
+    real_save = report.save_figure
 
     def keep_panels(fig, path):
         panels.append((Path(path).name, [ax.get_ylabel() for ax in fig.axes]))
         return real_save(fig, path)
 
-    monkeypatch.setattr(results, "save_figure", keep_panels)
-    results.write_plots(rows, tmp_path)
+    monkeypatch.setattr(report, "save_figure", keep_panels)
+    report.write_plots(rows, tmp_path)
     selection = dict(panels)["selection_vs_epoch.png"]
     assert "selection precision (%)" in selection and "peer disagreement (%)" in selection
     table = results.selection_table(rows)
