@@ -360,16 +360,16 @@ def bench_throughput(args: argparse.Namespace) -> int:
 def bench_load(args: argparse.Namespace) -> int:
     from cmd_ray.grid import check_grid
     from cmd_ray.storage import write_json_atomic
-    from cmd_ray.tools import bench
+    from cmd_ray.tools import load
 
     cfg = _load(args)
     check_grid(cfg)
     _check_writable("sweep.storage_path", cfg.sweep.storage_path)
-    figures = bench.load(cfg)
+    figures = load.load(cfg)
     if args.output_json:
         write_json_atomic(args.output_json, {**figures, "config": cfg.to_dict()})
     if args.plot:
-        print(f"plot: {bench.plot_load(figures, Path(args.plot))}")
+        print(f"plot: {load.plot_load(figures, Path(args.plot))}")
     return 0 if figures["finished"] == figures["trials"] else 1
 
 

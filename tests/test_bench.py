@@ -13,7 +13,7 @@ import pytest
 
 from cmd_ray.config import from_dict
 from cmd_ray.report import report
-from cmd_ray.tools import bench
+from cmd_ray.tools import bench, load
 from cmd_ray.validation import validation_choice
 
 
@@ -132,7 +132,7 @@ def test_load_sampler_counts_the_memory_of_child_processes():
     import sys
     import time
 
-    sampler = bench.LoadSampler(interval=0.1)
+    sampler = load.LoadSampler(interval=0.1)
     sampler.start()
     # The child says when its memory is held and keeps it until told to go: the sampler gets
     # two looks at it however slow the machine (no fixed window).
@@ -156,12 +156,12 @@ def test_load_sampler_counts_the_memory_of_child_processes():
 
 
 def test_process_kinds_name_ray_and_wandb_processes_by_their_command_lines():
-    assert bench.process_kind("ray::RayTrainWorker.run_train_fn") == "Train worker"
-    assert bench.process_kind("ray::_WandbLoggingActor.run") == "W&B logging actor"
-    assert bench.process_kind("ray::ImplicitFunc.train") == "trial driver"
-    assert bench.process_kind("/x/ray/core/src/ray/raylet/raylet --node") == "raylet"
-    assert bench.process_kind("/x/wandb/bin/wandb-core --port-filename f") == "W&B service"
-    assert bench.process_kind("python -c pass") == "other"
+    assert load.process_kind("ray::RayTrainWorker.run_train_fn") == "Train worker"
+    assert load.process_kind("ray::_WandbLoggingActor.run") == "W&B logging actor"
+    assert load.process_kind("ray::ImplicitFunc.train") == "trial driver"
+    assert load.process_kind("/x/ray/core/src/ray/raylet/raylet --node") == "raylet"
+    assert load.process_kind("/x/wandb/bin/wandb-core --port-filename f") == "W&B service"
+    assert load.process_kind("python -c pass") == "other"
 
 
 def test_a_reference_variant_is_ranked_beside_the_candidates_but_never_chosen():

@@ -39,7 +39,7 @@ LAYERS = [
     ["report"],  # what `cmd-ray report` prints and draws
     ["validation"],  # choosing settings on the noisy validation split
     ["wandb_runs", "sweep"],  # Ray Tune
-    ["tools", "tools.bench", "tools.gpu_check"],  # outside the core: only the command line imports them
+    ["tools", "tools.bench", "tools.load", "tools.gpu_check"],  # outside the core: only the command line imports them
     ["cli"],  # the front door (`cmd-ray ...`)
 ]
 RANK = {module: rank for rank, layer in enumerate(LAYERS) for module in layer}
