@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from cmd_ray import methods
+from cmd_ray.batches import augment, normalise
 from cmd_ray.config import Config
-from cmd_ray.data import DataBundle, Split, augment, normalise
+from cmd_ray.data import DataBundle, Split
 from cmd_ray.datasets import DATASETS, Augmentation, DatasetInfo, augmentation
 from cmd_ray.errors import NonFiniteLossError
 from cmd_ray.knowledge import LossParts

@@ -20,9 +20,10 @@ from typing import Any, Optional
 
 import torch
 
+from cmd_ray.batches import epoch_batches, shard
 from cmd_ray.config import Config, check_models_fit
 from cmd_ray.console import console
-from cmd_ray.data import DataBundle, epoch_batches, load_data, shard
+from cmd_ray.data import DataBundle, load_data
 from cmd_ray.methods import EPOCH_VALUES, Plan
 from cmd_ray.peer import (
     Batch,

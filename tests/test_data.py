@@ -11,15 +11,8 @@ import pytest
 import torch
 
 from cmd_ray import data as data_mod
-from cmd_ray.data import (
-    DataError,
-    augment,
-    epoch_batches,
-    load_data,
-    materialise,
-    read_parquet_split,
-    shard,
-)
+from cmd_ray.batches import augment, epoch_batches, shard
+from cmd_ray.data import DataError, load_data, materialise, read_parquet_split
 from cmd_ray.datasets.fashion_mnist import read_idx
 from cmd_ray.noise import NoiseSpec
 

@@ -29,7 +29,7 @@ LAYERS = [
     ["config"],  # the validated settings
     ["presets"],  # YAML files, --set overrides, ${ENV} references, absolute paths
     ["noise", "labels_file", "user_data", "identity"],  # label noise, its files; a user's images; what a run is
-    ["grid", "models", "data"],  # a sweep's points; networks; the Parquet cache and batches
+    ["grid", "models", "batches", "data"],  # a sweep's points; networks; batches; the Parquet cache
     ["peer"],  # one peer's step
     ["summary", "exchange"],
     ["trainer"],  # the shared epoch loop, in-process trainer
