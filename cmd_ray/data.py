@@ -266,7 +266,8 @@ def _import_user(
     (no noise applied) and its test cache; with `noisy` = (spec, seed, path), also that noise
     setting's training cache. The noise is applied before anything is written, so a labels file
     that does not fit the images leaves no cache behind."""
-    from cmd_ray.user_data import channel_stats, read_user_data
+    from cmd_ray.images import channel_stats
+    from cmd_ray.user_data import read_user_data
 
     console(f"[cmd-ray] importing {source.kind} {source.path} into the cache (once) ...")
     started = time.perf_counter()

@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 
 from cmd_ray.errors import NoiseError
-from cmd_ray.user_data import IMAGE_SUFFIXES
+from cmd_ray.images import IMAGE_SUFFIXES
 
 LABEL_FILE_SUFFIXES = (".npy", ".csv", ".txt", ".pt")
 # Header names of the columns a CSV labels file may have.

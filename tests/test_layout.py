@@ -22,7 +22,7 @@ def _package(name: str) -> list[str]:
 LAYERS = [
     ["__init__", "errors", "console", "metrics", "storage", "ray_internals"],  # leaves: no cmd-ray import
     _package("datasets"),  # built-in data sets, one module each
-    ["catalogue"],  # names: data sets, noise types, models
+    ["catalogue", "images"],  # names: data sets, noise types, models; decoding a user's images
     ["knowledge"],  # pure maths (torch)
     _package("methods"),  # one module per method; torch-free until a loss is computed
     ["sections"],  # the config's sections other than the methods' (its noise section is the noise spec)
