@@ -10,7 +10,8 @@ else it starts a local embedded Ray. Same as `cmd-ray sweep`.
 
 import sys
 
-from cmd_ray.cli import head_node_args, main
+from cmd_ray.cli import main
+from cmd_ray.commands import head_node_args
 
 if __name__ == "__main__":
     sys.exit(main(["sweep", *head_node_args(sys.argv[1:])]))

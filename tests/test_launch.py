@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cmd_ray.cli import head_node_args, main
+from cmd_ray.cli import main
+from cmd_ray.commands import head_node_args
 from cmd_ray.config import from_dict
 from cmd_ray.presets import load_config
 from cmd_ray.sweep import wandb_mode
