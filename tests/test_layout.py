@@ -128,3 +128,16 @@ def test_the_readme_layout_lists_exactly_the_modules_there_are():
     files = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
     packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
     assert listed == files | packages
+
+
+def test_no_module_is_over_500_lines_and_no_function_over_60():
+    """Modules are split by concern before they grow past what one reading holds (issue 31)."""
+    long_modules, long_functions = [], []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        if text.count("\n") > 500:
+            long_modules.append(f"{_module_name(path)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long_functions.append(f"{_module_name(path)}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not long_modules and not long_functions, long_modules + long_functions
