@@ -45,6 +45,7 @@ from cmd_ray.peer import (
     steps_per_epoch,
     test_probabilities,
 )
+from cmd_ray.storage import join, read_bytes, write_bytes
 from cmd_ray.summary import epoch_record, progress_line, summarise
 from cmd_ray.user_data import UserSource, first_image_side
 
@@ -65,39 +66,32 @@ def checkpoint_file(peer: int, replica: int = 0) -> str:
     return f"peer{peer}_replica{replica}.pt"
 
 
+# One checkpoint format for both placements: a folder (local or object storage) holding each
+# peer's state as peer<k>_replica<r>.pt (`peer_state`: weights, optimiser, schedule, random
+# stream, method state) and the per-epoch records as history.json. Ray Train's workers each
+# write their own peer's file into the same checkpoint; a trial placed in one process writes all.
+
+
 def write_checkpoint(
-    folder: Path, peers: list[Peer], done: int, history: Optional[list[dict[str, Any]]], replica: int = 0
+    folder: str | Path, peers: list[Peer], done: int, history: Optional[list[dict[str, Any]]], replica: int = 0
 ) -> None:
     """Each local peer's state after `done` epochs, and the history (when given) as history.json."""
     for peer in peers:
-        torch.save(peer_state(peer, done), folder / checkpoint_file(peer.index, replica))
+        buffer = io.BytesIO()
+        torch.save(peer_state(peer, done), buffer)
+        write_bytes(join(folder, checkpoint_file(peer.index, replica)), buffer.getvalue())
     if history is not None:
-        (folder / HISTORY_FILE).write_text(json.dumps(history))
+        write_bytes(join(folder, HISTORY_FILE), json.dumps(history).encode())
 
 
-def checkpoint_bytes(peers: list[Peer], done: int, history: list[dict[str, Any]]) -> bytes:
-    """Every peer's state after `done` epochs and the history so far, as one file's bytes."""
-    buffer = io.BytesIO()
-    torch.save({"peers": [peer_state(peer, done) for peer in peers], "history": history}, buffer)
-    return buffer.getvalue()
-
-
-def load_checkpoint_bytes(data: bytes, peers: list[Peer]) -> tuple[int, list[dict[str, Any]]]:
-    """Load `checkpoint_bytes` into the peers; (epochs done, history)."""
-    state = torch.load(io.BytesIO(data), map_location=peers[0].device, weights_only=True)
-    done = 0
-    for peer, peer_saved in zip(peers, state["peers"], strict=True):
-        done = load_peer_state(peer, peer_saved)
-    return done, state["history"]
-
-
-def read_checkpoint(folder: Path, peers: list[Peer], replica: int = 0) -> tuple[int, list[dict[str, Any]]]:
+def read_checkpoint(folder: str | Path, peers: list[Peer], replica: int = 0) -> tuple[int, list[dict[str, Any]]]:
     """Load each local peer's state from a checkpoint folder; (epochs done, history)."""
     done = 0
     for peer in peers:
-        state = torch.load(folder / checkpoint_file(peer.index, replica), map_location=peer.device, weights_only=True)
+        data = read_bytes(join(folder, checkpoint_file(peer.index, replica)))
+        state = torch.load(io.BytesIO(data), map_location=peer.device, weights_only=True)
         done = load_peer_state(peer, state)
-    return done, json.loads((folder / HISTORY_FILE).read_text())
+    return done, json.loads(read_bytes(join(folder, HISTORY_FILE)))
 
 
 def check_models_fit_before_import(cfg: Config) -> None:

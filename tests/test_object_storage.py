@@ -111,3 +111,31 @@ def test_a_write_the_store_refuses_mid_run_is_one_line_naming_the_object(s3_buck
     message = caught.value.strerror
     assert message.startswith(f"{target}: cannot write (") and message.endswith("); nothing was written there")
     assert "\n" not in message
+
+
+def test_a_trial_placed_in_one_process_keeps_its_checkpoint_on_object_storage(s3_bucket, fake_fmnist_root):
+    """Placement trial with output on s3://: the checkpoint folder (Ray Train's format) and its
+    pointer are objects; the older checkpoint's objects are removed once the pointer moved."""
+    import torch
+
+    from cmd_ray.peer import build_peer
+    from cmd_ray.sweep import LATEST_CHECKPOINT, write_trial_checkpoint
+    from cmd_ray.trainer import load_run_data, read_checkpoint
+
+    from .conftest import tiny_config
+
+    cfg = tiny_config(fake_fmnist_root)
+    data = load_run_data(cfg)
+    peers = [build_peer(cfg, k, data.info, 10, torch.device("cpu")) for k in range(2)]
+    trial = storage.join(s3_bucket, "sweeps", "trials", "t0")
+    write_trial_checkpoint(trial, peers, 1, [{"epoch": 0}])
+    second = write_trial_checkpoint(trial, peers, 2, [{"epoch": 0}, {"epoch": 1}])
+    assert storage.read_bytes(storage.join(trial, LATEST_CHECKPOINT)) == b"checkpoint_000002"
+    assert storage.list_files(trial) == [
+        f"{second}/history.json",
+        f"{second}/peer0_replica0.pt",
+        f"{second}/peer1_replica0.pt",
+        storage.join(trial, LATEST_CHECKPOINT),
+    ]
+    fresh = [build_peer(cfg, k, data.info, 10, torch.device("cpu")) for k in range(2)]
+    assert read_checkpoint(second, fresh) == (2, [{"epoch": 0}, {"epoch": 1}])

@@ -281,9 +281,7 @@ def _a_user_sees_the_whole_sweep_and_never_the_key(
 
 def _trial_histories(sweep: Path) -> dict[str, list[dict]]:
     """Each trial's history in the checkpoint a resume would start from: for placement workers
-    the latest one Ray Train registered, for placement trial the trial's own checkpoint file."""
-    import torch
-
+    the latest one Ray Train registered, for placement trial the one its pointer names."""
     out = {}
     for run in (sweep / "train").iterdir() if (sweep / "train").is_dir() else ():
         try:
@@ -293,8 +291,11 @@ def _trial_histories(sweep: Path) -> dict[str, list[dict]]:
         except (OSError, TypeError, KeyError, ValueError):
             continue  # nothing registered yet, or caught mid-write
     for trial in (sweep / "trials").iterdir() if (sweep / "trials").is_dir() else ():
-        if (trial / "checkpoint.pt").is_file():
-            out[trial.name] = torch.load(trial / "checkpoint.pt", weights_only=True)["history"]
+        try:  # placement trial: the checkpoint its pointer names, in Ray Train's format
+            latest = (trial / "latest_checkpoint.txt").read_text().strip()
+            out[trial.name] = json.loads((trial / latest / "history.json").read_text())
+        except (OSError, ValueError):
+            continue
     return out
 
 
@@ -813,3 +814,32 @@ def test_a_sweeps_local_ray_starts_its_dashboard_only_where_ray_train_runs(monke
     init_ray_for_sweep(from_dict({"sweep": {"placement": placement}}), slots=2)
     assert len(calls) == 1 and calls[0]["include_dashboard"] is dashboard
     assert calls[0]["resources"] == {"TRAIN_DRIVER": 2}
+
+
+def test_a_trial_checkpoints_in_ray_trains_format_and_its_pointer_names_only_a_whole_one(fake_fmnist_root, tmp_path):
+    """Placement trial writes the checkpoint Ray Train's workers write (a folder of per-peer files
+    and history.json), then replaces the pointer, then removes the older folder: a trial killed
+    at any moment resumes from a whole checkpoint, and the same reader loads both placements'."""
+    import torch
+
+    from cmd_ray.peer import build_peer
+    from cmd_ray.sweep import LATEST_CHECKPOINT, write_trial_checkpoint
+    from cmd_ray.trainer import load_run_data, read_checkpoint
+
+    from .conftest import tiny_config
+
+    cfg = tiny_config(fake_fmnist_root)
+    data = load_run_data(cfg)
+    peers = [build_peer(cfg, k, data.info, 10, torch.device("cpu")) for k in range(2)]
+    trial = tmp_path / "trial"
+    write_trial_checkpoint(str(trial), peers, 1, [{"epoch": 0}])
+    peers[0].method_state["seen"] = torch.arange(3.0)
+    second = write_trial_checkpoint(str(trial), peers, 2, [{"epoch": 0}, {"epoch": 1}])
+    assert (trial / LATEST_CHECKPOINT).read_text() == "checkpoint_000002"
+    assert sorted(p.name for p in trial.iterdir()) == ["checkpoint_000002", LATEST_CHECKPOINT]
+    assert sorted(p.name for p in Path(second).iterdir()) == ["history.json", "peer0_replica0.pt", "peer1_replica0.pt"]
+    fresh = [build_peer(cfg, k, data.info, 10, torch.device("cpu")) for k in range(2)]
+    assert read_checkpoint(second, fresh) == (2, [{"epoch": 0}, {"epoch": 1}])
+    assert torch.equal(fresh[0].method_state["seen"], torch.arange(3.0))
+    saved, loaded = peers[1].model.state_dict(), fresh[1].model.state_dict()
+    assert all(torch.equal(saved[key], loaded[key]) for key in saved)
