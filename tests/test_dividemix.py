@@ -133,3 +133,18 @@ def test_the_published_defaults():
     d = from_dict({"method": "dividemix"}).dividemix
     assert (d.warm_up, d.p_threshold, d.temperature, d.alpha) == (10, 0.5, 0.5, 4.0)
     assert math.isclose(d.lambda_u, 25.0) and d.confidence_penalty is False
+
+
+def test_three_peers_each_trained_on_the_mean_division_of_the_other_two(fake_fmnist_root):
+    """P > 2: a peer's labelled set is where the *others'* mean clean probability passes the
+    threshold, so peers share no division with themselves and every peer still trains."""
+    from cmd_ray.trainer import train_in_process
+
+    from .conftest import tiny_config
+
+    cfg = tiny_config(fake_fmnist_root, method="dividemix", peers=3, epochs=1, dividemix__warm_up=0)
+    summary = train_in_process(cfg, log=lambda _: None)
+    record = summary["history"][0]
+    fractions = [record[f"peer{k}/selected_fraction"] for k in range(3)]
+    assert all(0.0 < f < 1.0 for f in fractions) and len(set(fractions)) > 1
+    assert math.isfinite(record["peer2/loss"])
