@@ -46,7 +46,6 @@ from cmd_ray.storage import (
     exists,
     is_uri,
     join,
-    local,
     store_of,
     write_json_atomic,
     write_parquet_atomic,
@@ -164,38 +163,31 @@ def _train_on_workers(cfg: Config, data, label: str, trial_id: str, train: str, 
             timeline.update({f"worker_{k}": v for k, v in json.loads(read_bytes(workers)).items()})
 
 
-# Placement trial, in each trial's folder: the latest checkpoint's folder name (checkpoint_<epochs
-# done>, the format Ray Train's checkpoints have), replaced atomically once that folder is whole ...
-LATEST_CHECKPOINT = "latest_checkpoint.txt"
-# ... and HISTORY_FILE beside it (the name Train checkpoints use): one record per epoch so far
-
-
 def _train_in_trial(cfg: Config, data, label: str, timeline: dict[str, float]) -> None:
     """Placement `trial`: every peer in this Tune trial process, stepped by the in-process
     trainer (the same peer step as Ray workers run).
 
     The trial keeps its own checkpoint in its folder (local or object storage), in the format of
-    Ray Train's (`cmd_ray.trainer.write_checkpoint`): a new folder after each checkpointed
-    epoch, then the pointer to it replaced atomically, then the older folder removed; it resumes
-    from the one the pointer names whenever the trial starts again. A restored sweep whose driver
+    Ray Train's, behind a pointer (`cmd_ray.trainer.write_latest_checkpoint`), and resumes from
+    it whenever the trial starts again; history.json beside it holds every epoch's record so
+    far (the name Train checkpoints use). A restored sweep whose driver
     died resumes from the last epoch written, not the last one Tune's own experiment state
     happened to record. Tune gets the metrics only.
     """
     import torch
     from ray import tune
 
-    from cmd_ray.storage import read_bytes, write_bytes
-    from cmd_ray.trainer import HISTORY_FILE, read_checkpoint, train_in_process
+    from cmd_ray.storage import write_bytes
+    from cmd_ray.trainer import HISTORY_FILE, read_latest_checkpoint, train_in_process, write_latest_checkpoint
 
     quiet_checkpoint_logger()  # Ray's INFO line per saved checkpoint is noise on a sweep's console
     if not cfg.use_gpu:  # the CPUs Tune reserved for this trial, and no more
         torch.set_num_threads(max(1, int(cfg.sweep.cpus_per_trial)))
-    latest = join(cfg.output_dir, LATEST_CHECKPOINT)
 
     def resume(peers) -> tuple[int, list[dict[str, Any]]]:
-        if not exists(latest):
+        done, history = read_latest_checkpoint(cfg.output_dir, peers)
+        if not done:
             return 0, []
-        done, history = read_checkpoint(join(cfg.output_dir, read_bytes(latest).decode().strip()), peers)
         console(f"[cmd-ray] {label}: resumed from the checkpoint after epoch {done}")
         return done, history
 
@@ -203,7 +195,7 @@ def _train_in_trial(cfg: Config, data, label: str, timeline: dict[str, float]) -
         timeline.setdefault("first_epoch_end", time.time())
         reporting = time.perf_counter()
         if done % cfg.ray.checkpoint_every == 0 or done == cfg.epochs:
-            write_trial_checkpoint(cfg.output_dir, peers, done, history)
+            write_latest_checkpoint(cfg.output_dir, peers, done, history)
         write_bytes(join(cfg.output_dir, HISTORY_FILE), json.dumps(history).encode())
         tune.report(history[-1])
         timeline["report_seconds"] = timeline.get("report_seconds", 0.0) + time.perf_counter() - reporting
@@ -216,27 +208,6 @@ def _train_in_trial(cfg: Config, data, label: str, timeline: dict[str, float]) -
     first = summary["history"][0]
     if "startup_seconds" in first:  # absent when the trial resumed after its first epoch
         timeline["first_step"] = timeline["trial_start"] + first["startup_seconds"]
-
-
-def write_trial_checkpoint(folder: str, peers, done: int, history: list[dict[str, Any]]) -> str:
-    """A trial's checkpoint after `done` epochs as `folder`/checkpoint_<done>/ (Ray Train's
-    format); only once it is whole does the pointer name it, and the older folders go. A trial
-    killed at any moment leaves the pointer naming a whole checkpoint. Returns its folder."""
-    from cmd_ray.storage import list_files, remove, write_bytes
-    from cmd_ray.trainer import write_checkpoint
-
-    name = f"checkpoint_{done:06d}"
-    write_checkpoint(join(folder, name), peers, done, history)
-    write_bytes(join(folder, LATEST_CHECKPOINT), name.encode())
-    for path in list_files(folder):  # a checkpoint folder holds files only: its name is their parent's
-        parent = path.split("/")[-2]
-        if parent.startswith("checkpoint_") and parent != name:
-            remove(path)
-    if not is_uri(folder):  # object storage has no folders to remove
-        for old in local(folder).glob("checkpoint_*"):
-            if old.name != name and old.is_dir() and not any(old.iterdir()):
-                old.rmdir()
-    return join(folder, name)
 
 
 def _trial_history(result, folder: str) -> list[dict[str, Any]]:

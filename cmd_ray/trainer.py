@@ -45,7 +45,7 @@ from cmd_ray.peer import (
     steps_per_epoch,
     test_probabilities,
 )
-from cmd_ray.storage import join, read_bytes, write_bytes
+from cmd_ray.storage import exists, is_uri, join, list_files, local, read_bytes, remove, write_bytes
 from cmd_ray.summary import epoch_record, progress_line, summarise
 from cmd_ray.user_data import UserSource, first_image_side
 
@@ -92,6 +92,37 @@ def read_checkpoint(folder: str | Path, peers: list[Peer], replica: int = 0) -> 
         state = torch.load(io.BytesIO(data), map_location=peer.device, weights_only=True)
         done = load_peer_state(peer, state)
     return done, json.loads(read_bytes(join(folder, HISTORY_FILE)))
+
+
+# In a folder that keeps only its latest checkpoint (a trial placed in one process): the name of
+# that checkpoint's folder, replaced atomically once the folder is whole.
+LATEST_CHECKPOINT = "latest_checkpoint.txt"
+
+
+def write_latest_checkpoint(folder: str, peers: list[Peer], done: int, history: list[dict[str, Any]]) -> str:
+    """The checkpoint after `done` epochs as `folder`/checkpoint_<done>/ (the format above); only
+    once it is whole does the pointer name it, and then the older folders go, so a process killed
+    at any moment leaves the pointer naming a whole checkpoint. Returns its folder."""
+    name = f"checkpoint_{done:06d}"
+    write_checkpoint(join(folder, name), peers, done, history)
+    write_bytes(join(folder, LATEST_CHECKPOINT), name.encode())
+    for path in list_files(folder):  # a checkpoint folder holds files only: its name is their parent's
+        parent = path.split("/")[-2]
+        if parent.startswith("checkpoint_") and parent != name:
+            remove(path)
+    if not is_uri(folder):  # object storage has no folders to remove
+        for old in local(folder).glob("checkpoint_*"):
+            if old.name != name and old.is_dir() and not any(old.iterdir()):
+                old.rmdir()
+    return join(folder, name)
+
+
+def read_latest_checkpoint(folder: str, peers: list[Peer]) -> tuple[int, list[dict[str, Any]]]:
+    """Load the checkpoint `write_latest_checkpoint` last wrote into the peers; (0, []) if none."""
+    pointer = join(folder, LATEST_CHECKPOINT)
+    if not exists(pointer):
+        return 0, []
+    return read_checkpoint(join(folder, read_bytes(pointer).decode().strip()), peers)
 
 
 def check_models_fit_before_import(cfg: Config) -> None:

@@ -119,8 +119,7 @@ def test_a_trial_placed_in_one_process_keeps_its_checkpoint_on_object_storage(s3
     import torch
 
     from cmd_ray.peer import build_peer
-    from cmd_ray.sweep import LATEST_CHECKPOINT, write_trial_checkpoint
-    from cmd_ray.trainer import load_run_data, read_checkpoint
+    from cmd_ray.trainer import LATEST_CHECKPOINT, load_run_data, read_checkpoint, write_latest_checkpoint
 
     from .conftest import tiny_config
 
@@ -128,8 +127,8 @@ def test_a_trial_placed_in_one_process_keeps_its_checkpoint_on_object_storage(s3
     data = load_run_data(cfg)
     peers = [build_peer(cfg, k, data.info, 10, torch.device("cpu")) for k in range(2)]
     trial = storage.join(s3_bucket, "sweeps", "trials", "t0")
-    write_trial_checkpoint(trial, peers, 1, [{"epoch": 0}])
-    second = write_trial_checkpoint(trial, peers, 2, [{"epoch": 0}, {"epoch": 1}])
+    write_latest_checkpoint(trial, peers, 1, [{"epoch": 0}])
+    second = write_latest_checkpoint(trial, peers, 2, [{"epoch": 0}, {"epoch": 1}])
     assert storage.read_bytes(storage.join(trial, LATEST_CHECKPOINT)) == b"checkpoint_000002"
     assert storage.list_files(trial) == [
         f"{second}/history.json",

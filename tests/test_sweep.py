@@ -823,8 +823,7 @@ def test_a_trial_checkpoints_in_ray_trains_format_and_its_pointer_names_only_a_w
     import torch
 
     from cmd_ray.peer import build_peer
-    from cmd_ray.sweep import LATEST_CHECKPOINT, write_trial_checkpoint
-    from cmd_ray.trainer import load_run_data, read_checkpoint
+    from cmd_ray.trainer import LATEST_CHECKPOINT, load_run_data, read_checkpoint, write_latest_checkpoint
 
     from .conftest import tiny_config
 
@@ -832,9 +831,9 @@ def test_a_trial_checkpoints_in_ray_trains_format_and_its_pointer_names_only_a_w
     data = load_run_data(cfg)
     peers = [build_peer(cfg, k, data.info, 10, torch.device("cpu")) for k in range(2)]
     trial = tmp_path / "trial"
-    write_trial_checkpoint(str(trial), peers, 1, [{"epoch": 0}])
+    write_latest_checkpoint(str(trial), peers, 1, [{"epoch": 0}])
     peers[0].method_state["seen"] = torch.arange(3.0)
-    second = write_trial_checkpoint(str(trial), peers, 2, [{"epoch": 0}, {"epoch": 1}])
+    second = write_latest_checkpoint(str(trial), peers, 2, [{"epoch": 0}, {"epoch": 1}])
     assert (trial / LATEST_CHECKPOINT).read_text() == "checkpoint_000002"
     assert sorted(p.name for p in trial.iterdir()) == ["checkpoint_000002", LATEST_CHECKPOINT]
     assert sorted(p.name for p in Path(second).iterdir()) == ["history.json", "peer0_replica0.pt", "peer1_replica0.pt"]
