@@ -288,13 +288,23 @@ def write_parquet_atomic(path: str | Path, table) -> str:
 
 def read_parquet(path: str | Path):
     """A Parquet file (local or an object) as a pyarrow Table."""
+    return parquet_from_bytes(read_bytes(path))
+
+
+def parquet_from_bytes(blob: bytes):
+    """A Parquet file's bytes as a pyarrow Table, read in this thread only.
+
+    `pq.read_table` scans through Arrow's thread pools: a pool thread may drop the last
+    reference to the Python bytes after the table came back, and if the interpreter is exiting
+    by then it aborts the process ("terminate called without an active exception", exit -6,
+    after the output was written; apache/arrow#34314; about 1 short run in 40 on a loaded
+    2-core machine, caught with a core dump). `ParquetFile.read` without threads reads
+    synchronously here, and the reader is closed before this returns."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    # One thread: with Arrow's reader threads (pyarrow 26), a short process that read a small
-    # file aborts at exit now and then ("terminate called without an active exception", about
-    # 1 run in 8 here; apache/arrow#34314); reading the cache single-threaded is as fast.
-    return pq.read_table(pa.BufferReader(read_bytes(path)), use_threads=False)
+    with pq.ParquetFile(pa.BufferReader(blob), pre_buffer=False) as reader:
+        return reader.read(use_threads=False)
 
 
 def save_figure(fig, path: str | Path) -> str:

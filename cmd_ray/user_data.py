@@ -280,11 +280,10 @@ def _check_same_shape(train: np.ndarray, test: np.ndarray) -> None:
 def _parquet_table(source: UserSource, path: str, field: str):
     """(table, its bytes) of one Parquet file of a source, with the image and label columns checked."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     blob = _source_call(storage.read_bytes, path)
     try:
-        table = pq.read_table(pa.BufferReader(blob), use_threads=False)  # see storage.read_parquet
+        table = storage.parquet_from_bytes(blob)
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{field}: {path} is not a readable Parquet file ({str(err).splitlines()[0]})") from None
     columns = table.column_names
