@@ -250,6 +250,47 @@ def real_data_root(tmp_path_factory) -> Path:
 SHORT_RUN: dict[str, dict] = {"dividemix": {"dividemix__warm_up": 0}}
 
 
+def method_formulations() -> dict[str, dict]:
+    """Every registered method (each reaching all its phases in one epoch, SHORT_RUN), and CMD-P's
+    label correction with a trust already high in epoch 1 and labels dropped where confident
+    knowledge disagrees: the overrides of tiny_config that the step-for-step tests run."""
+    from cmd_ray.methods import NAMES
+
+    formulations = {name: {"method": name, **SHORT_RUN.get(name, {})} for name in NAMES}
+    formulations["cmd-p-label-correction"] = dict(
+        method="cmd-p",
+        distill__loss="label_correction",
+        distill__epsilon="trust",
+        distill__trust_midpoint=0.0,
+        labels__trust="agreement",
+        knowledge__tau_start=0.1,
+        knowledge__tau_end=0.3,
+    )
+    return formulations
+
+
+def read_step_trace(folder: Path, peer: int) -> list[dict]:
+    """The per-step records `testing.trace_dir` (trainer.StepTrace) wrote for one peer."""
+    import json
+
+    return [json.loads(line) for line in (folder / f"peer{peer}.jsonl").read_text().splitlines()]
+
+
+def assert_same_steps(got: Path, want: Path, peers: int, steps: int) -> None:
+    """Two step traces of one run: the same samples, selections and losses at every step of
+    every peer, and both peers on the same samples at every step."""
+    import pytest
+
+    assert [r["samples"] for r in read_step_trace(got, 0)] == [r["samples"] for r in read_step_trace(got, 1)]
+    for peer in range(peers):
+        got_steps, want_steps = read_step_trace(got, peer), read_step_trace(want, peer)
+        assert len(got_steps) == len(want_steps) == steps, (peer, len(got_steps), len(want_steps))
+        for g, w in zip(got_steps, want_steps):
+            assert g["samples"] == w["samples"], f"peer {peer} step {g['step']}: another batch"
+            assert g["selected"] == w["selected"], f"peer {peer} step {g['step']}: selection differs"
+            assert g["loss"] == pytest.approx(w["loss"], rel=1e-5, abs=1e-6), f"peer {peer} step {g['step']}"
+
+
 def tiny_config(root: Path, **overrides):
     """A small, fast config on Fashion-MNIST (real or fake, depending on `root`)."""
     values = {

@@ -12,6 +12,8 @@ import torch.multiprocessing as mp
 from cmd_ray.exchange import CollectiveExchange, ExchangeMisalignedError, Topology, free_port, make_groups
 from cmd_ray.peer import Batch
 
+from .conftest import assert_same_steps, method_formulations, tiny_config
+
 
 def _worker(rank: int, world: int, port: int, replicas: int, misalign: bool, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -102,3 +104,59 @@ def test_placements_are_gathered_and_groups_built_from_them_on_every_rank():
         results = manager.dict()
         mp.spawn(_placed_worker, args=(2, free_port(), results), nprocs=2, join=True)
         assert dict(results) == {0: (2, "gloo", [0.0, 1.0]), 1: (2, "gloo", [0.0, 1.0])}
+
+
+def _method_worker(rank: int, world: int, port: int, configs: dict[str, dict], root: str, traces: str) -> None:
+    """One peer per process, as a Ray Train worker holds it (one thread, its own seed and
+    batches, `train_epoch` over a `CollectiveExchange`), for every formulation in turn."""
+    from pathlib import Path
+
+    import cmd_ray.datasets.fashion_mnist as fashion_mnist
+    from cmd_ray.config import from_dict
+    from cmd_ray.peer import build_peer, method_plan, steps_per_epoch
+    from cmd_ray.trainer import StepTrace, load_run_data, train_epoch
+
+    fashion_mnist.DEBIAN_FOLDER = Path(root) / "no-debian"  # the fake data set, as in the parent
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for name, values in configs.items():
+            cfg = from_dict(values)
+            topology = Topology(cfg.peers, cfg.replicas, rank)
+            data = load_run_data(cfg)
+            torch.manual_seed(cfg.seed)
+            exchange = CollectiveExchange(topology, make_groups(topology).exchange)
+            total_steps = steps_per_epoch(cfg, data) * cfg.epochs
+            peer = build_peer(cfg, topology.peer, data.info, total_steps, torch.device("cpu"))
+            plan = method_plan(cfg, data.info.num_classes)
+            trace = StepTrace(Path(traces) / name, topology.replica)
+            for epoch in range(cfg.epochs):
+                train_epoch(cfg, [peer], data, epoch, exchange, topology.replica, trace, plan)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_method_steps_on_two_gloo_workers_exactly_as_in_the_in_process_trainer(fake_fmnist_root, tmp_path):
+    """Every registered method (and CMD-P's label correction), each peer in its own process
+    exchanging logits over gloo as on Ray workers: the same batches, selections and losses as
+    the in-process trainer at every step. The Ray Train wiring around these same calls is pinned
+    for two of them by test_ray_train.py::test_peer_workers_match_the_in_process_trainer_step_for_step."""
+    from cmd_ray.trainer import train_in_process
+
+    configs = {}
+    for name, formulation in method_formulations().items():
+        overrides = dict(formulation, epochs=1, data__train_subset=None, data__test_subset=None,
+                         data__validation_fraction=0.1)  # fmt: skip
+        cfg = tiny_config(fake_fmnist_root, **overrides, testing__trace_dir=str(tmp_path / "ref" / name))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as each worker: the same float reductions
+        try:
+            train_in_process(cfg, log=lambda _: None)  # also builds the data cache the workers read
+        finally:
+            torch.set_num_threads(threads)
+        configs[name] = tiny_config(fake_fmnist_root, **overrides).to_dict()
+    mp.spawn(_method_worker, args=(2, free_port(), configs, str(fake_fmnist_root), str(tmp_path / "workers")),
+             nprocs=2, join=True)  # fmt: skip
+    for name in configs:
+        assert_same_steps(tmp_path / "workers" / name, tmp_path / "ref" / name, peers=2, steps=9)  # 540 / 64

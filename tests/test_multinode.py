@@ -225,14 +225,24 @@ def test_a_sweep_on_the_cluster_keeps_everything_on_s3_and_resumes_after_its_dri
         assert _files_holding(session, FAKE_WANDB_KEY.encode()) == [], session
 
 
-def test_a_local_run_starts_its_own_ray_while_another_cluster_runs_on_the_machine(fake_fmnist_root, cluster, tmp_path):
+def test_a_local_run_starts_its_own_ray_while_another_cluster_runs_on_the_machine(cluster):
     """A cluster started on this machine (this module's, as `ray start` would) is named in
     /tmp/ray/ray_current_cluster, which `ray.init()` without an address joins; cmd-ray's local
     runs must start their own Ray instead (they used to join it and fail: "When connecting to an
-    existing cluster, num_cpus and num_gpus must not be provided")."""
+    existing cluster, num_cpus and num_gpus must not be provided"). Checked on the call every
+    local run, sweep and bench makes (`init_ray` without an address), in a process of its own:
+    the Ray it holds is a new one-node Ray with the CPUs asked for, not the cluster."""
+    head_cluster, _ = cluster
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WANDB_"))}
-    cmd = [sys.executable, "-m", "cmd_ray.cli", "train", "--set", f"data.root={fake_fmnist_root}",
-           "--set", "epochs=1", "--set", f"output_dir={tmp_path}"]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    probe = (
+        "import json, ray\n"
+        "from cmd_ray.cluster import init_ray\n"
+        "from cmd_ray.config import from_dict\n"
+        "init_ray(from_dict({'ray': {'num_cpus': 2}}), dashboard=False)\n"
+        "print(json.dumps({'gcs': ray.get_runtime_context().gcs_address, 'nodes': len(ray.nodes()),"
+        " 'cpus': ray.cluster_resources().get('CPU')}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout)["workers"] == 2
+    local = json.loads(done.stdout.strip().splitlines()[-1])
+    assert local["gcs"] != head_cluster.address and local["nodes"] == 1 and local["cpus"] == 2, local

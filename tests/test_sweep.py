@@ -230,23 +230,27 @@ def test_smoke_sweep_writes_table_plots_offline_wandb_and_never_the_key(
     assert "multiple active Ray instances" not in proc.stdout + proc.stderr
     table = pq.read_table(folder / "smoke" / "results.parquet").to_pylist()
     assert all(r["mean/test_accuracy"] > 0.3 for r in table)
-    _a_user_sees_the_whole_sweep_and_never_the_key(proc, folder / "smoke", started, trials=4, epochs=2)
+    _a_user_sees_the_whole_sweep_and_never_the_key(proc, folder / "smoke", started, epochs=2)
 
 
 def _a_user_sees_the_whole_sweep_and_never_the_key(
-    proc: subprocess.CompletedProcess, sweep: Path, started: float, trials: int, epochs: int, reported: bool = True
+    proc: subprocess.CompletedProcess,
+    sweep: Path,
+    started: float,
+    epochs: int,
+    reported: bool = True,
+    rates: tuple[float, ...] = (0.2, 0.5),
 ) -> None:
-    """What a finished sweep of _sweep_cmd's grid (ce and cmd-p at symmetric 0.2 and 0.5) must
+    """What a finished sweep of _sweep_cmd's grid (ce and cmd-p at symmetric `rates`) must
     show: every trial's epochs in the table, one offline W&B run per trial; the W&B key in no
     file, line or Ray log; no traceback and none of the console noise a user would have to learn
     to ignore. `reported` (`cmd-ray sweep`, not the load bench): also the table and the finding in
     words on the console, the plots and the `wandb sync` hint (written from the results table
     whatever the placement)."""
     table = pq.read_table(sweep / "results.parquet").to_pylist()
+    trials = 2 * len(rates)
     assert len({r["trial_id"] for r in table}) == trials and len(table) == epochs * trials
-    assert {(r["method"], r["noise.rate"]) for r in table} == {
-        (m, rate) for m in ("ce", "cmd-p") for rate in (0.2, 0.5)
-    }
+    assert {(r["method"], r["noise.rate"]) for r in table} == {(m, rate) for m in ("ce", "cmd-p") for rate in rates}
     assert all(r["status"] == "finished" for r in table)
     assert {r["train_samples"] for r in table} == {600}  # the fake data set, not a real one
     runs = list((sweep / "wandb").rglob("offline-run-*"))
@@ -387,20 +391,23 @@ def test_load_bench_bounds_concurrency_by_resources_and_reports_peak_memory(fake
     table whatever the placement; the smoke test pins them)."""
     folder = tmp_path / "sweeps"
     out = tmp_path / "load.json"
+    # Two trials, both at once (the bound below): what a trial of its own would not show.
     cmd = _sweep_cmd(fake_fmnist_root, folder, "load", "--set", "epochs=1", "--set", "ray.cpus_per_worker=0.5",
-                     "--set", "sweep.placement=workers")  # fmt: skip
+                     "--set", "sweep.placement=workers",
+                     "--set", "sweep.grid={noise.rate: [0.5], method: [ce, cmd-p]}")  # fmt: skip
     cmd[cmd.index("sweep")] = "bench"
     cmd.insert(cmd.index("bench") + 1, "load")
     started = time.time()
     proc = subprocess.run(cmd + ["--output-json", str(out)], env=sweep_env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    _a_user_sees_the_whole_sweep_and_never_the_key(proc, folder / "load", started, trials=4, epochs=1, reported=False)
+    sweep = folder / "load"
+    _a_user_sees_the_whole_sweep_and_never_the_key(proc, sweep, started, epochs=1, reported=False, rates=(0.5,))
     figures = json.loads(out.read_text())
-    assert figures["trials"] == figures["finished"] == 4 and figures["failed"] == 0
+    assert figures["trials"] == figures["finished"] == 2 and figures["failed"] == 0
     assert figures["concurrency_bound_trials"] == 2  # 2 CPUs / (2 workers x 0.5 CPU)
     assert 2 <= figures["peak_train_workers"] <= 4 and figures["peak_trial_drivers"] <= 2
     assert 0.1 < figures["peak_tree_pss_gib"] < 64
-    assert "[cmd-ray] load: 4/4 trials finished" in proc.stdout
+    assert "[cmd-ray] load: 2/2 trials finished" in proc.stdout
 
 
 def test_a_results_table_keeps_every_column_any_trial_has():
@@ -710,7 +717,8 @@ def test_ctrl_c_stops_a_sweep_says_so_and_the_printed_command_finishes_it(fake_f
     folder = tmp_path / "sweeps"
     sweep = folder / "stopped"
     cmd = _sweep_cmd(fake_fmnist_root, folder, "stopped", "--set", "epochs=3", "--set", "sweep.placement=trial",
-                     "--set", "testing.step_sleep=0.1")  # fmt: skip
+                     "--set", "testing.step_sleep=0.1",
+                     "--set", "sweep.grid={noise.rate: [0.2, 0.5], method: [cmd-p]}")  # fmt: skip
     driver = subprocess.Popen(cmd, env=sweep_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)  # fmt: skip
     deadline = time.time() + 600
@@ -722,7 +730,7 @@ def test_ctrl_c_stops_a_sweep_says_so_and_the_printed_command_finishes_it(fake_f
     ours = [line for line in output.splitlines() if line.startswith("cmd-ray:")]
     assert len(ours) == 1 and ours[0].startswith("cmd-ray: sweep stopped by Ctrl-C (SIGINT) after "), output[-3000:]
     assert re.search(
-        r": \d of 4 trials finished.*, [12] stopped before their last epoch \(not recorded as finished\), "
+        r": \d of 2 trials finished.*, [12] stopped before their last epoch \(not recorded as finished\), "
         r"0 failed, \d not started; rows so far in ",
         ours[0],
     ), ours[0]
@@ -741,7 +749,7 @@ def test_ctrl_c_stops_a_sweep_says_so_and_the_printed_command_finishes_it(fake_f
                           text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = pq.read_table(sweep / "results.parquet").to_pylist()
-    assert len(table) == 12 and all(r["status"] == "finished" for r in table)
+    assert len(table) == 6 and all(r["status"] == "finished" for r in table)
 
 
 @pytest.mark.parametrize("first", ["SIGINT", "SIGTERM"])
