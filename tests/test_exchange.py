@@ -15,47 +15,69 @@ from cmd_ray.peer import Batch
 from .conftest import assert_same_steps, method_formulations, tiny_config
 
 
-def _worker(rank: int, world: int, port: int, replicas: int, misalign: bool, results) -> None:
+def _batch(index: torch.Tensor) -> Batch:
+    n = len(index)
+    return Batch(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), index)
+
+
+def _exchanged(topology: Topology, groups, index: torch.Tensor, rank: int):
+    """What this rank gets back from the exchange (first logit of each peer), or the error's text."""
+    try:
+        gathered = CollectiveExchange(topology, groups.exchange)([torch.full((4, 3), float(rank))], _batch(index))
+        return gathered[:, 0, 0].tolist()
+    except ExchangeMisalignedError as err:
+        return str(err)
+
+
+def _four_ranks(rank: int, world: int, port: int, results) -> None:
+    """Four gloo processes, several layouts in turn (one start-up for all of this module's checks)."""
+    from cmd_ray.exchange import Placement, gather_placements
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        topology = Topology(world // replicas, replicas, rank)
-        groups = make_groups(topology)
-        index = torch.arange(4) + 10 * topology.replica
-        if misalign and rank == 1:
-            index = index.flip(0)
-        batch = Batch(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long), index)
-        logits = torch.full((4, 3), float(rank))
-        try:
-            gathered = CollectiveExchange(topology, groups.exchange)([logits], batch)
-            results[rank] = gathered[:, 0, 0].tolist()
-        except ExchangeMisalignedError as err:
-            results[rank] = str(err)
+        peers = Topology(world, 1, rank)  # four peers, one replica each
+        groups = make_groups(peers)
+        results[("peers", rank)] = _exchanged(peers, groups, torch.arange(4), rank)
+        misaligned = torch.arange(4).flip(0) if rank == 1 else torch.arange(4)
+        results[("misaligned", rank)] = _exchanged(peers, groups, misaligned, rank)
+        replicas = Topology(world // 2, 2, rank)  # peer0 = ranks {0, 1}, peer1 = ranks {2, 3}
+        results[("replicas", rank)] = _exchanged(
+            replicas, make_groups(replicas), torch.arange(4) + 10 * replicas.replica, rank
+        )
+        # Every rank "shares GPU 0": the backend decision must come out gloo on every rank alike.
+        placements = gather_placements(Placement("node-a", ("0",)))
+        shared = make_groups(peers, placements)
+        results[("placed", rank)] = (
+            len(placements),
+            dist.get_backend(shared.exchange),
+            _exchanged(peers, shared, torch.arange(4), rank),
+        )
     finally:
         dist.destroy_process_group()
 
 
-def _run(world: int, replicas: int, misalign: bool) -> dict:
+@pytest.fixture(scope="module")
+def four_ranks() -> dict:
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(world, free_port(), replicas, misalign, results), nprocs=world, join=True)
+        mp.spawn(_four_ranks, args=(4, free_port(), results), nprocs=4, join=True)
         return dict(results)
 
 
-def test_exchange_gathers_every_peers_logits_in_peer_order():
-    assert _run(world=3, replicas=1, misalign=False) == {0: [0, 1, 2], 1: [0, 1, 2], 2: [0, 1, 2]}
+def test_exchange_gathers_every_peers_logits_in_peer_order(four_ranks):
+    assert {r: four_ranks[("peers", r)] for r in range(4)} == {r: [0, 1, 2, 3] for r in range(4)}
 
 
-def test_exchange_groups_hold_the_same_replica_of_each_peer():
-    # ranks: peer0 = {0, 1}, peer1 = {2, 3}; replica 0 exchanges between ranks 0 and 2.
-    assert _run(world=4, replicas=2, misalign=False) == {0: [0, 2], 1: [1, 3], 2: [0, 2], 3: [1, 3]}
+def test_exchange_groups_hold_the_same_replica_of_each_peer(four_ranks):
+    # replica 0 exchanges between ranks 0 and 2, replica 1 between ranks 1 and 3.
+    assert {r: four_ranks[("replicas", r)] for r in range(4)} == {0: [0, 2], 1: [1, 3], 2: [0, 2], 3: [1, 3]}
 
 
-def test_misaligned_batches_are_an_error_never_silent():
-    results = _run(world=2, replicas=1, misalign=True)
-    for rank in (0, 1):
-        assert isinstance(results[rank], str)
-        assert "sent logits for other samples" in results[rank]
+def test_misaligned_batches_are_an_error_never_silent(four_ranks):
+    for rank in range(4):
+        assert isinstance(four_ranks[("misaligned", rank)], str)
+        assert "sent logits for other samples" in four_ranks[("misaligned", rank)]
 
 
 @pytest.mark.parametrize("rank,peer,replica", [(0, 0, 0), (3, 1, 1), (5, 2, 1)])
@@ -81,29 +103,8 @@ def test_backend_is_nccl_only_when_every_member_has_a_gpu_of_its_own():
     assert world_backend(use_gpu=False, gpus_per_worker=1) == "gloo"
 
 
-def _placed_worker(rank: int, world: int, port: int, results) -> None:
-    from cmd_ray.exchange import Placement, gather_placements
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        # Peers 0 and 1 "share GPU 0"; the decision must come out gloo on every rank alike.
-        placements = gather_placements(Placement("node-a", ("0",)))
-        topology = Topology(peers=world, replicas=1, rank=rank)
-        groups = make_groups(topology, placements)
-        index = torch.arange(4)
-        batch = Batch(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long), index)
-        gathered = CollectiveExchange(topology, groups.exchange)([torch.full((4, 3), float(rank))], batch)
-        results[rank] = (len(placements), dist.get_backend(groups.exchange), gathered[:, 0, 0].tolist())
-    finally:
-        dist.destroy_process_group()
-
-
-def test_placements_are_gathered_and_groups_built_from_them_on_every_rank():
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_placed_worker, args=(2, free_port(), results), nprocs=2, join=True)
-        assert dict(results) == {0: (2, "gloo", [0.0, 1.0]), 1: (2, "gloo", [0.0, 1.0])}
+def test_placements_are_gathered_and_groups_built_from_them_on_every_rank(four_ranks):
+    assert {r: four_ranks[("placed", r)] for r in range(4)} == {r: (4, "gloo", [0, 1, 2, 3]) for r in range(4)}
 
 
 def _method_worker(rank: int, world: int, port: int, configs: dict[str, dict], root: str, traces: str) -> None:
@@ -146,7 +147,7 @@ def test_every_method_steps_on_two_gloo_workers_exactly_as_in_the_in_process_tra
 
     configs = {}
     for name, formulation in method_formulations().items():
-        overrides = dict(formulation, epochs=1, data__train_subset=None, data__test_subset=None,
+        overrides = dict(formulation, epochs=1, data__train_subset=320, data__test_subset=64,
                          data__validation_fraction=0.1)  # fmt: skip
         cfg = tiny_config(fake_fmnist_root, **overrides, testing__trace_dir=str(tmp_path / "ref" / name))
         threads = torch.get_num_threads()
@@ -159,4 +160,4 @@ def test_every_method_steps_on_two_gloo_workers_exactly_as_in_the_in_process_tra
     mp.spawn(_method_worker, args=(2, free_port(), configs, str(fake_fmnist_root), str(tmp_path / "workers")),
              nprocs=2, join=True)  # fmt: skip
     for name in configs:
-        assert_same_steps(tmp_path / "workers" / name, tmp_path / "ref" / name, peers=2, steps=9)  # 540 / 64
+        assert_same_steps(tmp_path / "workers" / name, tmp_path / "ref" / name, peers=2, steps=5)  # 288 / 64

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from cmd_ray.cli import main
 from cmd_ray.storage import StorageError, atomic_path, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,8 +75,9 @@ def test_training_on_full_storage_fails_in_one_line_keeps_the_old_summary_and_pr
     ]  # fmt: skip
     cli = [sys.executable, "-m", "cmd_ray.cli"]
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    # Build the data cache first, without the limit: the run itself must fail only on its result.
-    subprocess.run([*cli, "prepare", *args], check=True, capture_output=True, env=env, cwd=tmp_path, timeout=300)
+    # Build the data cache first, without the limit (here, in this process): the run itself must
+    # fail only on its result.
+    assert main(["prepare", *args]) == 0
     done = subprocess.run(
         [*cli, "train", "--in-process", *args],
         capture_output=True,
@@ -149,12 +151,5 @@ def test_a_data_cache_on_full_storage_fails_in_one_line_and_leaves_no_partial_ca
     line = _one_error_line(done)
     assert line.startswith(f"cmd-ray: error: {cache}/") and ".parquet: cannot write (File too large)" in line
     assert not [p for p in cache.rglob("*") if p.suffix in (".parquet", ".tmp")]
-    again = subprocess.run(
-        [sys.executable, "-m", "cmd_ray.cli", "prepare", "--set", f"data.root={cache}"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )  # with room again, the cache builds
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert main(["prepare", "--set", f"data.root={cache}"]) == 0  # with room again (this process), the cache builds
     assert len([p for p in cache.rglob("*.parquet")]) == 2  # train (with its noise) and test
