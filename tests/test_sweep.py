@@ -418,10 +418,6 @@ def test_a_results_table_keeps_every_column_any_trial_has():
     assert table.column("testing.nan_step").to_pylist() == [None, 8]
 
 
-def _read_trace(folder: Path, peer: int) -> list[dict]:
-    return [json.loads(line) for line in (folder / f"peer{peer}.jsonl").read_text().splitlines()]
-
-
 def test_a_trial_placed_in_its_own_process_steps_exactly_as_the_in_process_trainer(
     fake_fmnist_root, tmp_path, local_ray
 ):
@@ -431,7 +427,7 @@ def test_a_trial_placed_in_its_own_process_steps_exactly_as_the_in_process_train
     from cmd_ray.sweep import run_sweep
     from cmd_ray.trainer import train_in_process
 
-    from .conftest import tiny_config
+    from .conftest import assert_same_steps, tiny_config
 
     def config(trace: str):
         return tiny_config(
@@ -452,12 +448,8 @@ def test_a_trial_placed_in_its_own_process_steps_exactly_as_the_in_process_train
         ref = train_in_process(config("ref"), log=lambda _: None)["history"]
     finally:
         torch.set_num_threads(threads)
-    for peer in range(2):
-        got, want = _read_trace(tmp_path / "trial", peer), _read_trace(tmp_path / "ref", peer)
-        assert len(got) == len(want) == 16  # 2 epochs x 512 samples / 64 per batch
-        for g, w in zip(got, want):
-            assert g["selected"] == w["selected"], f"peer {peer} step {g['step']}: selection differs"
-            assert g["loss"] == pytest.approx(w["loss"], rel=1e-6, abs=1e-7)
+    # 2 epochs x 512 samples / 64 per batch
+    assert_same_steps(tmp_path / "trial", tmp_path / "ref", peers=2, steps=16, rel=1e-6, abs=1e-7)
     assert [r["epoch"] for r in rows] == [0, 1]
     for row, expected in zip(rows, ref):
         for key in ("peer0/test_accuracy", "peer1/test_accuracy", "ensemble/test_accuracy", "mean/selected_fraction"):
