@@ -16,6 +16,8 @@ from cmd_ray.report import report
 from cmd_ray.tools import bench, load
 from cmd_ray.validation import validation_choice
 
+from .conftest import tiny_config
+
 
 def _bench_config(root, tmp_path, **values) -> Path:
     """A tiny grid for the accuracy bench as a YAML preset: fake data (its caches built here, so
@@ -198,6 +200,16 @@ def test_each_sweep_the_sweep_bench_times_runs_the_whole_grid():
     timed = bench.sweep_run_config(cfg, "trial", "disabled", "20261203")
     assert timed.sweep.grid == grid and timed.sweep.placement == "trial" and timed.sweep.wandb.mode == "disabled"
     assert timed.sweep.name == "b-trial-disabled-20261203"
+
+
+def test_the_sweep_bench_times_an_in_process_run_in_the_phases_a_trial_reports(fake_fmnist_root):
+    """The in-process side of `cmd-ray bench sweep` gives its training steps and evaluation
+    apart, so a sweep's trial is compared with a plain run phase by phase."""
+    cfg = tiny_config(fake_fmnist_root, epochs=2, data__train_subset=256, data__test_subset=128)
+    run = bench._in_process_point(cfg.to_dict(), {"method": "ce"}, threads=1)
+    assert set(run) == {"seconds", "training steps", "evaluation (test set each epoch)"}
+    assert 0 < run["training steps"] and 0 < run["evaluation (test set each epoch)"]
+    assert run["training steps"] + run["evaluation (test set each epoch)"] < run["seconds"]
 
 
 def test_candidates_measured_in_two_sweeps_are_ranked_as_one_validation_table(tmp_path, capsys):

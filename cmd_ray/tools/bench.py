@@ -95,20 +95,32 @@ def accuracy(
 # Sweep: where a trial's wall time goes, each placement beside plain in-process runs
 
 
-def _in_process_point(base: dict[str, Any], point: dict[str, Any], threads: int) -> float:
-    """Train one grid point in this (pool) process with `threads` torch threads; its seconds."""
+def _in_process_point(base: dict[str, Any], point: dict[str, Any], threads: int) -> dict[str, float]:
+    """Train one grid point in this (pool) process with `threads` torch threads: its whole
+    seconds, and the seconds of its training steps and its evaluation (the phases a sweep's
+    trial reports too, so the two are compared phase by phase)."""
     import torch
 
     from cmd_ray.trainer import train_in_process
 
     torch.set_num_threads(threads)
+    history: list[dict[str, Any]] = []
+
+    def keep_history(_done: int, _peers: list, so_far: list[dict[str, Any]]) -> None:
+        history[:] = so_far
+
     started = time.perf_counter()
-    train_in_process(trial_config(base, point), log=lambda _: None)
-    return time.perf_counter() - started
+    train_in_process(trial_config(base, point), log=lambda _: None, on_epoch=keep_history)
+    return {
+        "seconds": time.perf_counter() - started,
+        "training steps": sum(r["train_seconds"] for r in history),
+        "evaluation (test set each epoch)": sum(r["eval_seconds"] for r in history),
+    }
 
 
-def _in_process_pool(cfg: Config, points: list[dict[str, Any]], jobs: int) -> float:
-    """Wall seconds of the grid as in-process runs, `jobs` at a time (what a user would script)."""
+def _in_process_pool(cfg: Config, points: list[dict[str, Any]], jobs: int) -> tuple[float, dict[str, float]]:
+    """Wall seconds of the grid as in-process runs, `jobs` at a time (what a user would script),
+    and the mean of each run's figures (see `_in_process_point`)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -120,8 +132,9 @@ def _in_process_pool(cfg: Config, points: list[dict[str, Any]], jobs: int) -> fl
     threads = max(1, (os.cpu_count() or 1) // jobs)
     started = time.perf_counter()
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        list(pool.map(_in_process_point, [base] * len(points), points, [threads] * len(points)))
-    return time.perf_counter() - started
+        runs = list(pool.map(_in_process_point, [base] * len(points), points, [threads] * len(points)))
+    wall = time.perf_counter() - started
+    return wall, {name: sum(run[name] for run in runs) / len(runs) for name in runs[0]}
 
 
 def _trial_clock():
@@ -266,9 +279,17 @@ def sweep_overhead(
     points = check_grid(cfg)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log(f"[bench sweep] {len(points)} grid points as in-process runs, {jobs} at a time ...")
-    pool = _in_process_pool(cfg, points, jobs)
-    figures: dict[str, Any] = {"trials": len(points), "jobs": jobs, "in_process_seconds": pool, "sweeps": {}}
-    log(f"[bench sweep] in-process: {pool:.0f} s")
+    pool, per_run = _in_process_pool(cfg, points, jobs)
+    figures: dict[str, Any] = {
+        "trials": len(points),
+        "jobs": jobs,
+        "in_process_seconds": pool,
+        "mean_in_process_run_seconds": per_run,
+        "sweeps": {},
+    }
+    log(f"[bench sweep] in-process: {pool:.0f} s; a run's time (mean of {len(points)}):")
+    for name, seconds in per_run.items():
+        log(f"    {seconds:7.1f} s  {'whole run' if name == 'seconds' else name}")
     for label, placement, mode in (r for r in SWEEP_RUNS if r[0] in runs):
         c = sweep_run_config(cfg, placement, mode, stamp)
         clock = _trial_clock()
