@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -303,65 +304,114 @@ def _trial_histories(sweep: Path) -> dict[str, list[dict]]:
     return out
 
 
-@pytest.mark.slow
-def test_sweep_resumes_after_its_driver_is_killed(fake_fmnist_root, tmp_path, sweep_env):
-    """Placement trial: each trial resumes from its own checkpoint file after the driver (and
-    its local Ray) died at once. Placement workers (each trial a Ray Train run, resumed from
-    Train's checkpoints) after its driver is killed is pinned on a cluster with object storage,
-    test_multinode.py::test_a_sweep_on_the_cluster_keeps_everything_on_s3_and_resumes_after_its_driver_dies;
-    a stop by Ctrl-C by test_ctrl_c_stops_a_sweep_says_so_and_the_printed_command_finishes_it."""
-    folder = tmp_path / "sweeps"
-    sweep = folder / "resume"
-    # A short sleep per step keeps each epoch long enough to stop the driver mid-trial. Two
-    # trials, one at a time: one finishes, the next is killed mid-way.
-    cmd = _sweep_cmd(fake_fmnist_root, folder, "resume", "--set", "epochs=3", "--set", "sweep.placement=trial",
-                     "--set", "sweep.cpus_per_trial=2", "--set", "testing.step_sleep=0.1",
-                     "--set", "sweep.grid={noise.rate: [0.5], method: [ce, cmd-p]}")  # fmt: skip
-    driver = subprocess.Popen(cmd, env=sweep_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)  # fmt: skip
+def _wait_for_histories(sweep: Path, ready: Callable[[dict[str, list[dict]]], bool], driver) -> None:
+    """Poll the trials' kept histories until `ready` says so (the sweep's driver still running)."""
     deadline = time.time() + 600
-    # Wait until one trial is complete and a second has checkpointed its first epoch only: it then
-    # has two epochs (over a second) to go, so the kill lands mid-trial however loaded the machine
-    # (waiting for "fewer than 3" let a trial finish between the look and the kill).
     while time.time() < deadline:
         time.sleep(0.2)
-        histories = _trial_histories(sweep)
-        if sum(len(h) == 3 for h in histories.values()) >= 1 and any(len(h) == 1 for h in histories.values()):
-            break
-    else:
-        pytest.fail("the sweep never got going")
+        if ready(_trial_histories(sweep)):
+            return
+        if driver.poll() is not None:
+            pytest.fail("the sweep ended first: " + (driver.communicate()[0] or "")[-3000:])
+    driver.kill()
+    pytest.fail("the sweep never got there")
+
+
+def _finished_at(histories: dict[str, list[dict]]) -> dict[str, list]:
+    return {trial: [r["finished_at"] for r in history] for trial, history in histories.items()}
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_and_a_ctrl_c_stops_it_says_so_and_its_printed_command_finishes_it(
+    fake_fmnist_root, tmp_path, sweep_env
+):
+    """One sweep (placement trial, two trials one at a time, 5 epochs each) stopped twice:
+    1. its driver and local Ray killed at once (SIGKILL) when one trial is complete and the other
+       has kept its first epoch; the same command without --resume is refused in one line and
+       touches nothing;
+    2. `--resume` goes on from the interrupted trial's checkpoint, saying so; Ctrl-C (SIGINT to the
+       process group, as a terminal sends it) once it has kept one more epoch stops the sweep: exit 130, one
+       line naming what finished and the command that resumes it, rows so far with no trial
+       recorded finished without every epoch, no traceback or crash dump on the console;
+    3. the printed command finishes the sweep: no finished trial trained again, no epoch kept
+       before either stop trained again.
+    Placement workers (each trial a Ray Train run, resumed from Train's checkpoints) after its
+    driver is killed is pinned on a cluster with object storage,
+    test_multinode.py::test_a_sweep_on_the_cluster_keeps_everything_on_s3_and_resumes_after_its_driver_dies."""
+    import shlex
+
+    folder = tmp_path / "sweeps"
+    sweep = folder / "resume"
+    # A short sleep per step keeps an epoch long enough to stop the driver mid-trial. The kill is
+    # sent once the second trial has kept 1 epoch (it may keep a 2nd before the kill lands), Ctrl-C
+    # once it has kept one more: at least two epochs (over a second) are left at each stop, so it
+    # lands mid-trial however loaded the machine.
+    cmd = _sweep_cmd(fake_fmnist_root, folder, "resume", "--set", "epochs=5", "--set", "sweep.placement=trial",
+                     "--set", "sweep.cpus_per_trial=2", "--set", "testing.step_sleep=0.1",
+                     "--set", "sweep.grid={noise.rate: [0.5], method: [ce, cmd-p]}")  # fmt: skip
+    popen = dict(env=sweep_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    # 1. Killed.
+    driver = subprocess.Popen(cmd, **popen)
+    _wait_for_histories(
+        sweep, lambda h: any(len(x) == 5 for x in h.values()) and any(len(x) == 1 for x in h.values()), driver
+    )
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, at once
     driver.wait(timeout=60)
     kill_the_ray_of(driver.pid)  # stragglers of the killed driver's own local Ray, if any
-    before = _trial_histories(sweep)
-    finished_before = {t: h for t, h in before.items() if len(h) == 3}
-    unfinished_before = {t: h for t, h in before.items() if len(h) < 3}
-    assert finished_before and unfinished_before
+    killed = _trial_histories(sweep)
+    finished = {t: h for t, h in killed.items() if len(h) == 5}
+    (interrupted,) = [t for t, h in killed.items() if len(h) < 5]
+    kept = len(killed[interrupted])
+    assert len(finished) == 1
 
-    # The same command without --resume would start the sweep over its results: refused, in one line.
     refused = subprocess.run(cmd, env=sweep_env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert refused.stderr.strip().splitlines() == [
         f"cmd-ray: error: sweep.name: a sweep named 'resume' already exists at {sweep}; "
         "pass --resume to continue it, or choose another sweep.name"
     ]
-    assert {t: [r["finished_at"] for r in h] for t, h in _trial_histories(sweep).items()} == {
-        t: [r["finished_at"] for r in h] for t, h in before.items()
-    }  # nothing trained, nothing overwritten
+    assert _finished_at(_trial_histories(sweep)) == _finished_at(killed)  # nothing trained, nothing overwritten
 
-    proc = subprocess.run(cmd + ["--resume"], env=sweep_env, capture_output=True, text=True, timeout=900)
+    # 2. Resumed, then stopped by Ctrl-C.
+    driver = subprocess.Popen(cmd + ["--resume"], **popen)
+    _wait_for_histories(sweep, lambda h: len(h.get(interrupted, [])) == kept + 1, driver)
+    os.killpg(driver.pid, signal.SIGINT)
+    output = driver.communicate(timeout=300)[0]
+    assert driver.returncode == 130, output[-3000:]
+    assert f"resumed from the checkpoint after epoch {kept}" in output, output[-3000:]
+    ours = [line for line in output.splitlines() if line.startswith("cmd-ray:")]
+    assert len(ours) == 1 and ours[0].startswith("cmd-ray: sweep stopped by Ctrl-C (SIGINT) after "), output[-3000:]
+    assert re.search(
+        r": 1 of 2 trials finished \((ce|cmd-p), symmetric 0\.5, seed 0\), 1 stopped before their last epoch "
+        r"\(not recorded as finished\), 0 failed, 0 not started; rows so far in ",
+        ours[0],
+    ), ours[0]
+    resume = ours[0].split("resume with: ", 1)[1]
+    assert resume.endswith(" --resume") and "Tuner.restore" not in output
+    assert tracebacks_in(output) == [] and "Fatal Python error" not in output, output[-3000:]
+    rows = pq.read_table(sweep / "results.parquet").to_pylist()
+    statuses = {r["trial_id"]: r["status"] for r in rows}
+    assert statuses == {**dict.fromkeys(finished, "finished"), interrupted: "interrupted"}
+    assert len([r for r in rows if r["status"] == "finished"]) == 5 and all(
+        r["mean/test_accuracy"] is not None for r in rows if r["status"] == "finished"
+    )
+    stopped = _trial_histories(sweep)
+
+    # 3. The printed command finishes it.
+    words = shlex.split(resume)
+    assert words[:2] == ["cmd-ray", "sweep"]
+    proc = subprocess.run([sys.executable, "-m", "cmd_ray.cli", *words[1:]], env=sweep_env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    after = _trial_histories(sweep)
-    assert len(after) == 2 and all(len(h) == 3 for h in after.values())
-    for trial, history in finished_before.items():
-        assert [r["finished_at"] for r in after[trial]] == [r["finished_at"] for r in history], "re-ran a trial"
-    for trial, history in before.items():  # epochs done before the kill were not trained again
-        assert [r["finished_at"] for r in after[trial][: len(history)]] == [r["finished_at"] for r in history]
-    # ... and the interrupted trial resumed from its checkpoint, saying from where.
-    resumed = {f"resumed from the checkpoint after epoch {len(h)}" for h in unfinished_before.values() if h}
-    assert all(line in proc.stdout + proc.stderr for line in resumed), proc.stdout[-3000:]
+    assert f"resumed from the checkpoint after epoch {len(stopped[interrupted])}" in proc.stdout + proc.stderr
+    after = _finished_at(_trial_histories(sweep))
+    assert len(after) == 2 and all(len(h) == 5 for h in after.values())
+    assert {t: after[t] for t in finished} == _finished_at(finished), "re-ran a finished trial"
+    for before in (killed, stopped):  # epochs kept before each stop were not trained again
+        assert all(after[t][: len(h)] == [r["finished_at"] for r in h] for t, h in before.items())
     table = pq.read_table(sweep / "results.parquet").to_pylist()
-    assert len(table) == 6 and all(r["status"] == "finished" for r in table)
+    assert len(table) == 10 and all(r["status"] == "finished" for r in table)
 
 
 @pytest.mark.slow
@@ -696,52 +746,6 @@ def test_a_grid_is_checked_for_the_methods_its_points_run(tmp_path):
         check_grid(from_dict({"method": "cmd-p", "noise": noise, "sweep": {"grid": {"method": ["ce", "coteaching"]}}}))
     with pytest.raises(ConfigError, match=r"^coteaching\.forget_rate: got null"):  # no grid: the method runs
         from_dict({"method": "cmd-p", "noise": noise})
-
-
-@pytest.mark.slow
-def test_ctrl_c_stops_a_sweep_says_so_and_the_printed_command_finishes_it(fake_fmnist_root, tmp_path, sweep_env):
-    """Ctrl-C in a terminal reaches the driver and every process of its group (as os.killpg
-    sends it here): the sweep stops, exits 130 with one line naming what finished and the
-    command that resumes it; no trial is recorded finished without every epoch; no traceback or
-    crash dump reaches the console; the printed command then finishes the same sweep."""
-    import shlex
-
-    folder = tmp_path / "sweeps"
-    sweep = folder / "stopped"
-    cmd = _sweep_cmd(fake_fmnist_root, folder, "stopped", "--set", "epochs=3", "--set", "sweep.placement=trial",
-                     "--set", "testing.step_sleep=0.1",
-                     "--set", "sweep.grid={noise.rate: [0.2, 0.5], method: [cmd-p]}")  # fmt: skip
-    driver = subprocess.Popen(cmd, env=sweep_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)  # fmt: skip
-    deadline = time.time() + 600
-    while time.time() < deadline and not any(len(h) >= 1 for h in _trial_histories(sweep).values()):
-        time.sleep(0.2)
-    os.killpg(driver.pid, signal.SIGINT)
-    output = driver.communicate(timeout=300)[0]
-    assert driver.returncode == 130, output[-3000:]
-    ours = [line for line in output.splitlines() if line.startswith("cmd-ray:")]
-    assert len(ours) == 1 and ours[0].startswith("cmd-ray: sweep stopped by Ctrl-C (SIGINT) after "), output[-3000:]
-    assert re.search(
-        r": \d of 2 trials finished.*, [12] stopped before their last epoch \(not recorded as finished\), "
-        r"0 failed, \d not started; rows so far in ",
-        ours[0],
-    ), ours[0]
-    resume = ours[0].split("resume with: ", 1)[1]
-    assert resume.endswith(" --resume") and "Tuner.restore" not in output
-    assert tracebacks_in(output) == [] and "Fatal Python error" not in output, output[-3000:]
-    rows = pq.read_table(sweep / "results.parquet").to_pylist()
-    assert rows and all(r["status"] != "finished" or r.get("mean/test_accuracy") is not None for r in rows)
-    finished = {r["trial_id"] for r in rows if r["status"] == "finished"}
-    assert all(len([r for r in rows if r["trial_id"] == t]) == 3 for t in finished)
-    assert any(r["status"] == "interrupted" for r in rows)
-
-    words = shlex.split(resume)
-    assert words[:2] == ["cmd-ray", "sweep"]
-    proc = subprocess.run([sys.executable, "-m", "cmd_ray.cli", *words[1:]], env=sweep_env, capture_output=True,
-                          text=True, timeout=900)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    table = pq.read_table(sweep / "results.parquet").to_pylist()
-    assert len(table) == 6 and all(r["status"] == "finished" for r in table)
 
 
 @pytest.mark.parametrize("first", ["SIGINT", "SIGTERM"])
