@@ -72,9 +72,10 @@ def test_accuracy_bench_runs_its_grid_through_cmd_ray_sweep_and_resumes_the_same
     assert "sweep 'bench': 2 trials" in proc.stdout and "pairflip 0.45" in proc.stdout
     table, plots = report(folder, last_epochs=2)
     assert "pairflip 0.45" in table and len(plots) == 3
-    # --resume continues the same sweep (run_sweep's resume; that a resumed sweep trains no
-    # finished trial again is pinned by test_sweep.py::test_a_killed_sweep_resumes_and_a_ctrl_c_stops_it_says_so_and_its_printed_command_finishes_it)
-    # and rewrites the kept table from it: in this process, the sweep's call recorded, not re-run.
+    # --resume continues the same sweep (run_sweep's resume) and rewrites the kept table from it:
+    # checked in this process, the sweep's call recorded, not run again. That a resumed sweep
+    # trains no finished trial again is pinned by test_sweep.py's
+    # test_a_killed_sweep_resumes_and_a_ctrl_c_stops_it_says_so_and_its_printed_command_finishes_it.
     from cmd_ray import sweep as sweep_module
     from cmd_ray.cli import main
 

@@ -309,22 +309,32 @@ def test_cli_trains_an_image_folder_with_cifar_n_labels_in_process_and_on_ray(tm
 
 
 @pytest.mark.slow
-def test_a_two_trial_sweep_on_a_parquet_data_set_without_clean_labels_or_a_test_split(tmp_path):
-    """Ray workers sum NaN for what needs clean labels, and the report falls back to validation."""
+def test_a_sweep_on_a_parquet_data_set_without_clean_labels_or_a_test_split_and_a_failing_trial(tmp_path):
+    """Ray workers sum NaN for what needs clean labels, and the report falls back to validation.
+    The same sweep pins that a failing trial (a NaN loss) does not stop the others: it is a
+    `failed` row with its error, counted on the console and listed under the report table; its
+    grid is a variant axis (several keys set together), which also goes through Tune."""
     path = write_image_parquet(tmp_path / "shapes.parquet", n_train=120, n_test=0)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WANDB_"))}
     env.update(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", HOME=str(tmp_path / "home"))
+    grid = "{variant: [{method: ce}, {method: cmd-p}, {method: ce, label: faulty, testing.nan_step: 2}]}"
     cmd = [
         sys.executable, "-m", "cmd_ray.cli", "sweep",
         "--set", "data.name=parquet", "--set", f"data.path={path}", "--set", f"data.root={tmp_path / 'cache'}",
         "--set", "data.validation_fraction=0.25", "--set", "noise.type=none", "--set", "coteaching.forget_rate=0.1",
         "--set", "epochs=2", "--set", "batch_size=30",
         "--set", f"sweep.storage_path={tmp_path / 'sweeps'}", "--set", "sweep.name=own",
-        "--set", "sweep.grid={method: [ce, cmd-p]}", "--set", "sweep.wandb.mode=disabled", "--set", "ray.num_cpus=2",
+        "--set", f"sweep.grid={grid}", "--set", "sweep.wandb.mode=disabled", "--set", "ray.num_cpus=2",
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = pq.read_table(tmp_path / "sweeps" / "own" / "results.parquet").to_pylist()
+    table = pq.read_table(tmp_path / "sweeps" / "own" / "results.parquet").to_pylist()
+    failed = [r for r in table if r["variant"] == "faulty"]
+    assert failed and all(r["status"] == "failed" and r["testing.nan_step"] == 2 for r in failed)
+    assert "loss is nan" in failed[0]["error"]
+    assert "2 trials finished, 1 failed" in proc.stdout + proc.stderr
+    assert f"failed trials: {failed[0]['trial_id']}" in proc.stdout
+    rows = [r for r in table if r["variant"] != "faulty"]
     assert {(r["method"], r["epoch"]) for r in rows} == {("ce", 0), ("ce", 1), ("cmd-p", 0), ("cmd-p", 1)}
     assert all(r["status"] == "finished" and r["train_samples"] == 90 and r["test_samples"] == 0 for r in rows)
     unavailable = [r["mean/memorisation"] is None or math.isnan(r["mean/memorisation"]) for r in rows]
