@@ -164,12 +164,34 @@ def test_load_sampler_counts_the_memory_of_child_processes():
     assert peak["by_kind"]["other"][0] > 300 * 1024 * 1024  # the child is "other": no Ray in its command line
 
 
+def test_cpu_sampler_counts_the_cpu_time_of_a_child_started_after_it_by_kind():
+    """`cmd-ray bench sweep`'s CPU figures: a child that burns a second of CPU counts about a
+    second, under its kind; the sampler's own process ("driver") only what it used meanwhile."""
+    import subprocess
+    import sys
+
+    sampler = load.CpuSampler(interval=0.1)
+    sampler.start()
+    burn = (
+        "import sys, time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass\n"
+        "print('done', flush=True)\nsys.stdin.read()"
+    )
+    child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "done"
+    seconds = sampler.stop()  # the child still alive: its whole CPU time is seen
+    child.communicate("")
+    assert 0.9 <= seconds["other"] < 2.0, seconds
+    assert seconds.get("driver", 0.0) < 1.0, seconds
+
+
 def test_process_kinds_name_ray_and_wandb_processes_by_their_command_lines():
     assert load.process_kind("ray::RayTrainWorker.run_train_fn") == "Train worker"
     assert load.process_kind("ray::_WandbLoggingActor.run") == "W&B logging actor"
     assert load.process_kind("ray::ImplicitFunc.train") == "trial driver"
     assert load.process_kind("/x/ray/core/src/ray/raylet/raylet --node") == "raylet"
     assert load.process_kind("/x/wandb/bin/wandb-core --port-filename f") == "W&B service"
+    assert load.process_kind("ray::DashboardAgent") == "Ray dashboard and agents"
+    assert load.process_kind("/x/python -u /x/ray/_private/log_monitor.py --x") == "Ray log and autoscaler monitors"
     assert load.process_kind("python -c pass") == "other"
 
 

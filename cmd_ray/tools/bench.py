@@ -7,7 +7,8 @@
 - `sweep`: a grid as plain in-process runs (a pool, what a user would script) and as
   `cmd-ray sweep` with each trial placement, one after the other: wall times, their ratios,
   and where a sweep's and a trial's time goes (from each trial's timeline.json and a Tune
-  callback on the driver).
+  callback on the driver), and the CPU time each kind of process used (trials, driver, Ray's
+  daemons, W&B) from /proc.
 - `load` (`cmd_ray.tools.load`): a sweep of 16+ Tune-over-Train trials on this machine, with
   the resident memory of its processes sampled from /proc.
 - `accuracy`: methods x noise settings x seeds through `cmd-ray sweep` (the product's path),
@@ -270,11 +271,13 @@ def sweep_overhead(
     """The grid of `cfg` several ways, one after the other on the same machine: as in-process runs
     `jobs` at a time, then `cmd-ray sweep` with placement trial (with the config's W&B mode and
     with W&B disabled) and with placement workers. Logs and returns each one's wall time, its
-    ratio to the in-process runs, where the sweep's time went outside its trials, and the mean
-    breakdown of a trial's time. `runs`: which of SWEEP_RUNS' labels to run (all by default)."""
+    ratio to the in-process runs, where the sweep's time went outside its trials, the mean
+    breakdown of a trial's time, and the CPU seconds its processes used by kind. `runs`: which
+    of SWEEP_RUNS' labels to run (all by default)."""
     import ray
 
     from cmd_ray.sweep import run_sweep, wandb_mode
+    from cmd_ray.tools.load import CpuSampler
 
     points = check_grid(cfg)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -293,9 +296,12 @@ def sweep_overhead(
     for label, placement, mode in (r for r in SWEEP_RUNS if r[0] in runs):
         c = sweep_run_config(cfg, placement, mode, stamp)
         clock = _trial_clock()
+        cpu = CpuSampler()
+        cpu.start()
         started = time.time()
         folder = run_sweep(c, log=log, callbacks=[clock])
         finished = time.time()
+        cpu_seconds = cpu.stop()  # before Ray's shutdown ends its processes
         ray.shutdown()
         wall = finished - started
         label = f"{label} (W&B {wandb_mode(c)})" if mode is None else label
@@ -306,6 +312,7 @@ def sweep_overhead(
             "folder": folder,
             "sweep_seconds": _sweep_phases(started, finished, clock, folder),
             "mean_trial_seconds": _sweep_breakdown(folder, clock, placement),
+            "cpu_seconds_by_process_kind": cpu_seconds,
         }
         log(f"[bench sweep] cmd-ray sweep, {label}: {wall:.0f} s, {wall / pool:.2f}x the in-process runs")
         for name, seconds in figures["sweeps"][label]["sweep_seconds"].items():
@@ -313,6 +320,10 @@ def sweep_overhead(
         log(f"  a trial's time (mean of {len(points)}):")
         for name, seconds in figures["sweeps"][label]["mean_trial_seconds"].items():
             log(f"    {seconds:7.1f} s  {name}")
+        cores = os.cpu_count() or 1
+        log(f"  CPU time of the sweep's processes ({cores} cores x {wall:.0f} s = {cores * wall:.0f} CPU-s):")
+        for kind, seconds in cpu_seconds.items():
+            log(f"    {seconds:7.1f} s  {kind} ({100 * seconds / wall:.1f}% of a core)")
     return figures
 
 

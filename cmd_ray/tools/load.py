@@ -1,6 +1,7 @@
 """`cmd-ray bench load`: a sweep of 16+ Tune-over-Train trials on this machine, with the resident
 memory of the driver and its Ray processes, the machine's memory in use and the live Train
-workers sampled from /proc (Linux) every half second; figures printed and plotted.
+workers sampled from /proc (Linux) every half second; figures printed and plotted. Also the CPU
+time a sweep's processes use, by kind (`CpuSampler`, for `cmd-ray bench sweep`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ def _proportional_rss(pid_dir: str) -> int:
     return 0
 
 
-def _process_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (parent pid, proportional resident bytes, command line) for every readable process."""
+def _process_table(memory: bool = True) -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, proportional resident bytes, command line) for every readable process
+    (the bytes 0 without `memory`: reading every process's page summary is the costly part)."""
     table = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -34,11 +36,11 @@ def _process_table() -> dict[int, tuple[int, int, str]]:
         try:
             stat = Path(entry.path, "stat").read_text()
             cmdline = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            memory = _proportional_rss(entry.path)
+            resident = _proportional_rss(entry.path) if memory else 0
         except OSError:  # the process ended while we looked
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        table[int(entry.name)] = (ppid, memory, cmdline)
+        table[int(entry.name)] = (ppid, resident, cmdline)
     return table
 
 
@@ -69,7 +71,10 @@ PROCESS_KINDS = (
     ("W&B logging actor", "WandbLoggingActor"),
     ("W&B service", "wandb-core"),
     ("idle Ray worker", "ray::IDLE"),
+    ("Ray dashboard and agents", "ray::DashboardAgent"),
+    ("Ray dashboard and agents", "ray::RuntimeEnvAgent"),
     ("other Ray actor", "ray::"),
+    ("Ray log and autoscaler monitors", "monitor.py"),
     ("Ray GCS", "gcs_server"),
     ("raylet", "raylet"),
     ("Ray dashboard and agents", "dashboard"),
@@ -227,3 +232,50 @@ def plot_load(figures: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"{figures['trials']}-trial sweep on this machine")
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def _cpu_ticks(pid_dir: str) -> int:
+    """User + system CPU time of one process so far, in clock ticks."""
+    fields = Path(pid_dir, "stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+class CpuSampler(threading.Thread):
+    """Every `interval` s: the CPU time each process of this process's tree has used so far. A
+    process's last look before it ends is what it counts (up to `interval` of its CPU time is
+    missed). `stop()` gives CPU seconds by kind (`process_kind`; this process is "driver"), over
+    the time the sampler ran, for processes started after it as well."""
+
+    def __init__(self, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self._stop_event = threading.Event()
+        self._start: dict[int, int] = {}  # CPU ticks each process had used before the sampler began
+        self._last: dict[int, tuple[int, str]] = {}  # pid -> (ticks at the last look, kind)
+
+    def _look(self) -> None:
+        me = os.getpid()
+        table = _process_table(memory=False)
+        for pid in _descendants(table, me):
+            try:
+                ticks = _cpu_ticks(f"/proc/{pid}")
+            except OSError:  # it ended while we looked
+                continue
+            kind = "driver" if pid == me else process_kind(table[pid][2])
+            self._last[pid] = (ticks, kind)
+
+    def run(self) -> None:
+        self._look()
+        self._start = {pid: ticks for pid, (ticks, _) in self._last.items()}
+        while not self._stop_event.wait(self.interval):
+            self._look()
+
+    def stop(self) -> dict[str, float]:
+        self._stop_event.set()
+        self.join()
+        self._look()
+        per_second = os.sysconf("SC_CLK_TCK")
+        seconds: dict[str, float] = {}
+        for pid, (ticks, kind) in self._last.items():
+            seconds[kind] = seconds.get(kind, 0.0) + (ticks - self._start.get(pid, 0)) / per_second
+        return dict(sorted(seconds.items(), key=lambda item: -item[1]))
