@@ -241,6 +241,32 @@ def test_the_sweep_bench_times_an_in_process_run_in_the_phases_a_trial_reports(f
     assert run["training steps"] + run["evaluation (test set each epoch)"] < run["seconds"]
 
 
+def test_the_sweep_bench_runs_each_sweep_with_the_wandb_mode_it_names(tmp_path, monkeypatch):
+    """A sweep sets W&B's environment (WANDB_MODE, for its Ray's processes); the bench's next sweep,
+    meant to run with W&B disabled, inherited WANDB_MODE=offline and ran with W&B on under the
+    label "W&B disabled". Each timed sweep now starts from the bench's own environment, and its
+    label names the mode it ran with."""
+    from cmd_ray import sweep as sweep_module
+
+    seen = []
+
+    def fake_sweep(cfg, log, callbacks):
+        seen.append(sweep_module.wandb_mode(cfg))
+        sweep_module.prepare_wandb(cfg, tmp_path / "wandb")  # what run_sweep does before Ray starts
+        return str(tmp_path)
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr(sweep_module, "run_sweep", fake_sweep)
+    monkeypatch.setattr(bench, "_in_process_pool", lambda cfg, points, jobs: (10.0, {"seconds": 10.0}))
+    monkeypatch.setattr(bench, "_sweep_phases", lambda *args: {})
+    monkeypatch.setattr(bench, "_sweep_breakdown", lambda *args: {})
+    cfg = from_dict({"sweep": {"name": "b", "grid": {"method": ["ce"]}, "wandb": {"mode": "offline"}}})
+    figures = bench.sweep_overhead(cfg, runs=("placement trial", "placement trial, W&B disabled"), log=lambda _: None)
+    assert seen == ["offline", "disabled"]
+    assert list(figures["sweeps"]) == ["placement trial (W&B offline)", "placement trial (W&B disabled)"]
+    assert "WANDB_MODE" not in os.environ
+
+
 def test_candidates_measured_in_two_sweeps_are_ranked_as_one_validation_table(tmp_path, capsys):
     """`cmd-ray report A --validation --with B`: a candidate swept later (B) is ranked beside
     A's on the same noisy-validation rule; a candidate both sweeps ran is refused, naming --with."""

@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -252,6 +253,17 @@ SWEEP_RUNS = (  # (label, placement, W&B mode or None for the config's)
 )
 
 
+@contextmanager
+def _environment_kept() -> Iterator[None]:
+    """Restore this process's environment as it was on entry, whatever the block set in it."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def sweep_run_config(cfg: Config, placement: str, mode: Optional[str], stamp: str) -> Config:
     """The sweep `cmd-ray bench sweep` times for one placement (and W&B mode): `cfg`, grid and all,
     under a sweep name of its own."""
@@ -293,18 +305,20 @@ def sweep_overhead(
     log(f"[bench sweep] in-process: {pool:.0f} s; a run's time (mean of {len(points)}):")
     for name, seconds in per_run.items():
         log(f"    {seconds:7.1f} s  {'whole run' if name == 'seconds' else name}")
-    for label, placement, mode in (r for r in SWEEP_RUNS if r[0] in runs):
+    for name, placement, mode in (r for r in SWEEP_RUNS if r[0] in runs):
         c = sweep_run_config(cfg, placement, mode, stamp)
-        clock = _trial_clock()
-        cpu = CpuSampler()
-        cpu.start()
-        started = time.time()
-        folder = run_sweep(c, log=log, callbacks=[clock])
-        finished = time.time()
-        cpu_seconds = cpu.stop()  # before Ray's shutdown ends its processes
-        ray.shutdown()
+        with _environment_kept():  # a sweep sets W&B's environment for its Ray: the next must not inherit it
+            label = f"placement {placement} (W&B {wandb_mode(c)})"  # the mode it runs with, whatever was asked
+            label += ", again" if label in figures["sweeps"] else ""  # e.g. WANDB_MODE set for both
+            clock = _trial_clock()
+            cpu = CpuSampler()
+            cpu.start()
+            started = time.time()
+            folder = run_sweep(c, log=log, callbacks=[clock])
+            finished = time.time()
+            cpu_seconds = cpu.stop()  # before Ray's shutdown ends its processes
+            ray.shutdown()
         wall = finished - started
-        label = f"{label} (W&B {wandb_mode(c)})" if mode is None else label
         figures["sweeps"][label] = {
             "placement": placement,
             "wall_seconds": wall,
