@@ -274,6 +274,47 @@ def sweep_run_config(cfg: Config, placement: str, mode: Optional[str], stamp: st
     return from_dict(values)
 
 
+def _timed_sweep(cfg: Config, placement: str, log: Callable[[str], None]) -> dict[str, Any]:
+    """Run the sweep `cfg` (made by `sweep_run_config`) with the clocks on: its wall time, where
+    its time went outside its trials, the mean breakdown of a trial's time and the CPU seconds
+    its processes used by kind."""
+    import ray
+
+    from cmd_ray.sweep import run_sweep
+    from cmd_ray.tools.load import CpuSampler
+
+    clock = _trial_clock()
+    cpu = CpuSampler()
+    cpu.start()
+    started = time.time()
+    folder = run_sweep(cfg, log=log, callbacks=[clock])
+    finished = time.time()
+    cpu_seconds = cpu.stop()  # before Ray's shutdown ends its processes
+    ray.shutdown()
+    return {
+        "placement": placement,
+        "wall_seconds": finished - started,
+        "folder": folder,
+        "sweep_seconds": _sweep_phases(started, finished, clock, folder),
+        "mean_trial_seconds": _sweep_breakdown(folder, clock, placement),
+        "cpu_seconds_by_process_kind": cpu_seconds,
+    }
+
+
+def _log_timed_sweep(label: str, timed: dict[str, Any], trials: int, log: Callable[[str], None]) -> None:
+    wall = timed["wall_seconds"]
+    log(f"[bench sweep] cmd-ray sweep, {label}: {wall:.0f} s, {timed['ratio_to_in_process']:.2f}x the in-process runs")
+    for name, seconds in timed["sweep_seconds"].items():
+        log(f"    {seconds:7.1f} s  {name}")
+    log(f"  a trial's time (mean of {trials}):")
+    for name, seconds in timed["mean_trial_seconds"].items():
+        log(f"    {seconds:7.1f} s  {name}")
+    cores = os.cpu_count() or 1
+    log(f"  CPU time of the sweep's processes ({cores} cores x {wall:.0f} s = {cores * wall:.0f} CPU-s):")
+    for kind, seconds in timed["cpu_seconds_by_process_kind"].items():
+        log(f"    {seconds:7.1f} s  {kind} ({100 * seconds / wall:.1f}% of a core)")
+
+
 def sweep_overhead(
     cfg: Config,
     jobs: int = 2,
@@ -286,10 +327,7 @@ def sweep_overhead(
     ratio to the in-process runs, where the sweep's time went outside its trials, the mean
     breakdown of a trial's time, and the CPU seconds its processes used by kind. `runs`: which
     of SWEEP_RUNS' labels to run (all by default)."""
-    import ray
-
-    from cmd_ray.sweep import run_sweep, wandb_mode
-    from cmd_ray.tools.load import CpuSampler
+    from cmd_ray.sweep import wandb_mode
 
     points = check_grid(cfg)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -305,39 +343,15 @@ def sweep_overhead(
     log(f"[bench sweep] in-process: {pool:.0f} s; a run's time (mean of {len(points)}):")
     for name, seconds in per_run.items():
         log(f"    {seconds:7.1f} s  {'whole run' if name == 'seconds' else name}")
-    for name, placement, mode in (r for r in SWEEP_RUNS if r[0] in runs):
+    for _, placement, mode in (r for r in SWEEP_RUNS if r[0] in runs):
         c = sweep_run_config(cfg, placement, mode, stamp)
         with _environment_kept():  # a sweep sets W&B's environment for its Ray: the next must not inherit it
             label = f"placement {placement} (W&B {wandb_mode(c)})"  # the mode it runs with, whatever was asked
             label += ", again" if label in figures["sweeps"] else ""  # e.g. WANDB_MODE set for both
-            clock = _trial_clock()
-            cpu = CpuSampler()
-            cpu.start()
-            started = time.time()
-            folder = run_sweep(c, log=log, callbacks=[clock])
-            finished = time.time()
-            cpu_seconds = cpu.stop()  # before Ray's shutdown ends its processes
-            ray.shutdown()
-        wall = finished - started
-        figures["sweeps"][label] = {
-            "placement": placement,
-            "wall_seconds": wall,
-            "ratio_to_in_process": wall / pool,
-            "folder": folder,
-            "sweep_seconds": _sweep_phases(started, finished, clock, folder),
-            "mean_trial_seconds": _sweep_breakdown(folder, clock, placement),
-            "cpu_seconds_by_process_kind": cpu_seconds,
-        }
-        log(f"[bench sweep] cmd-ray sweep, {label}: {wall:.0f} s, {wall / pool:.2f}x the in-process runs")
-        for name, seconds in figures["sweeps"][label]["sweep_seconds"].items():
-            log(f"    {seconds:7.1f} s  {name}")
-        log(f"  a trial's time (mean of {len(points)}):")
-        for name, seconds in figures["sweeps"][label]["mean_trial_seconds"].items():
-            log(f"    {seconds:7.1f} s  {name}")
-        cores = os.cpu_count() or 1
-        log(f"  CPU time of the sweep's processes ({cores} cores x {wall:.0f} s = {cores * wall:.0f} CPU-s):")
-        for kind, seconds in cpu_seconds.items():
-            log(f"    {seconds:7.1f} s  {kind} ({100 * seconds / wall:.1f}% of a core)")
+            timed = _timed_sweep(c, placement, log)
+        timed["ratio_to_in_process"] = timed["wall_seconds"] / pool
+        figures["sweeps"][label] = timed
+        _log_timed_sweep(label, timed, len(points), log)
     return figures
 
 
