@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -136,27 +138,31 @@ def test_a_trials_phases_add_up_to_its_span_and_name_what_is_missing():
     assert "worker: data from the object store" not in workers  # no worker marks: left out, not zero
 
 
+@contextmanager
+def _child_until_released(code: str) -> Iterator[subprocess.Popen]:
+    """A Python child that runs `code`, says so, and stays alive until the block ends."""
+    script = code + "\nimport sys\nprint('ready', flush=True)\nsys.stdin.read()"
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        yield child
+    finally:
+        child.communicate("")
+
+
 def test_load_sampler_counts_the_memory_of_child_processes():
-    import subprocess
-    import sys
     import time
 
     sampler = load.LoadSampler(interval=0.1)
     sampler.start()
     # The child says when its memory is held and keeps it until told to go: the sampler gets
     # two looks at it however slow the machine (no fixed window).
-    hold = (
-        "import sys; x = bytearray(300 * 1024 * 1024); x[::4096] = b'1' * len(x[::4096]); "
-        "print('held', flush=True); sys.stdin.read()"
-    )
-    child = subprocess.Popen([sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline().strip() == "held"
-    seen = len(sampler.samples)
-    deadline = time.time() + 120
-    while len(sampler.samples) < seen + 2 and time.time() < deadline:
-        time.sleep(0.05)
-    samples = sampler.stop()
-    child.communicate("")
+    with _child_until_released("x = bytearray(300 * 1024 * 1024); x[::4096] = b'1' * len(x[::4096])"):
+        seen = len(sampler.samples)
+        deadline = time.time() + 120
+        while len(sampler.samples) < seen + 2 and time.time() < deadline:
+            time.sleep(0.05)
+        samples = sampler.stop()
     assert samples and max(s["tree_pss"] for s in samples) > 300 * 1024 * 1024
     assert all(s["train_workers"] == 0 for s in samples)
     peak = max(samples, key=lambda s: s["tree_pss"])
@@ -167,19 +173,10 @@ def test_load_sampler_counts_the_memory_of_child_processes():
 def test_cpu_sampler_counts_the_cpu_time_of_a_child_started_after_it_by_kind():
     """`cmd-ray bench sweep`'s CPU figures: a child that burns a second of CPU counts about a
     second, under its kind; the sampler's own process ("driver") only what it used meanwhile."""
-    import subprocess
-    import sys
-
     sampler = load.CpuSampler(interval=0.1)
     sampler.start()
-    burn = (
-        "import sys, time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass\n"
-        "print('done', flush=True)\nsys.stdin.read()"
-    )
-    child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline().strip() == "done"
-    seconds = sampler.stop()  # the child still alive: its whole CPU time is seen
-    child.communicate("")
+    with _child_until_released("import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass"):
+        seconds = sampler.stop()  # the child still alive: its whole CPU time is seen
     assert 0.9 <= seconds["other"] < 2.0, seconds
     assert seconds.get("driver", 0.0) < 1.0, seconds
 
