@@ -231,7 +231,7 @@ def test_each_sweep_the_sweep_bench_times_runs_the_whole_grid():
 def test_the_sweep_bench_times_an_in_process_run_in_the_phases_a_trial_reports(fake_fmnist_root):
     """The in-process side of `cmd-ray bench sweep` gives its training steps and evaluation
     apart, so a sweep's trial is compared with a plain run phase by phase."""
-    cfg = tiny_config(fake_fmnist_root, epochs=2, data__train_subset=256, data__test_subset=128)
+    cfg = tiny_config(fake_fmnist_root, epochs=1, data__train_subset=128, data__test_subset=64)
     run = bench._in_process_point(cfg.to_dict(), {"method": "ce"}, threads=1)
     assert set(run) == {"seconds", "training steps", "evaluation (test set each epoch)"}
     assert 0 < run["training steps"] and 0 < run["evaluation (test set each epoch)"]
