@@ -302,6 +302,8 @@ def _timed_sweep(cfg: Config, placement: str, log: Callable[[str], None]) -> dic
 
 
 def _log_timed_sweep(label: str, timed: dict[str, Any], trials: int, log: Callable[[str], None]) -> None:
+    """Print one timed sweep's figures (see `_timed_sweep`): wall time and ratio, the sweep's and a
+    trial's phases, CPU seconds by kind of process."""
     wall = timed["wall_seconds"]
     log(f"[bench sweep] cmd-ray sweep, {label}: {wall:.0f} s, {timed['ratio_to_in_process']:.2f}x the in-process runs")
     for name, seconds in timed["sweep_seconds"].items():
