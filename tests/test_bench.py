@@ -181,6 +181,21 @@ def test_cpu_sampler_counts_the_cpu_time_of_a_child_started_after_it_by_kind():
     assert seconds.get("driver", 0.0) < 1.0, seconds
 
 
+def test_cpu_sampler_keeps_a_process_kind_when_its_command_line_empties_as_it_ends(monkeypatch):
+    """An ending process's /proc command line reads empty: its CPU time stays with the kind it
+    was seen as (a finished trial counted as "other" before)."""
+    me = os.getpid()
+    with _child_until_released("pass") as child:
+        command_lines = iter(["ray::ImplicitFunc.train", ""])
+        monkeypatch.setattr(
+            load, "_process_table", lambda memory: {me: (1, 0, "driver"), child.pid: (me, 0, next(command_lines))}
+        )
+        sampler = load.CpuSampler()
+        sampler._look()
+        sampler._look()
+    assert sampler._last[child.pid][1] == "trial driver"
+
+
 def test_process_kinds_name_ray_and_wandb_processes_by_their_command_lines():
     assert load.process_kind("ray::RayTrainWorker.run_train_fn") == "Train worker"
     assert load.process_kind("ray::_WandbLoggingActor.run") == "W&B logging actor"
@@ -188,6 +203,8 @@ def test_process_kinds_name_ray_and_wandb_processes_by_their_command_lines():
     assert load.process_kind("/x/ray/core/src/ray/raylet/raylet --node") == "raylet"
     assert load.process_kind("/x/wandb/bin/wandb-core --port-filename f") == "W&B service"
     assert load.process_kind("ray::DashboardAgent") == "Ray dashboard and agents"
+    assert load.process_kind("/x/python -u /x/ray/_private/runtime_env/agent/main.py --x") == "Ray dashboard and agents"
+    assert load.process_kind("/x/wandb/bin/wandb-symon --portfile f") == "W&B service"
     assert load.process_kind("/x/python -u /x/ray/_private/log_monitor.py --x") == "Ray log and autoscaler monitors"
     assert load.process_kind("python -c pass") == "other"
 

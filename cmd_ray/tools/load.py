@@ -70,11 +70,13 @@ PROCESS_KINDS = (
     ("W&B logging actor", "WandbRuns"),
     ("W&B logging actor", "WandbLoggingActor"),
     ("W&B service", "wandb-core"),
+    ("W&B service", "wandb-symon"),  # W&B's system-metrics sampler
     ("idle Ray worker", "ray::IDLE"),
     ("Ray dashboard and agents", "ray::DashboardAgent"),
     ("Ray dashboard and agents", "ray::RuntimeEnvAgent"),
     ("other Ray actor", "ray::"),
     ("Ray log and autoscaler monitors", "monitor.py"),
+    ("Ray dashboard and agents", "runtime_env/agent"),  # before Ray renames it ray::RuntimeEnvAgent
     ("Ray GCS", "gcs_server"),
     ("raylet", "raylet"),
     ("Ray dashboard and agents", "dashboard"),
@@ -243,7 +245,8 @@ def _cpu_ticks(pid_dir: str) -> int:
 class CpuSampler(threading.Thread):
     """Every `interval` s: the CPU time each process of this process's tree has used so far. A
     process's last look before it ends is what it counts (up to `interval` of its CPU time is
-    missed). `stop()` gives CPU seconds by kind (`process_kind`; this process is "driver"), over
+    missed), under the kind it was seen as before (not "other" once its command line empties as
+    it ends). `stop()` gives CPU seconds by kind (`process_kind`; this process is "driver"), over
     the time the sampler ran, for processes started after it as well."""
 
     def __init__(self, interval: float = 0.5):
@@ -262,6 +265,8 @@ class CpuSampler(threading.Thread):
             except OSError:  # it ended while we looked
                 continue
             kind = "driver" if pid == me else process_kind(table[pid][2])
+            if kind == "other" and pid in self._last:  # an ending process's command line reads empty
+                kind = self._last[pid][1]
             self._last[pid] = (ticks, kind)
 
     def run(self) -> None:
