@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -89,10 +90,28 @@ def wandb_mode(cfg: Config) -> str:
     return "offline"
 
 
-def prepare_wandb(cfg: Config, folder: Path) -> Optional[Any]:
-    """Set the W&B environment (before ray.init, so every local Ray process inherits it) and return
-    the Tune callback, or None when disabled. The key itself is never passed as configuration:
-    Ray would store it in plain text in the experiment state (tuner.pkl)."""
+@contextmanager
+def wandb_environment(cfg: Config, folder: Path) -> Iterator[Optional[Any]]:
+    """Set the W&B environment (before ray.init, so every local Ray process inherits it) and yield
+    the Tune callback, or None when disabled; on leaving, put back the W&B variables as they were,
+    so that a second sweep in the same process (a notebook, a script, `cmd-ray bench sweep`) runs
+    with its own mode, not the first's (`wandb_mode` lets the environment outrank the config). The
+    key itself is never passed as configuration: Ray would store it in plain text in the
+    experiment state (tuner.pkl)."""
+    from cmd_ray.wandb_runs import SETTINGS
+
+    saved = {name: os.environ.get(name) for name in SETTINGS}
+    try:
+        yield _set_wandb_environment(cfg, folder)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _set_wandb_environment(cfg: Config, folder: Path) -> Optional[Any]:
     mode = wandb_mode(cfg)
     if mode == "disabled":
         return None
@@ -386,7 +405,21 @@ def run_sweep(
     prepare_data(cfg, points)
     if not known:
         save_run_settings(folder, cfg, sweep=True)
-    callback = prepare_wandb(cfg, wandb_dir(cfg, folder))  # sets W&B's environment before Ray starts
+    with wandb_environment(cfg, wandb_dir(cfg, folder)) as callback:  # set before Ray starts
+        extra = ([callback] if callback else []) + list(callbacks or [])
+        return _fit_grid(cfg, folder, points, resume, extra, log, resume_command)
+
+
+def _fit_grid(
+    cfg: Config,
+    folder: str,
+    points: list[dict[str, Any]],
+    resume: bool,
+    callbacks: list[Any],
+    log: Callable[[str], None],
+    resume_command: str,
+) -> str:
+    """Start (or join) Ray, fit the grid's trials, write results.parquet and report (`run_sweep`)."""
     init_ray_for_sweep(cfg, slots=len(points))
     import ray
 
@@ -396,7 +429,7 @@ def run_sweep(
         f"{concurrency(cfg, ray.cluster_resources())} at once, {where}; W&B {wandb_mode(cfg)}; folder {folder}"
     )
     started = time.perf_counter()
-    tuner = build_tuner(cfg, folder, resume, ([callback] if callback else []) + list(callbacks or []), points)
+    tuner = build_tuner(cfg, folder, resume, callbacks, points)
     with StopSignals(resume_command) as stop:
         grid = tuner.fit()
     table = collect_results(grid)

@@ -258,16 +258,17 @@ def test_the_sweep_bench_times_an_in_process_run_in_the_phases_a_trial_reports(f
 def test_the_sweep_bench_runs_each_sweep_with_the_wandb_mode_it_names(tmp_path, monkeypatch):
     """A sweep sets W&B's environment (WANDB_MODE, for its Ray's processes); the bench's next sweep,
     meant to run with W&B disabled, inherited WANDB_MODE=offline and ran with W&B on under the
-    label "W&B disabled". Each timed sweep now starts from the bench's own environment, and its
-    label names the mode it ran with."""
+    label "W&B disabled". `run_sweep` now puts W&B's environment back (pinned without the bench by
+    `tests/test_launch.py::test_a_sweep_puts_back_the_wandb_environment_it_set_so_the_next_sweep_in_the_process_runs_with_its_own_mode`),
+    and each label names the mode its sweep ran with."""
     from cmd_ray import sweep as sweep_module
 
     seen = []
 
     def fake_sweep(cfg, log, callbacks):
         seen.append(sweep_module.wandb_mode(cfg))
-        sweep_module.prepare_wandb(cfg, tmp_path / "wandb")  # what run_sweep does before Ray starts
-        return str(tmp_path)
+        with sweep_module.wandb_environment(cfg, tmp_path / "wandb"):  # what run_sweep does around Ray
+            return str(tmp_path)
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setattr(sweep_module, "run_sweep", fake_sweep)

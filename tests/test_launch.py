@@ -138,6 +138,36 @@ def test_wandb_auto_mode_is_online_only_with_a_key(env, netrc, configured, expec
     assert wandb_mode(from_dict({"sweep": {"wandb": {"mode": configured}}})) == expected
 
 
+def test_a_sweep_puts_back_the_wandb_environment_it_set_so_the_next_sweep_in_the_process_runs_with_its_own_mode(
+    tmp_path, monkeypatch
+):
+    """A sweep sets WANDB_MODE and WANDB_DIR for its Ray's processes, and `wandb_mode` lets the
+    environment outrank the config: left set, a second sweep in the same Python process (a
+    notebook, `cmd-ray bench sweep`) asked for W&B disabled ran with the first's offline mode.
+    `run_sweep` puts them back as it found them, also when it stops with an error."""
+    from cmd_ray import sweep
+
+    class RayStarts(Exception):
+        pass
+
+    seen = []
+
+    def ray_starts(cfg, slots):
+        seen.append((os.environ.get("WANDB_MODE"), os.environ.get("WANDB_DIR")))
+        raise RayStarts
+
+    for name in ("WANDB_MODE", "WANDB_DIR", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sweep, "prepare_data", lambda cfg, points: None)
+    monkeypatch.setattr(sweep, "init_ray_for_sweep", ray_starts)
+    for mode in ("offline", "disabled"):
+        cfg = from_dict({"sweep": {"name": mode, "storage_path": str(tmp_path), "wandb": {"mode": mode}}})
+        with pytest.raises(RayStarts):
+            sweep.run_sweep(cfg, log=lambda _: None)
+    assert seen == [("offline", str(tmp_path / "offline" / "wandb")), (None, None)]
+    assert "WANDB_MODE" not in os.environ and "WANDB_DIR" not in os.environ
+
+
 @pytest.mark.slow
 @needs_fmnist
 def test_the_smoke_preset_shows_cmd_p_ahead_of_ce_where_ce_memorises_the_noisy_labels(real_data_root):

@@ -22,8 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -253,17 +252,6 @@ SWEEP_RUNS = (  # (label, placement, W&B mode or None for the config's)
 )
 
 
-@contextmanager
-def _environment_kept() -> Iterator[None]:
-    """Restore this process's environment as it was on entry, whatever the block set in it."""
-    saved = dict(os.environ)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
 def sweep_run_config(cfg: Config, placement: str, mode: Optional[str], stamp: str) -> Config:
     """The sweep `cmd-ray bench sweep` times for one placement (and W&B mode): `cfg`, grid and all,
     under a sweep name of its own."""
@@ -347,10 +335,9 @@ def sweep_overhead(
         log(f"    {seconds:7.1f} s  {'whole run' if name == 'seconds' else name}")
     for _, placement, mode in (r for r in SWEEP_RUNS if r[0] in runs):
         c = sweep_run_config(cfg, placement, mode, stamp)
-        with _environment_kept():  # a sweep sets W&B's environment for its Ray: the next must not inherit it
-            label = f"placement {placement} (W&B {wandb_mode(c)})"  # the mode it runs with, whatever was asked
-            label += ", again" if label in figures["sweeps"] else ""  # e.g. WANDB_MODE set for both
-            timed = _timed_sweep(c, placement, log)
+        label = f"placement {placement} (W&B {wandb_mode(c)})"  # the mode it runs with, whatever was asked
+        label += ", again" if label in figures["sweeps"] else ""  # e.g. WANDB_MODE set for both
+        timed = _timed_sweep(c, placement, log)
         timed["ratio_to_in_process"] = timed["wall_seconds"] / pool
         figures["sweeps"][label] = timed
         _log_timed_sweep(label, timed, len(points), log)
