@@ -117,8 +117,8 @@ class Formulation:
     certainty, threshold_on: see `certainty` and `select`; loss: kl | label_correction |
     target_mix (how selected knowledge enters the loss); weight, temperature: lambda, T of
     `kl`; epsilon: certainty (eps = g(s) c(q)) | trust (eps = g(s)) for label correction;
-    label_trust: all | small_loss | joint_small_loss | agreement (which noisy labels the label
-    term keeps); joint_weight: JoCoR's lambda in the joint loss that joint_small_loss ranks by;
+    label_trust: all | small_loss | joint_small_loss | agreement | mixture (which noisy labels
+    the label term keeps); joint_weight: JoCoR's lambda in the joint loss that joint_small_loss ranks by;
     target: soft | hard (distil q itself, or its argmax as a one-hot pseudo-label).
     """
 
@@ -215,7 +215,7 @@ def joint_loss(all_logits: list[torch.Tensor], noisy_labels: torch.Tensor, weigh
     return label + agreement, label, agreement
 
 
-LABEL_TRUST = ("all", "small_loss", "joint_small_loss", "agreement")
+LABEL_TRUST = ("all", "small_loss", "joint_small_loss", "agreement", "mixture")
 
 
 def trusted_labels(
@@ -227,6 +227,7 @@ def trusted_labels(
     selected: torch.Tensor,
     everyone: Optional[torch.Tensor] = None,
     joint_weight: float = 0.9,
+    division: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Which noisy labels the label term keeps, (B,) bool.
 
@@ -235,10 +236,14 @@ def trusted_labels(
     joint_small_loss: the (1 - r) share with the smallest JoCoR joint loss over every peer
     (`everyone` (P, B, C), detached, this peer's own included), so all peers trust the same
     labels: those they both fit and agree on. agreement: every label except where selected
-    knowledge names another class (argmax q != y~).
+    knowledge names another class (argmax q != y~). mixture: `division` (B,) bool, the other
+    peers' split of the batch by their loss mixture over the whole training set (made by the
+    method's epoch hook); every label while there is none yet (the warm-up).
     """
-    if rule == "all":
+    if rule == "all" or (rule == "mixture" and division is None):
         return torch.ones_like(noisy_labels, dtype=torch.bool)
+    if rule == "mixture":
+        return division.to(noisy_labels.device, torch.bool)
     if rule == "small_loss":
         losses = torch.stack([F.cross_entropy(s, noisy_labels, reduction="none") for s in sources])
         return coteaching_keep(losses, forget_rate)
@@ -272,11 +277,13 @@ def peer_loss(
     noisy_labels: torch.Tensor,
     form: Formulation,
     at: StepValues,
+    division: Optional[torch.Tensor] = None,
 ) -> LossParts:
     """Loss of peer `peer_index` on one batch: select the other peers' knowledge, distil.
 
     logits (B, C) with gradient; peer_logits (P, B, C) every peer's logits on the same batch
-    (row `peer_index` is this peer's own and is ignored as knowledge); noisy_labels (B,).
+    (row `peer_index` is this peer's own and is ignored as knowledge); noisy_labels (B,);
+    division (B,) bool: the labels the other peers' loss mixture trusts (label_trust mixture).
     With t(x) = 1 where the label is trusted (`trusted_labels`), m(x) = 1 where knowledge q(x)
     was selected, and every term a mean over the whole batch:
 
@@ -295,7 +302,7 @@ def peer_loss(
     target, selected = selected_target(sources, mask, 1.0)
     everyone = peer_logits.detach().float() if form.label_trust == "joint_small_loss" else None
     trusted = trusted_labels(
-        sources, noisy_labels, form.label_trust, at.forget_rate, target, selected, everyone, form.joint_weight
+        sources, noisy_labels, form.label_trust, at.forget_rate, target, selected, everyone, form.joint_weight, division
     )
     label_weight = trusted.float()
     if form.loss == "kl":

@@ -176,6 +176,30 @@ def test_cmd_warm_up_selects_no_knowledge_before_its_epochs_and_as_usual_after()
     assert _plan("dml", knowledge={"warmup_epochs": 2}).values(early).tau == -math.inf  # DML: all knowledge, always
 
 
+def test_cmd_with_mixture_trust_keeps_the_labels_the_other_peers_loss_mixture_trusts_and_every_label_before():
+    """labels.trust mixture: before each epoch past the warm-up a peer shares its clean
+    probability of every training label (a loss mixture over the whole split); a peer's label
+    term keeps the labels the *other* peer's mixture trusts; in the warm-up, every label."""
+    from cmd_ray.methods.base import EPOCH_VALUES, StepInputs
+
+    plan = _plan("cmd-p", labels={"trust": "mixture", "mixture_warm_up": 2, "mixture_threshold": 0.5})
+    assert [plan.wants_epoch_values(e) for e in range(4)] == [False, False, True, True]
+    # Six samples, four fitted (low loss) and two not: the mixture trusts the four.
+    own = torch.tensor([[4.0, 0.0]] * 4 + [[0.0, 4.0]] * 2)
+    clean = plan.epoch_values(0, own, torch.zeros(6, dtype=torch.long), epoch=2)
+    assert clean.shape == (6, 1) and (clean[:4] > 0.9).all() and (clean[4:] < 0.1).all()
+    peer_logits, labels = torch.tensor([Z1, Z2]), torch.tensor(LABELS)
+    ids = torch.tensor([0, 1, 2, 3])
+    values = torch.tensor([[[0.9], [0.9], [0.1], [0.1]], [[0.1], [0.8], [0.7], [0.2]]])  # (P, N, 1)
+    inputs = StepInputs(ids, torch.zeros(4, 1, 1, 1), lambda x: x, seed=0, state={EPOCH_VALUES: values})
+    for peer, other in ((0, 1), (1, 0)):
+        parts = plan.loss(peer, peer_logits[peer].clone(), peer_logits, labels, LATE, inputs)
+        assert parts.trusted.tolist() == (values[other, :, 0] > 0.5).tolist(), peer  # the other's division
+    warm_up = StepInputs(ids, torch.zeros(4, 1, 1, 1), lambda x: x, seed=0)  # no division yet
+    assert plan.loss(0, peer_logits[0].clone(), peer_logits, labels, LATE, warm_up).trusted.all()
+    assert not methods.get("cmd-p").needs_noise_rate(from_dict({"labels": {"trust": "mixture"}}))
+
+
 def test_every_cmd_setting_reaches_its_formulation_field():
     """formulation_of names every field: a setting wired to the wrong field would fail here."""
     cfg = {
@@ -199,6 +223,11 @@ def test_every_cmd_setting_reaches_its_formulation_field():
         ({"jocor": {"lambda": 0.9}}, r"^jocor.lambda: unknown key; allowed at this level: weight$"),
         ({"labels": {"joint_weight": 2}}, r"^labels.joint_weight: got 2.0; allowed: a number in \[0.0, 1.0\]$"),
         ({"knowledge": {"warmup_epochs": -1}}, r"^knowledge.warmup_epochs: got -1.0; allowed: a number >= 0$"),
+        (
+            {"labels": {"mixture_threshold": 1.5}},
+            r"^labels.mixture_threshold: got 1.5; allowed: a number in \[0.0, 1.0\]$",
+        ),
+        ({"labels": {"mixture_warm_up": -1}}, r"^labels.mixture_warm_up: got -1; allowed: an integer >= 0$"),
     ],
 )
 def test_bad_method_settings_are_refused_naming_the_field(values, match):

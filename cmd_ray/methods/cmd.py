@@ -10,10 +10,10 @@ knowledge: tau = -inf) reuse as CMD's special cases.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional
 
-from cmd_ray.errors import check_above, check_range
+from cmd_ray.errors import ConfigError, check_above, check_range
 from cmd_ray.methods.base import Method, Plan, StepSchedule
 from cmd_ray.methods.coteaching import ForgetSchedule
 
@@ -74,12 +74,20 @@ class LabelsConfig:
     # under the other peers (Co-teaching's rule, r(t) from coteaching.*) | joint_small_loss: the
     # (1 - r(t)) share with the smallest JoCoR joint loss over all peers (every peer trusts the
     # same labels: those the peers both fit and agree on) | agreement: every label except where
-    # the selected knowledge names another class.
+    # the selected knowledge names another class | mixture: per sample over the whole training
+    # set, DivideMix's co-division: once an epoch each peer fits a two-component Gaussian mixture
+    # to its own losses on every training sample, and a peer keeps the labels whose clean
+    # probability under the other peers' mixtures exceeds mixture_threshold (needs no noise rate).
     # small_loss was chosen on a noisy validation split in the memorisation regime (docs/ACCURACY.md).
-    trust: Literal["all", "small_loss", "joint_small_loss", "agreement"] = "small_loss"
+    trust: Literal["all", "small_loss", "joint_small_loss", "agreement", "mixture"] = "small_loss"
     # lambda of the joint loss (1 - lambda) sum CE + lambda sum KL that joint_small_loss ranks
     # samples by (JoCoR's published 0.9); joint_small_loss only.
     joint_weight: float = 0.9
+    # mixture only: epochs in which every label is kept before the first division (the peers'
+    # losses separate clean from noisy labels only once they have learnt the easy, clean ones).
+    mixture_warm_up: int = 5
+    # mixture only: the clean probability above which a label is kept (DivideMix's p_threshold).
+    mixture_threshold: float = 0.5
 
 
 # The label trusts that drop the large-loss share r(t) of each batch (Co-teaching's schedule).
@@ -115,12 +123,13 @@ class DistillationPlan(Plan):
     trust_steepness: float = 10.0
     trust_midpoint: float = 0.5
     mix_weight: float = 1.0
+    labels: LabelsConfig = field(default_factory=LabelsConfig)  # for labels.trust mixture's warm-up and threshold
 
     @classmethod
     def of(cls, cfg: Any, form: Formulation, noise_rate: Optional[float]) -> DistillationPlan:
         forget = ForgetSchedule.of(cfg, noise_rate) if form.label_trust in SMALL_LOSS_TRUST else None
         d = cfg.distill
-        return cls(form, cfg.knowledge, forget, d.trust_steepness, d.trust_midpoint, d.mix_weight)
+        return cls(form, cfg.knowledge, forget, d.trust_steepness, d.trust_midpoint, d.mix_weight, cfg.labels)
 
     def values(self, when: StepSchedule) -> StepValues:
         """tau(s), the small-loss forget rate r(t) and the label-correction trust g(s) at a step."""
@@ -146,10 +155,27 @@ class DistillationPlan(Plan):
             tau = math.inf  # warm-up: no knowledge selected yet
         return StepValues(tau, forget_rate, trust)
 
+    def wants_epoch_values(self, epoch: int) -> bool:
+        return self.form.label_trust == "mixture" and epoch >= self.labels.mixture_warm_up
+
+    def epoch_values(self, peer_index, logits, noisy_labels, epoch):
+        """This peer's clean probability of every training label, (N, 1) (labels.trust mixture)."""
+        import torch.nn.functional as F
+
+        from cmd_ray.methods.dividemix import clean_probability
+
+        losses = F.cross_entropy(logits.float(), noisy_labels.to(logits.device), reduction="none")
+        return clean_probability(losses)[:, None]
+
     def loss(self, peer_index, logits, peer_logits, noisy_labels, when, inputs=None):
         from cmd_ray.knowledge import peer_loss
 
-        return peer_loss(logits, peer_logits, peer_index, noisy_labels, self.form, self.values(when))
+        division = None
+        values = inputs.epoch_values() if inputs is not None else None
+        if self.form.label_trust == "mixture" and values is not None:
+            others = [j for j in range(values.shape[0]) if j != peer_index]
+            division = values[others, :, 0].mean(0) > self.labels.mixture_threshold
+        return peer_loss(logits, peer_logits, peer_index, noisy_labels, self.form, self.values(when), division)
 
 
 class _Cmd(Method):
@@ -165,6 +191,9 @@ class _Cmd(Method):
         check_above("knowledge.steepness", k.steepness, 0)
         check_above("knowledge.warmup_epochs", k.warmup_epochs, 0, inclusive=True)
         check_range("labels.joint_weight", cfg.labels.joint_weight, 0.0, 1.0)
+        check_range("labels.mixture_threshold", cfg.labels.mixture_threshold, 0.0, 1.0)
+        if not isinstance(cfg.labels.mixture_warm_up, int) or cfg.labels.mixture_warm_up < 0:
+            raise ConfigError(f"labels.mixture_warm_up: got {cfg.labels.mixture_warm_up!r}; allowed: an integer >= 0")
         check_above("distill.weight", d.weight, 0, inclusive=True)
         check_above("distill.temperature", d.temperature, 0)
         check_range("distill.mix_weight", d.mix_weight, 0.0, 1.0)
