@@ -38,7 +38,7 @@ LAYERS = [
     ["results"],  # the results table and the tables computed from it, no Ray
     ["report"],  # what `cmd-ray report` prints and draws
     ["validation"],  # choosing settings on the noisy validation split
-    ["wandb_runs", "sweep"],  # Ray Tune
+    ["wandb_runs", "stopping", "sweep"],  # Ray Tune; how a sweep stops
     ["tools", "tools.bench", "tools.load", "tools.gpu_check"],  # outside the core: only the command line imports them
     ["commands"],  # what each sub-command does
     ["cli"],  # the front door (`cmd-ray ...`): arguments, exit statuses

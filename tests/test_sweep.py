@@ -736,7 +736,7 @@ def test_a_second_stop_signal_ends_the_sweep_at_once_with_one_line(first):
     first signal's status, no traceback."""
     script = (
         "import os, signal, time\n"
-        "from cmd_ray.sweep import StopSignals\n"
+        "from cmd_ray.stopping import StopSignals\n"
         "signal.signal(signal.SIGUSR1, lambda *_: print('tune asked to stop', flush=True))\n"
         "with StopSignals('cmd-ray sweep --resume'):\n"
         f"    os.kill(os.getpid(), signal.{first})\n"
