@@ -251,9 +251,10 @@ SHORT_RUN: dict[str, dict] = {"dividemix": {"dividemix__warm_up": 0}}
 
 
 def method_formulations() -> dict[str, dict]:
-    """Every registered method (each reaching all its phases in one epoch, SHORT_RUN), and CMD-P's
+    """Every registered method (each reaching all its phases in one epoch, SHORT_RUN), CMD-P's
     label correction with a trust already high in epoch 1 and labels dropped where confident
-    knowledge disagrees: the overrides of tiny_config that the step-for-step tests run."""
+    knowledge disagrees, and CMD-P's mixture label trust from epoch 1: the overrides of
+    tiny_config that the step-for-step tests run."""
     from cmd_ray.methods import NAMES
 
     formulations = {name: {"method": name, **SHORT_RUN.get(name, {})} for name in NAMES}
@@ -266,6 +267,8 @@ def method_formulations() -> dict[str, dict]:
         knowledge__tau_start=0.1,
         knowledge__tau_end=0.3,
     )
+    # the per-sample label trust: the epoch hook's loss mixtures, gathered through the exchange
+    formulations["cmd-p-mixture"] = dict(method="cmd-p", labels__trust="mixture", labels__mixture_warm_up=0)
     return formulations
 
 
