@@ -117,8 +117,9 @@ class Formulation:
     certainty, threshold_on: see `certainty` and `select`; loss: kl | label_correction |
     target_mix (how selected knowledge enters the loss); weight, temperature: lambda, T of
     `kl`; epsilon: certainty (eps = g(s) c(q)) | trust (eps = g(s)) for label correction;
-    label_trust: all | small_loss | joint_small_loss | agreement | mixture (which noisy labels
-    the label term keeps); joint_weight: JoCoR's lambda in the joint loss that joint_small_loss ranks by;
+    label_trust: all | small_loss | joint_small_loss | agreement | mixture |
+    small_loss_and_mixture (which noisy labels the label term keeps); joint_weight: JoCoR's
+    lambda in the joint loss that joint_small_loss ranks by;
     target: soft | hard (distil q itself, or its argmax as a one-hot pseudo-label).
     """
 
@@ -215,7 +216,7 @@ def joint_loss(all_logits: list[torch.Tensor], noisy_labels: torch.Tensor, weigh
     return label + agreement, label, agreement
 
 
-LABEL_TRUST = ("all", "small_loss", "joint_small_loss", "agreement", "mixture")
+LABEL_TRUST = ("all", "small_loss", "joint_small_loss", "agreement", "mixture", "small_loss_and_mixture")
 
 
 def trusted_labels(
@@ -239,14 +240,17 @@ def trusted_labels(
     knowledge names another class (argmax q != y~). mixture: `division` (B,) bool, the other
     peers' split of the batch by their loss mixture over the whole training set (made by the
     method's epoch hook); every label while there is none yet (the warm-up).
+    small_loss_and_mixture: the labels both rules keep (small_loss alone while there is no
+    division yet).
     """
     if rule == "all" or (rule == "mixture" and division is None):
         return torch.ones_like(noisy_labels, dtype=torch.bool)
     if rule == "mixture":
         return division.to(noisy_labels.device, torch.bool)
-    if rule == "small_loss":
+    if rule in ("small_loss", "small_loss_and_mixture"):
         losses = torch.stack([F.cross_entropy(s, noisy_labels, reduction="none") for s in sources])
-        return coteaching_keep(losses, forget_rate)
+        keep = coteaching_keep(losses, forget_rate)
+        return keep if division is None else keep & division.to(keep.device, torch.bool)
     if rule == "joint_small_loss":
         if everyone is None:
             raise ValueError("labels.trust joint_small_loss needs every peer's logits")

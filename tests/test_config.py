@@ -97,7 +97,7 @@ BAD = [
     (
         {"labels": {"trust": "clean"}},
         r"^labels\.trust: got 'clean'; allowed: one of 'all', 'small_loss', "
-        r"'joint_small_loss', 'agreement', 'mixture'$",
+        r"'joint_small_loss', 'agreement', 'mixture', 'small_loss_and_mixture'$",
     ),
     ({"use_gpu": "yes"}, r"^use_gpu: got 'yes'; allowed: true or false$"),
     ({"data": 3}, r"^data: got 3; allowed: a mapping of its keys$"),

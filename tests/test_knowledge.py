@@ -268,6 +268,16 @@ def test_small_loss_label_trust_keeps_the_labels_the_other_peer_finds_easy_and_s
     assert parts.distill.item() == pytest.approx(kl.item(), abs=1e-5)  # every sample still gets knowledge
 
 
+def test_small_loss_and_mixture_trust_keeps_the_labels_both_rules_keep_and_the_small_loss_share_before_a_division():
+    peer_logits, labels = _batch(b=10)
+    small_loss = trusted_labels(peer_logits[1:], labels, "small_loss", 0.3, None, None)
+    division = torch.tensor([True, False] * 5)
+    both = trusted_labels(peer_logits[1:], labels, "small_loss_and_mixture", 0.3, None, None, division=division)
+    assert both.tolist() == (small_loss & division).tolist() and both.sum() < small_loss.sum()
+    before = trusted_labels(peer_logits[1:], labels, "small_loss_and_mixture", 0.3, None, None)
+    assert before.tolist() == small_loss.tolist()
+
+
 def test_global_trust_is_logistic_in_training_progress():
     assert global_trust(0.15, 16, 0.15) == pytest.approx(0.5)
     assert global_trust(0.0, 16, 0.15) == pytest.approx(1 / (1 + math.exp(16 * 0.15)))

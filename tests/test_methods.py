@@ -198,6 +198,10 @@ def test_cmd_with_mixture_trust_keeps_the_labels_the_other_peers_loss_mixture_tr
     warm_up = StepInputs(ids, torch.zeros(4, 1, 1, 1), lambda x: x, seed=0)  # no division yet
     assert plan.loss(0, peer_logits[0].clone(), peer_logits, labels, LATE, warm_up).trusted.all()
     assert not methods.get("cmd-p").needs_noise_rate(from_dict({"labels": {"trust": "mixture"}}))
+    both = _plan("cmd-p", labels={"trust": "small_loss_and_mixture", "mixture_warm_up": 2})
+    assert [both.wants_epoch_values(e) for e in range(4)] == [False, False, True, True]
+    kept = both.loss(0, peer_logits[0].clone(), peer_logits, labels, LATE, inputs).trusted
+    assert not kept[values[1, :, 0] <= 0.5].any()  # nothing the other peer's mixture distrusts
 
 
 def test_every_cmd_setting_reaches_its_formulation_field():

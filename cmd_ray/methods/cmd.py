@@ -77,21 +77,28 @@ class LabelsConfig:
     # the selected knowledge names another class | mixture: per sample over the whole training
     # set, DivideMix's co-division: once an epoch each peer fits a two-component Gaussian mixture
     # to its own losses on every training sample, and a peer keeps the labels whose clean
-    # probability under the other peers' mixtures exceeds mixture_threshold (needs no noise rate).
+    # probability under the other peers' mixtures exceeds mixture_threshold (needs no noise rate) |
+    # small_loss_and_mixture: the labels both small_loss and mixture keep.
     # small_loss was chosen on a noisy validation split in the memorisation regime (docs/ACCURACY.md).
-    trust: Literal["all", "small_loss", "joint_small_loss", "agreement", "mixture"] = "small_loss"
+    trust: Literal["all", "small_loss", "joint_small_loss", "agreement", "mixture", "small_loss_and_mixture"] = (
+        "small_loss"
+    )
     # lambda of the joint loss (1 - lambda) sum CE + lambda sum KL that joint_small_loss ranks
     # samples by (JoCoR's published 0.9); joint_small_loss only.
     joint_weight: float = 0.9
-    # mixture only: epochs in which every label is kept before the first division (the peers'
-    # losses separate clean from noisy labels only once they have learnt the easy, clean ones).
+    # mixture, small_loss_and_mixture: epochs before the first division (mixture keeps every
+    # label in them, small_loss_and_mixture the small-loss share): the peers' losses separate
+    # clean from noisy labels only once they have learnt the easy, clean ones.
     mixture_warm_up: int = 5
-    # mixture only: the clean probability above which a label is kept (DivideMix's p_threshold).
+    # mixture, small_loss_and_mixture: the clean probability above which a label is kept
+    # (DivideMix's p_threshold).
     mixture_threshold: float = 0.5
 
 
 # The label trusts that drop the large-loss share r(t) of each batch (Co-teaching's schedule).
-SMALL_LOSS_TRUST = ("small_loss", "joint_small_loss")
+SMALL_LOSS_TRUST = ("small_loss", "joint_small_loss", "small_loss_and_mixture")
+# The label trusts that read the other peers' loss mixtures (the epoch hook's values).
+MIXTURE_TRUST = ("mixture", "small_loss_and_mixture")
 
 
 def formulation_of(cfg: Any, schedule: str) -> Formulation:
@@ -156,7 +163,7 @@ class DistillationPlan(Plan):
         return StepValues(tau, forget_rate, trust)
 
     def wants_epoch_values(self, epoch: int) -> bool:
-        return self.form.label_trust == "mixture" and epoch >= self.labels.mixture_warm_up
+        return self.form.label_trust in MIXTURE_TRUST and epoch >= self.labels.mixture_warm_up
 
     def epoch_values(self, peer_index, logits, noisy_labels, epoch):
         """This peer's clean probability of every training label, (N, 1) (labels.trust mixture)."""
@@ -172,7 +179,7 @@ class DistillationPlan(Plan):
 
         division = None
         values = inputs.epoch_values() if inputs is not None else None
-        if self.form.label_trust == "mixture" and values is not None:
+        if self.form.label_trust in MIXTURE_TRUST and values is not None:
             others = [j for j in range(values.shape[0]) if j != peer_index]
             division = values[others, :, 0].mean(0) > self.labels.mixture_threshold
         return peer_loss(logits, peer_logits, peer_index, noisy_labels, self.form, self.values(when), division)
