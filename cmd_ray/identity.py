@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from cmd_ray.config import Config, ConfigError
+from cmd_ray.config import Config, ConfigError, from_dict
 from cmd_ray.presets import flatten, with_absolute_paths
 from cmd_ray.storage import exists, join, read_bytes, write_json_atomic
 
@@ -30,11 +30,16 @@ def run_identity(cfg: Config, sweep: bool = False) -> dict[str, Any]:
 
 
 def identity_differences(started: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """'key: <value it started with> then, <value> now' for every key where the two differ."""
+    """'key: <value it started with> then, <value> now' for every key where the two differ. A key
+    the run's settings lack (one a later cmd-ray added) that holds its default now is no
+    difference: a new key's default is what cmd-ray did before the key existed."""
     missing = object()
+    defaults = run_identity(from_dict({}))
     out = []
     for key in sorted(set(started) | set(now)):
         before, after = started.get(key, missing), now.get(key, missing)
+        if before is missing and key in defaults and after == defaults[key]:
+            continue
         if before != after:
             shown = ["(not set)" if v is missing else json.dumps(v) for v in (before, after)]
             out.append(f"{key} {shown[0]} then, {shown[1]} now")

@@ -651,6 +651,25 @@ def test_a_named_run_or_a_resumed_sweep_continues_only_with_its_own_settings(fak
         check_same_run(str(sweep), other, "--resume", "another sweep.name", sweep=True)
 
 
+def test_a_run_started_before_a_key_existed_resumes_while_that_key_holds_its_default(tmp_path):
+    """A later cmd-ray adds keys (labels.mixture_warm_up, ...): a named run or sweep whose saved
+    settings lack one still resumes while the key holds its default (what cmd-ray did before the
+    key existed), and is refused, naming the key, when it is set to anything else."""
+    import json
+
+    from cmd_ray.identity import SETTINGS_FILE, check_same_run, save_run_settings
+
+    cfg = from_dict({"noise": {"rate": 0.4}})
+    save_run_settings(str(tmp_path), cfg)
+    saved = json.loads((tmp_path / SETTINGS_FILE).read_text())
+    del saved["identity"]["labels.mixture_warm_up"]  # as an older cmd-ray wrote it
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps(saved))
+    assert check_same_run(str(tmp_path), cfg, "--run-name", "x")
+    other = from_dict({"noise": {"rate": 0.4}, "labels": {"mixture_warm_up": 7}})
+    with pytest.raises(ConfigError, match=r"labels\.mixture_warm_up \(not set\) then, 7 now"):
+        check_same_run(str(tmp_path), other, "--run-name", "x")
+
+
 def test_a_table_cell_holds_the_seeds_of_one_grid_point_and_names_its_figure():
     """Two values of a swept key at one seed are two cells, never one 'n=2' cell; the caption
     says the figure is the peers' mean and what final means."""
