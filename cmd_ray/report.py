@@ -18,6 +18,7 @@ from cmd_ray.results import (
     cell_labels,
     findings,
     headline_metric,
+    images_evaluated,
     known_value,
     mean_std,
     method_order,
@@ -181,7 +182,7 @@ def report(
     rows = read_joined(folder, joined or [])
     metric = headline_metric(rows)
     table = "" if metric == ACCURACY else "No test split: accuracy on the held-out noisy labels (%).\n"
-    table += table_caption(metric, last_epochs) + "\n" + report_table(rows, last_epochs, metric)
+    table += table_caption(metric, last_epochs, images_evaluated(rows)) + "\n" + report_table(rows, last_epochs, metric)
     table += "\n\nAt the last epoch, mean over seeds (%):\n" + selection_table(rows, metric)
     found = findings(rows, last_epochs, metric)
     table += ("\n\n" + "\n".join(found)) if found else ""

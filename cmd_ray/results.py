@@ -219,9 +219,19 @@ def _format_mean(values: list[float]) -> str:
     return f"{mean:.2f}±{std:.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
-def table_caption(metric: str, last_epochs: int) -> str:
-    """What a report table's figures are, in one line."""
+def images_evaluated(rows: list[dict[str, Any]]) -> str:
+    """How many test images the rows' accuracy was measured on ("1,000"; "1,000-10,000" when the
+    trials differ; "" when no row says): a validation sweep evaluates a subset (data.test_subset)."""
+    counts = sorted({int(r["test_samples"]) for r in rows if r.get("test_samples")})
+    if not counts:
+        return ""
+    return f"{counts[0]:,}" if len(counts) == 1 else f"{counts[0]:,}-{counts[-1]:,}"
+
+
+def table_caption(metric: str, last_epochs: int, images: str = "") -> str:
+    """What a report table's figures are, in one line; `images`: `images_evaluated` of its rows."""
     what = "Clean test accuracy" if metric == ACCURACY else "Accuracy on the held-out noisy labels"
+    what += f" on {images} test images" if images and metric == ACCURACY else ""
     final = "the last epoch" if last_epochs == 1 else f"the mean of the last {last_epochs} epochs"
     return (
         f"{what} (%), the peers' mean (not their ensemble): final = {final}, best = the best epoch; "

@@ -21,7 +21,7 @@ from cmd_ray.console import RAY_LINE
 from cmd_ray.data import materialise
 from cmd_ray.grid import check_grid
 from cmd_ray.noise import NoiseSpec
-from cmd_ray.results import report_table, trial_rows
+from cmd_ray.results import images_evaluated, report_table, trial_rows
 
 from .conftest import kill_the_ray_of, ray_sessions_of, ray_sessions_started_since
 
@@ -687,6 +687,24 @@ def test_a_table_cell_holds_the_seeds_of_one_grid_point_and_names_its_figure():
     assert "35.00" not in table  # the two points are never averaged
     caption = table_caption("mean/test_accuracy", 5)
     assert "the peers' mean (not their ensemble)" in caption and "the mean of the last 5 epochs" in caption
+
+
+def test_a_report_says_how_many_test_images_its_accuracy_was_measured_on(tmp_path, capsys):
+    """A validation sweep evaluates the test set on a subset (data.test_subset: 1,000 images); a
+    plain report of it must not pass those figures off as the whole test set's."""
+    import pyarrow as pa
+
+    from cmd_ray.report import report
+
+    base = from_dict({}).to_dict()
+    rows = []
+    for i, images in enumerate((1000, 1000, 10000)):
+        history = [{"epoch": 0, "mean/test_accuracy": 0.5, "test_samples": images}]
+        rows += trial_rows(f"t{i}", {"seed": i, "method": "cmd-p"}, base, history, "finished", "")
+    pq.write_table(pa.Table.from_pylist(rows[:2]), tmp_path / "results.parquet")
+    table, _ = report(tmp_path, show=lambda _: None)
+    assert table.startswith("Clean test accuracy on 1,000 test images (%)"), table.splitlines()[0]
+    assert images_evaluated(rows) == "1,000-10,000" and images_evaluated([]) == ""
 
 
 def test_a_validation_tie_chooses_nothing_and_says_tie():
