@@ -219,6 +219,8 @@ def _train_in_trial(cfg: Config, data, label: str, timeline: dict[str, float]) -
         cfg, data, log=console, resume=resume, on_epoch=report, label=label, started_at=timeline["trial_start"]
     )
     timeline["fit_end"] = time.time()
+    if "first_epoch_end" not in timeline:  # restarted at its last checkpoint (a driver killed as it ended):
+        tune.report(summary["history"][-1])  # Tune must still get its metrics, or its result has no config
     first = summary["history"][0]
     if "startup_seconds" in first:  # absent when the trial resumed after its first epoch
         timeline["first_step"] = timeline["trial_start"] + first["startup_seconds"]
@@ -268,6 +270,8 @@ def collect_results(grid) -> pa.Table:
     rows: list[dict[str, Any]] = []
     for result in grid:
         params = result.config
+        if params is None:  # Tune holds no result of it: not started, or stopped before its first report
+            continue  # no rows; `run_sweep` counts it among the trials that did not finish
         trial_id = _trial_id(result)
         error = "" if result.error is None else str(result.error).strip().splitlines()[-1][:500]
         history = _trial_history(result, params["folder"])
@@ -434,10 +438,11 @@ def _fit_grid(
         raise StorageError(
             err.errno, f"{err.strerror}; the trials are kept: --resume writes it without training"
         ) from None
-    status = {row["trial_id"]: row for row in table.select(["trial_id", "status"]).to_pylist()}
+    kept = table.select(["trial_id", "status"]).to_pylist() if table.num_rows else []
+    status = {row["trial_id"]: row for row in kept}
     counts = {kind: sum(r["status"] == kind for r in status.values()) for kind in ("finished", "failed", "interrupted")}
     seconds = time.perf_counter() - started
-    if stop.signal is not None or counts["interrupted"]:
+    if stop.signal is not None or counts["interrupted"] or sum(counts.values()) < len(points):
         message = stopped_message(stop.signal, table, counts, len(points), seconds, path, resume_command)
         raise SweepStopped(message, stop.exit_status)
     log(

@@ -838,6 +838,36 @@ def test_a_sweeps_local_ray_starts_its_dashboard_only_where_ray_train_runs(monke
     assert calls[0]["resources"] == {"TRAIN_DRIVER": 2}
 
 
+def test_a_trial_restarted_at_its_last_checkpoint_still_reports_its_last_record(
+    fake_fmnist_root, tmp_path, monkeypatch
+):
+    """A sweep's driver killed as a trial wrote its last checkpoint, before Tune recorded the
+    trial's last result: resumed, the trial starts again with nothing left to train. It used to
+    report nothing, so Tune kept a result without metrics or config, and the sweep resumed after
+    it crashed collecting its results ('NoneType' object is not subscriptable). It now reports its
+    last record again."""
+    from ray import tune
+
+    from cmd_ray import sweep as sweep_module
+    from cmd_ray.trainer import load_run_data
+
+    from .conftest import tiny_config
+
+    cfg = tiny_config(fake_fmnist_root, output_dir=str(tmp_path / "trial"), epochs=1, sweep__placement="trial")
+    data = load_run_data(cfg)
+    reported = []
+    monkeypatch.setattr(tune, "report", reported.append)
+    sweep_module._train_in_trial(cfg, data, "t", {"trial_start": time.time()})  # trains its epoch, reports it
+    sweep_module._train_in_trial(cfg, data, "t", {"trial_start": time.time()})  # restarted: nothing to train
+    assert [r["epoch"] for r in reported] == [0, 0] and reported[1] == reported[0]
+    # A trial Tune holds no result of adds no rows (run_sweep then says the sweep did not finish).
+    from types import SimpleNamespace
+
+    from cmd_ray.sweep import collect_results
+
+    assert collect_results([SimpleNamespace(config=None, error=None, metrics={}, path="x")]).num_rows == 0
+
+
 def test_a_trial_checkpoints_in_ray_trains_format_and_its_pointer_names_only_a_whole_one(fake_fmnist_root, tmp_path):
     """Placement trial writes the checkpoint Ray Train's workers write (a folder of per-peer files
     and history.json), then replaces the pointer, then removes the older folder: a trial killed
