@@ -359,6 +359,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         reporting = time.perf_counter()
         _report(cfg, record, peer, history, epoch + 1, topology)
         hooks.reported(time.perf_counter() - reporting)
+    if start_epoch == cfg.epochs:
+        # Resumed after its last epoch (a sweep's driver killed as the trial ended): report the last
+        # record again, or a sweep's Tune trial has no result and never reads as finished.
+        _report(cfg, history[-1], peer, history, cfg.epochs, topology)
     hooks.finished()
 
 

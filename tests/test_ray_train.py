@@ -78,7 +78,8 @@ def test_peers_times_replicas_equal_the_in_process_trainer_and_resume_from_their
     checkpoint_every 2 resumes from the checkpoint after epoch 2 (the only one kept) and ends
     where the uninterrupted run ends (a killed worker of a run without replicas: a removed node,
     test_multinode.py::test_peers_run_on_different_nodes_and_a_removed_node_resumes_from_s3).
-    Each peer's counts cover the whole epoch, summed over its two replicas' shards."""
+    Started again after its last epoch, the run reports its last record again. Each peer's counts
+    cover the whole epoch, summed over its two replicas' shards."""
     from cmd_ray.ray_train import train_on_ray
 
     common = dict(
@@ -127,6 +128,30 @@ def test_peers_times_replicas_equal_the_in_process_trainer_and_resume_from_their
     for a, b in zip(clean["history"], history, strict=True):
         assert b["peer0/loss"] == pytest.approx(a["peer0/loss"], rel=1e-6)
     assert crashed["test_accuracy"] == clean["test_accuracy"]
+
+    # Started again after its last epoch, the run reports its last record (with a checkpoint) once:
+    # a sweep's trial resumed there gets its metrics (sweep: test_sweep.py's restarted-trial test).
+    reports = _reports_of_another_fit(crashed_cfg, "crash", tmp_path / "reports.jsonl")
+    assert len(reports) == 1 and reports[0]["checkpointed"], reports
+    assert reports[0]["epoch"] == 3 and reports[0]["peer0/loss"] == pytest.approx(history[-1]["peer0/loss"])
+
+
+def _reports_of_another_fit(cfg, run_name: str, into: Path) -> list[dict]:
+    """What Ray Train's controller receives when the run `run_name` is fitted again: each
+    report's first worker's metrics, and whether it came with a checkpoint."""
+    from ray.train import UserCallback
+
+    from cmd_ray.ray_train import build_trainer, fit, storage_path
+    from cmd_ray.trainer import load_run_data
+
+    class WriteReports(UserCallback):  # runs in the controller actor: it writes to a file
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(into, "a") as out:
+                out.write(json.dumps({**metrics[0], "checkpointed": checkpoint is not None}) + "\n")
+
+    storage = storage_path(cfg)
+    fit(build_trainer(cfg, run_name, storage, load_run_data(cfg), [WriteReports()]), f"{storage}/{run_name}")
+    return [json.loads(line) for line in into.read_text().splitlines()] if into.exists() else []
 
 
 def test_workers_get_the_data_through_the_object_store_and_refuse_other_labels(fake_fmnist_root, local_ray):
