@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from cmd_ray.config import ConfigError, from_dict
+from cmd_ray.knowledge import clean_probability
 from cmd_ray.methods import EPOCH_VALUES, StepInputs, StepSchedule
-from cmd_ray.methods.dividemix import clean_probability, sharpen
+from cmd_ray.methods.dividemix import sharpen
 from cmd_ray.peer import method_plan
 
 

@@ -167,12 +167,9 @@ class DistillationPlan(Plan):
 
     def epoch_values(self, peer_index, logits, noisy_labels, epoch):
         """This peer's clean probability of every training label, (N, 1) (labels.trust mixture)."""
-        import torch.nn.functional as F
+        from cmd_ray.knowledge import label_clean_probability
 
-        from cmd_ray.methods.dividemix import clean_probability
-
-        losses = F.cross_entropy(logits.float(), noisy_labels.to(logits.device), reduction="none")
-        return clean_probability(losses)[:, None]
+        return label_clean_probability(logits, noisy_labels)[:, None]
 
     def loss(self, peer_index, logits, peer_logits, noisy_labels, when, inputs=None):
         from cmd_ray.knowledge import peer_loss

@@ -67,36 +67,6 @@ class DivideMixConfig:
     confidence_penalty: bool = False
 
 
-def clean_probability(losses: torch.Tensor, iterations: int = 10, tolerance: float = 1e-2, floor: float = 5e-4):
-    """Posterior (N,) of the low-mean component of a two-component 1-D Gaussian mixture fitted by
-    EM to per-sample losses (N,) scaled to [0, 1]: DivideMix's clean probability. Deterministic:
-    a 2-means start from the extremes, then at most `iterations` EM steps, stopping when the mean
-    log-likelihood moves less than `tolerance`; `floor` is added to each variance."""
-    import torch
-
-    x = losses.detach().double().flatten().cpu()
-    span = (x.max() - x.min()).clamp_min(1e-12)
-    x = (x - x.min()) / span
-    centres = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    for _ in range(10):
-        nearest = (x[:, None] - centres).abs().argmin(1)
-        centres = torch.stack([x[nearest == k].mean() if (nearest == k).any() else centres[k] for k in range(2)])
-    responsibility = torch.nn.functional.one_hot(nearest, 2).double()
-    previous = -math.inf
-    for _ in range(iterations):
-        mass = responsibility.sum(0) + 1e-10
-        means = (responsibility * x[:, None]).sum(0) / mass
-        variances = (responsibility * (x[:, None] - means) ** 2).sum(0) / mass + floor
-        log_density = -0.5 * (2 * math.pi * variances).log() - (x[:, None] - means) ** 2 / (2 * variances)
-        log_joint = (mass / len(x)).log() + log_density
-        likelihood = float(torch.logsumexp(log_joint, 1).mean())
-        responsibility = torch.softmax(log_joint, 1)
-        if abs(likelihood - previous) < tolerance:
-            break
-        previous = likelihood
-    return responsibility[:, int(means.argmin())].to(losses.device, torch.float32)
-
-
 def sharpen(probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
     """p^(1/T), renormalised per row; (B, C) -> (B, C)."""
     powered = probabilities ** (1.0 / temperature)
@@ -111,10 +81,9 @@ class DivideMixPlan(Plan):
         return epoch >= self.settings.warm_up
 
     def epoch_values(self, peer_index, logits, noisy_labels, epoch):
-        import torch.nn.functional as F
+        from cmd_ray.knowledge import label_clean_probability
 
-        losses = F.cross_entropy(logits.float(), noisy_labels.to(logits.device), reduction="none")
-        return clean_probability(losses)[:, None]
+        return label_clean_probability(logits, noisy_labels)[:, None]
 
     def loss(self, peer_index, logits, peer_logits, noisy_labels, when, inputs=None):
         epoch = when.step // max(when.steps_per_epoch, 1)
