@@ -63,21 +63,25 @@ def check_noise_files(cfg: Config) -> None:
 
 
 def unread_overrides(cfg: Config, overrides: list[str]) -> list[str]:
-    """What a --set gave that the run's method never reads (e.g. coteaching.forget_rate with
-    method ce): one note each, not an error, since a preset's sections serve its other methods
-    and a grid over `method` reads them in some trials."""
-    from cmd_ray import methods
+    """What a --set gave that no run of the command reads (e.g. coteaching.forget_rate with
+    method ce, labels.mixture_threshold under labels.trust small_loss): one note each, not an
+    error, since a preset's sections serve its other methods; a sweep's note only when none of
+    its trials reads it (a grid key no trial reads is refused: `cmd_ray.grid.check_grid`)."""
+    runs = [cfg]
+    if cfg.sweep.grid:
+        from cmd_ray.grid import grid_points, trial_config  # NumPy (noise files): only for a grid
 
-    if "method" in cfg.sweep.grid:
-        return []
-    reads = methods.get(cfg.method).reads
+        try:
+            runs = [trial_config(cfg.to_dict(), point) for point in grid_points(cfg.sweep.grid)]
+        except ConfigError:
+            return []  # a point that does not validate: check_grid names it
     notes = []
     for override in overrides:
         key = override.split("=", 1)[0].strip()
-        section = key.split(".", 1)[0]
-        if section in methods.SECTIONS and section not in reads:
-            users = [name for name, m in methods.REGISTRY.items() if section in m.reads]
-            notes.append(f"{key} is set, but method {cfg.method!r} does not read it (read by {', '.join(users)})")
+        reasons = [run.unread(key) for run in runs]
+        if all(reasons):
+            who = "no trial of the grid reads it" if cfg.sweep.grid else "the run does not read it"
+            notes.append(f"{key} is set, but {who} ({reasons[0]})")
     return notes
 
 

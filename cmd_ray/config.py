@@ -15,7 +15,7 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 from cmd_ray import methods
 from cmd_ray.catalogue import MODEL_INPUT_SIZE, MODELS, USER_DATASETS, model_fit_error
@@ -79,6 +79,18 @@ class _ConfigBehaviour:
     def workers(self) -> int:
         """Ray Train workers of a run: every peer's data-parallel replicas."""
         return self.peers * self.replicas
+
+    def unread(self, key: str) -> Optional[str]:
+        """Why this run never reads the dotted config key `key` (or any key of the section `key`
+        names), e.g. "method ce does not read coteaching.*; read by coteaching, ..."; None when it reads it."""
+        section, _, rest = key.partition(".")
+        method = methods.get(self.method)
+        if section in methods.SECTIONS and section not in method.reads:
+            users = ", ".join(name for name, m in methods.REGISTRY.items() if section in m.reads)
+            return f"method {self.method} does not read {section}.*; read by {users}"
+        if section == "noise" and rest and rest != "type" and rest not in self.noise.reads():
+            return f"noise.type {self.noise.type} does not read it"
+        return method.unread_keys(self).get(key)
 
     def joins_cluster(self) -> bool:
         """Whether a Ray run joins a running cluster (ray.address or $RAY_ADDRESS) rather than

@@ -95,13 +95,52 @@ def check_grid(cfg: Config) -> list[dict[str, Any]]:
             if not isinstance(variant.get("reference", False), bool):
                 raise ConfigError(f"{where}.reference: got {variant['reference']!r}; allowed: true or false")
     points = grid_points(cfg.sweep.grid)
+    trials = []
     for point in points:
         try:
-            check_noise_files(trial_config(base, point))
+            trial = trial_config(base, point)
+            check_noise_files(trial)
         except (ConfigError, NoiseError) as err:
             shown = ", ".join(f"{k}={v!r}" for k, v in point.items())
             raise ConfigError(f"sweep.grid: the point {shown} is refused: {err}") from None
+        trials.append(trial)
+    _check_every_key_is_read(cfg.sweep.grid, points, trials)
     return points
+
+
+def _check_every_key_is_read(grid: dict[str, list], points: list[dict[str, Any]], trials: list[Config]) -> None:
+    """Refuse a grid key (or a variant's key) that none of its trials reads: its trials would be
+    named by values that change nothing (e.g. labels.mixture_threshold under labels.trust small_loss)."""
+    for key in grid:
+        if key == VARIANT:
+            continue
+        why = _unread_everywhere(key, [(point[key], trial) for point, trial in zip(points, trials)])
+        if why:
+            raise ConfigError(f"sweep.grid.{key}: no trial of this grid reads it ({why}); {_ALLOWED}")
+    for i, variant in enumerate(grid.get(VARIANT, [])):
+        own = [trial for point, trial in zip(points, trials) if point[VARIANT] is variant]
+        for key, value in variant.items():
+            why = None if key in VARIANT_META else _unread_everywhere(key, [(value, trial) for trial in own])
+            if why:
+                raise ConfigError(
+                    f"sweep.grid.{VARIANT}[{i}].{key}: no trial of this variant reads it ({why}); {_ALLOWED}"
+                )
+
+
+_ALLOWED = "allowed: keys its trials read (a variant can set the key with the setting that reads it)"
+
+
+def _unread_everywhere(key: str, values_and_trials: list[tuple[Any, Config]]) -> Optional[str]:
+    """Why no trial reads what `key` sets (each trial with its value of it), or None if one does.
+    A section-valued key (`coteaching: [{forget_rate: 0.2}, ...]`) sets each key of its value."""
+    reasons = []
+    for value, trial in values_and_trials:
+        keys = [f"{key}.{k}" for k in value] if "." not in key and isinstance(value, dict) else [key]
+        why = [trial.unread(k) for k in keys]
+        if not all(why):
+            return None
+        reasons.append(why[0])
+    return reasons[0] if reasons else None
 
 
 def grid_point(params: dict[str, Any]) -> dict[str, Any]:

@@ -161,6 +161,13 @@ CASES = [
     ("run name in-process", lambda t: ["train", "--in-process", "--run-name", "x"], "--run-name: got 'x'; allowed"),
     ("gpu without one", lambda t: ["train", "--set", "use_gpu=true"], "use_gpu: got true, but"),
     ("bad grid", lambda t: ["sweep", "--set", "sweep.grid={noise.rate: [0.2, 2]}"], "sweep.grid: the point"),
+    ("grid over a key no trial reads",
+     lambda t: ["sweep", "--set", "sweep.grid={labels.mixture_threshold: [0.5, 0.7]}"],
+     "sweep.grid.labels.mixture_threshold: no trial of this grid reads it (cmd-p reads it only with labels.trust "
+     "mixture or small_loss_and_mixture)"),
+    ("grid variant with a key it does not read",
+     lambda t: ["sweep", "--set", "sweep.grid={variant: [{method: ce, coteaching.ramp_epochs: 2}]}"],
+     "sweep.grid.variant[0].coteaching.ramp_epochs: no trial of this variant reads it (method ce does not read"),
     ("unwritable sweep storage", lambda t: ["sweep", "--set", f"sweep.storage_path={_files(t, 'g', 'x')}/s"],
      "sweep.storage_path: cannot write to"),
     ("resume nothing", lambda t: ["sweep", "--set", f"sweep.storage_path={t}", "--resume"], "--resume: no sweep"),

@@ -225,14 +225,23 @@ def test_a_setting_the_method_never_reads_is_noted_not_silently_taken(capsys):
     assert main(["show-config", "--set", "method=ce", "--set", "coteaching.forget_rate=0.2"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "cmd-ray: note: coteaching.forget_rate is set, but method 'ce' does not read it "
-        "(read by coteaching, coteaching+, jocor, cmd-s, cmd-p)"
+        "cmd-ray: note: coteaching.forget_rate is set, but the run does not read it "
+        "(method ce does not read coteaching.*; read by coteaching, coteaching+, jocor, cmd-s, cmd-p)"
     ]
     assert main(["show-config", "--set", "method=cmd-p", "--set", "coteaching.forget_rate=0.2"]) == 0
     assert capsys.readouterr().err == ""  # CMD's small-loss label trust reads it
     grid = "sweep.grid={method: [ce, coteaching]}"
     assert main(["show-config", "--set", grid, "--set", "method=ce", "--set", "coteaching.forget_rate=0.2"]) == 0
     assert capsys.readouterr().err == ""  # some trials of the grid read it
+    # a key the method's own settings leave unread
+    assert main(["show-config", "--set", "method=cmd-p", "--set", "labels.mixture_threshold=0.7"]) == 0
+    assert capsys.readouterr().err.strip() == (
+        "cmd-ray: note: labels.mixture_threshold is set, but the run does not read it "
+        "(cmd-p reads it only with labels.trust mixture or small_loss_and_mixture)"
+    )
+    grid = "sweep.grid={labels.trust: [small_loss, small_loss_and_mixture]}"
+    assert main(["show-config", "--set", grid, "--set", "labels.mixture_threshold=0.7"]) == 0
+    assert capsys.readouterr().err == ""  # the second trust reads it
 
 
 def test_a_sweep_hands_its_trials_absolute_paths(tmp_path, monkeypatch):

@@ -204,6 +204,79 @@ def test_cmd_with_mixture_trust_keeps_the_labels_the_other_peers_loss_mixture_tr
     assert not kept[values[1, :, 0] <= 0.5].any()  # nothing the other peer's mixture distrusts
 
 
+# A valid value other than the default of every CMD key a setting can leave unread.
+CMD_CONDITIONAL_KEYS = {
+    "knowledge.tau": 0.9,
+    "knowledge.tau_start": 0.05,
+    "knowledge.tau_end": 0.95,
+    "knowledge.shape": "linear",
+    "knowledge.steepness": 2.0,
+    "knowledge.midpoint": 0.2,
+    "distill.weight": 3.0,
+    "distill.temperature": 2.0,
+    "distill.epsilon": "trust",
+    "distill.trust_steepness": 2.0,
+    "distill.trust_midpoint": 0.1,
+    "distill.mix_weight": 0.3,
+    "labels.joint_weight": 0.2,
+    "labels.mixture_warm_up": 0,
+    "labels.mixture_threshold": 0.9,
+    "coteaching.forget_rate": 0.6,
+    "coteaching.ramp_epochs": 1.0,
+}
+
+
+def _cmd_behaviour(settings: dict) -> list:
+    """What a CMD plan does on one batch of 3 peers at five points of training: each peer's
+    total loss, kept labels and selected knowledge, and the epochs it asks for the mixtures."""
+    from cmd_ray.methods.base import EPOCH_VALUES, StepInputs
+
+    nested: dict = {}
+    for key, value in settings.items():
+        section, name = key.split(".") if "." in key else (key, None)
+        if name is None:
+            nested[section] = value
+        else:
+            nested.setdefault(section, {})[name] = value
+    plan = method_plan(from_dict({"peers": 3, **nested}))
+    g = torch.Generator().manual_seed(0)
+    peer_logits, labels = 3 * torch.randn(3, 24, 5, generator=g), torch.randint(0, 5, (24,), generator=g)
+    values = torch.rand(3, 24, 1, generator=g)
+    inputs = StepInputs(torch.arange(24), torch.zeros(24, 1, 1, 1), lambda x: x, seed=0, state={EPOCH_VALUES: values})
+    seen = [[plan.wants_epoch_values(e) for e in range(6)]]
+    for step in (0, 15, 120, 500, 990):
+        when = StepSchedule(step=step, total_steps=1000, steps_per_epoch=10)
+        for peer in range(3):
+            parts = plan.loss(peer, peer_logits[peer].clone(), peer_logits, labels, when, inputs)
+            trusted = None if parts.trusted is None else parts.trusted.tolist()
+            seen.append((round(parts.total.item(), 6), trusted, parts.selected.tolist()))
+    return seen
+
+
+@pytest.mark.parametrize("method", ["cmd-s", "cmd-p"])
+def test_a_cmd_key_said_to_be_unread_changes_nothing_and_one_said_to_be_read_changes_something(method):
+    """`unread_keys` is what refuses a grid over a key no trial reads (test_bad_input.py): every
+    key it names, set to another value, leaves every loss, kept label and selection as they were,
+    under every distillation loss and label trust; and each key, where it is said to be read,
+    changes something under at least one of them (so the first half could fail)."""
+    changes_somewhere = dict.fromkeys(CMD_CONDITIONAL_KEYS, False)
+    for loss in ("kl", "label_correction", "target_mix"):
+        for trust in ("all", "small_loss", "joint_small_loss", "agreement", "mixture", "small_loss_and_mixture"):
+            base = {"method": method, "distill.loss": loss, "labels.trust": trust}
+            unread = methods.get(method).unread_keys(from_dict({"method": method, "distill": {"loss": loss},
+                                                                 "labels": {"trust": trust}}))  # fmt: skip
+            assert set(unread) <= set(CMD_CONDITIONAL_KEYS)
+            before = _cmd_behaviour(base)
+            for key, other in CMD_CONDITIONAL_KEYS.items():
+                changed = _cmd_behaviour({**base, key: other}) != before
+                if key in unread:
+                    assert not changed, f"{key} is said to be unread with {loss}, {trust} but changes the step"
+                else:
+                    changes_somewhere[key] |= changed
+    read_somewhere = {k for k in CMD_CONDITIONAL_KEYS if k not in methods.get(method).ignored_keys}
+    assert {k for k in read_somewhere if not changes_somewhere[k]} == set()
+
+
 def test_every_cmd_setting_reaches_its_formulation_field():
     """formulation_of names every field: a setting wired to the wrong field would fail here."""
     cfg = {

@@ -123,10 +123,17 @@ class Method:
     reads: ClassVar[tuple[str, ...]] = ()
     # The most peers the method is defined for (None = any P >= 2).
     max_peers: ClassVar[Optional[int]] = None
-    # Keys of shared sections this method ignores, left out of a validation candidate's name.
+    # Keys of sections it reads that this method never reads (left out of a validation
+    # candidate's name); `unread_keys` adds those its own settings leave unread.
     ignored_keys: ClassVar[frozenset[str]] = frozenset()
     # Appended to the "give coteaching.forget_rate" error when the method has another way out.
     noise_rate_hint: ClassVar[str] = ""
+
+    def unread_keys(self, cfg: Any) -> dict[str, str]:
+        """Dotted keys of the sections this method reads that a run with `cfg` never reads, each
+        with why (e.g. {"labels.mixture_threshold": "cmd-p reads it only with labels.trust mixture
+        or small_loss_and_mixture"}): a grid over one gives identical trials."""
+        return {key: f"{self.name} does not read it" for key in self.ignored_keys}
 
     def check(self, cfg: Any) -> None:
         """Raise ConfigError (one line naming the field) for values this method cannot run with.

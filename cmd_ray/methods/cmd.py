@@ -207,6 +207,27 @@ class _Cmd(Method):
     def needs_noise_rate(self, cfg: Any) -> bool:
         return cfg.labels.trust in SMALL_LOSS_TRUST
 
+    def unread_keys(self, cfg: Any) -> dict[str, str]:
+        unread = super().unread_keys(cfg)
+        loss, trust = cfg.distill.loss, cfg.labels.trust
+        when_read = {  # key -> (read with these settings, when that is)
+            "distill.weight": (loss == "kl", "distill.loss kl"),
+            "distill.temperature": (loss == "kl", "distill.loss kl"),
+            "distill.epsilon": (loss != "kl", "distill.loss label_correction or target_mix"),
+            "distill.trust_steepness": (loss == "label_correction", "distill.loss label_correction"),
+            "distill.trust_midpoint": (loss == "label_correction", "distill.loss label_correction"),
+            "distill.mix_weight": (loss == "target_mix", "distill.loss target_mix"),
+            "labels.joint_weight": (trust == "joint_small_loss", "labels.trust joint_small_loss"),
+            "labels.mixture_warm_up": (trust in MIXTURE_TRUST, "labels.trust " + " or ".join(MIXTURE_TRUST)),
+            "labels.mixture_threshold": (trust in MIXTURE_TRUST, "labels.trust " + " or ".join(MIXTURE_TRUST)),
+            "coteaching.forget_rate": (trust in SMALL_LOSS_TRUST, "labels.trust " + " or ".join(SMALL_LOSS_TRUST)),
+            "coteaching.ramp_epochs": (trust in SMALL_LOSS_TRUST, "labels.trust " + " or ".join(SMALL_LOSS_TRUST)),
+        }
+        unread.update(
+            {key: f"{self.name} reads it only with {when}" for key, (read, when) in when_read.items() if not read}
+        )
+        return unread
+
     def plan(self, cfg: Any, noise_rate: Optional[float]) -> Plan:
         return DistillationPlan.of(cfg, formulation_of(cfg, self.schedule), noise_rate)
 
