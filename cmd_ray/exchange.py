@@ -20,8 +20,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from cmd_ray.config import Config
+from cmd_ray.data import DataBundle
 from cmd_ray.errors import ExchangeMisalignedError
-from cmd_ray.peer import Batch
+from cmd_ray.methods import Plan
+from cmd_ray.peer import Batch, Peer, build_peer, method_plan, steps_per_epoch
 
 # torch >= 2.10 names it all_gather_single; older releases all_gather_into_tensor.
 _gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -185,3 +188,15 @@ def all_gather_stack(tensor: torch.Tensor, size: int, group: Optional[dist.Proce
     out = torch.empty((size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
     _gather_single(out, tensor.contiguous(), group=group)  # gloo takes the concatenated form only
     return out.view(size, *tensor.shape).to(device)
+
+
+def worker_peer(
+    cfg: Config, topology: Topology, data: DataBundle, device: torch.device, group: Optional[dist.ProcessGroup]
+) -> tuple[Peer, CollectiveExchange, Plan]:
+    """What a worker holding one peer trains with: its peer (seeded by `cfg.seed`, its learning
+    rate scheduled over the whole run), the exchange over `group` and the method's plan. Ray
+    Train's workers and the tests' gloo processes build it here, so the two cannot drift."""
+    torch.manual_seed(cfg.seed)
+    peer = build_peer(cfg, topology.peer, data.info, steps_per_epoch(cfg, data) * cfg.epochs, device)
+    exchange = CollectiveExchange(topology, group, measure_wait=cfg.testing.measure_wait)
+    return peer, exchange, method_plan(cfg, data.info.num_classes)

@@ -26,7 +26,6 @@ from cmd_ray.console import console
 from cmd_ray.data import DataBundle, Split, labels_digest
 from cmd_ray.errors import DataMismatchError
 from cmd_ray.exchange import (
-    CollectiveExchange,
     Placement,
     Topology,
     all_gather_stack,
@@ -34,6 +33,7 @@ from cmd_ray.exchange import (
     gather_placements,
     group_backend,
     make_groups,
+    worker_peer,
     world_backend,
 )
 from cmd_ray.identity import check_same_run, save_run_settings
@@ -41,10 +41,7 @@ from cmd_ray.peer import (
     COUNT_KEYS,
     NonFiniteLossError,
     Peer,
-    build_peer,
     evaluate,
-    method_plan,
-    steps_per_epoch,
     test_probabilities,
 )
 from cmd_ray.ray_internals import quiet_report_logger
@@ -330,19 +327,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     data = _received_data(loop_config, topology)
     hooks.stamp("data_received")
     device = _worker_device(cfg)
-    torch.manual_seed(cfg.seed)
     placements = gather_placements(_placement(device))
     groups = make_groups(topology, placements)
     hooks.placed(placements)
-    peer = build_peer(cfg, topology.peer, data.info, steps_per_epoch(cfg, data) * cfg.epochs, device)
+    peer, exchange, plan = worker_peer(cfg, topology, data, device, groups.exchange)
     start_epoch, history = _restore(peer, topology)
     hooks.resumed(start_epoch)
     if cfg.replicas > 1:
         peer.model = torch.nn.parallel.DistributedDataParallel(
             peer.model, process_group=groups.peer, device_ids=[device.index] if device.type == "cuda" else None
         )
-    exchange = CollectiveExchange(topology, groups.exchange, measure_wait=cfg.testing.measure_wait)
-    plan = method_plan(cfg, data.info.num_classes)
     for epoch in range(start_epoch, cfg.epochs):
         exchange.wait_seconds = 0.0
         try:

@@ -108,13 +108,13 @@ def test_placements_are_gathered_and_groups_built_from_them_on_every_rank(four_r
 
 
 def _method_worker(rank: int, world: int, port: int, configs: dict[str, dict], root: str, traces: str) -> None:
-    """One peer per process, as a Ray Train worker holds it (one thread, its own seed and
-    batches, `train_epoch` over a `CollectiveExchange`), for every formulation in turn."""
+    """One peer per process, as a Ray Train worker holds it (one thread, `worker_peer`, its own
+    batches, `train_epoch` over its exchange), for every formulation in turn."""
     from pathlib import Path
 
     import cmd_ray.datasets.fashion_mnist as fashion_mnist
     from cmd_ray.config import from_dict
-    from cmd_ray.peer import build_peer, method_plan, steps_per_epoch
+    from cmd_ray.exchange import worker_peer
     from cmd_ray.trainer import StepTrace, load_run_data, train_epoch
 
     fashion_mnist.DEBIAN_FOLDER = Path(root) / "no-debian"  # the fake data set, as in the parent
@@ -126,11 +126,7 @@ def _method_worker(rank: int, world: int, port: int, configs: dict[str, dict], r
             cfg = from_dict(values)
             topology = Topology(cfg.peers, cfg.replicas, rank)
             data = load_run_data(cfg)
-            torch.manual_seed(cfg.seed)
-            exchange = CollectiveExchange(topology, make_groups(topology).exchange)
-            total_steps = steps_per_epoch(cfg, data) * cfg.epochs
-            peer = build_peer(cfg, topology.peer, data.info, total_steps, torch.device("cpu"))
-            plan = method_plan(cfg, data.info.num_classes)
+            peer, exchange, plan = worker_peer(cfg, topology, data, torch.device("cpu"), make_groups(topology).exchange)
             trace = StepTrace(Path(traces) / name, topology.replica)
             for epoch in range(cfg.epochs):
                 train_epoch(cfg, [peer], data, epoch, exchange, topology.replica, trace, plan)
