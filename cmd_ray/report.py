@@ -109,7 +109,9 @@ def _colours(labels: list[str]) -> dict[str, Any]:
     return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
 
 
-def _plot_final_vs_noise(finals: list[dict[str, Any]], labels: list[str], colour: dict[str, Any], path: str) -> str:
+def _plot_final_vs_noise(
+    finals: list[dict[str, Any]], labels: list[str], colour: dict[str, Any], path: str, axis_label: str
+) -> str:
     """Final accuracy (mean +- std over seeds) against the noise rate, one panel per noise type."""
     import matplotlib.pyplot as plt
 
@@ -128,7 +130,7 @@ def _plot_final_vs_noise(finals: list[dict[str, Any]], labels: list[str], colour
                 ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label, color=colour[label])
         ax.set_title(f"{noise_type} noise")
         ax.set_xlabel("noise rate" if noise_type not in NOISE_READS else "realised noise rate")
-        ax.set_ylabel("final clean test accuracy (%)")
+        ax.set_ylabel(f"final {axis_label}")
         ax.grid(alpha=0.3)
     _legend_below(fig, axes[0][0])
     return save_figure(fig, path)
@@ -161,11 +163,15 @@ def write_plots(
     if validation:
         accuracy = [(VALIDATION, "noisy validation accuracy (%)")]
         return [_plot_epoch_grid(finished, accuracy, labels, colour, join(folder, "validation_vs_epoch.png"))]
-    accuracy = [(ACCURACY, "clean test accuracy (%)")]
+    images = images_evaluated(finished)  # a validation sweep's test figures are on a subset
+    axis_label = f"clean test accuracy{f' on {images} images' if images else ''} (%)"
+    finals = trial_finals(rows, last_epochs)
     return [
-        _plot_epoch_grid(finished, accuracy, labels, colour, join(folder, "accuracy_vs_epoch.png"), mark_best=True),
+        _plot_epoch_grid(
+            finished, [(ACCURACY, axis_label)], labels, colour, join(folder, "accuracy_vs_epoch.png"), mark_best=True
+        ),  # fmt: skip
         _plot_epoch_grid(finished, SELECTION_METRICS, labels, colour, join(folder, "selection_vs_epoch.png")),
-        _plot_final_vs_noise(trial_finals(rows, last_epochs), labels, colour, join(folder, "accuracy_vs_noise.png")),
+        _plot_final_vs_noise(finals, labels, colour, join(folder, "accuracy_vs_noise.png"), axis_label),
     ]
 
 

@@ -689,7 +689,7 @@ def test_a_table_cell_holds_the_seeds_of_one_grid_point_and_names_its_figure():
     assert "the peers' mean (not their ensemble)" in caption and "the mean of the last 5 epochs" in caption
 
 
-def test_a_report_says_how_many_test_images_its_accuracy_was_measured_on(tmp_path, capsys):
+def test_a_report_says_how_many_test_images_its_accuracy_was_measured_on(tmp_path, monkeypatch):
     """A validation sweep evaluates the test set on a subset (data.test_subset: 1,000 images); a
     plain report of it must not pass those figures off as the whole test set's."""
     import pyarrow as pa
@@ -702,9 +702,20 @@ def test_a_report_says_how_many_test_images_its_accuracy_was_measured_on(tmp_pat
         history = [{"epoch": 0, "mean/test_accuracy": 0.5, "test_samples": images}]
         rows += trial_rows(f"t{i}", {"seed": i, "method": "cmd-p"}, base, history, "finished", "")
     pq.write_table(pa.Table.from_pylist(rows[:2]), tmp_path / "results.parquet")
+    axis_labels: list[str] = []
+
+    def keep_labels(fig, path):  # the plots say it too, on their accuracy axes
+        axis_labels.extend(ax.get_ylabel() for ax in fig.axes if "test accuracy" in ax.get_ylabel())
+        return str(path)
+
+    monkeypatch.setattr("cmd_ray.report.save_figure", keep_labels)
     table, _ = report(tmp_path, show=lambda _: None)
     assert table.startswith("Clean test accuracy on 1,000 test images (%)"), table.splitlines()[0]
     assert images_evaluated(rows) == "1,000-10,000" and images_evaluated([]) == ""
+    assert set(axis_labels) == {
+        "clean test accuracy on 1,000 images (%)",
+        "final clean test accuracy on 1,000 images (%)",
+    }
 
 
 def test_a_validation_tie_chooses_nothing_and_says_tie():
