@@ -856,7 +856,7 @@ def test_a_trial_restarted_at_its_last_checkpoint_still_reports_its_last_record(
     trial's last result: resumed, the trial starts again with nothing left to train. It used to
     report nothing, so Tune kept a result without metrics or config, and the sweep resumed after
     it crashed collecting its results ('NoneType' object is not subscriptable). It now reports its
-    last record again."""
+    last record again; and a sweep with a trial Tune holds no result of says it did not finish."""
     from ray import tune
 
     from cmd_ray import sweep as sweep_module
@@ -876,7 +876,16 @@ def test_a_trial_restarted_at_its_last_checkpoint_still_reports_its_last_record(
 
     from cmd_ray.sweep import collect_results
 
-    assert collect_results([SimpleNamespace(config=None, error=None, metrics={}, path="x")]).num_rows == 0
+    never_reported = SimpleNamespace(config=None, error=None, metrics={}, path="x")
+    assert collect_results([never_reported]).num_rows == 0
+    import ray
+
+    monkeypatch.setattr(sweep_module, "init_ray_for_sweep", lambda cfg, slots: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(sweep_module, "build_tuner", lambda *_: SimpleNamespace(fit=lambda: [never_reported]))
+    with pytest.raises(sweep_module.SweepStopped) as stopped:
+        sweep_module._fit_grid(cfg, str(tmp_path / "sweep"), [{"seed": 0}], False, [], lambda _: None, "again")
+    assert "0 of 1 trials finished" in str(stopped.value) and str(stopped.value).endswith("resume with: again")
 
 
 def test_a_trial_checkpoints_in_ray_trains_format_and_its_pointer_names_only_a_whole_one(fake_fmnist_root, tmp_path):
