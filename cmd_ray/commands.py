@@ -215,7 +215,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         raise ConfigError(f"{'--compare' if args.compare and args.compare in str(err) else 'folder'}: {err}") from None
     except ValueError as err:
-        field = "--with" if args.joined and " repeats " in str(err) else "--validation" if args.validation else "folder"
+        joining = args.joined and (" repeats " in str(err) or "joined table" in str(err))
+        field = "--with" if joining else "--validation" if args.validation else "folder"
         raise ConfigError(f"{field}: {err}") from None
     if args.compare:
         print("\nCompared with " + args.compare + " (final, %):\n" + comparison)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from cmd_ray import methods
 from cmd_ray.config import NOISE_READS
@@ -24,8 +24,15 @@ CONFIG_COLUMNS = (
     "peers",
     "replicas",
     "epochs",
+    "batch_size",
     "seed",
     "data.name",
+    "data.train_subset",
+    "data.validation_fraction",
+    "model.name",
+    "optim.name",
+    "optim.lr",
+    "optim.schedule",
     "noise.type",
     "noise.rate",
     "noise.matrix",
@@ -91,10 +98,30 @@ def read_results(folder: str | Path) -> list[dict[str, Any]]:
     return read_parquet(path).to_pylist()
 
 
+# What the sweeps of one joined table must share: the runs' budget, data, model and optimiser
+# (the methods, their settings, the noise and the seeds are what a table compares).
+SHARED_SETTINGS = (
+    "peers",
+    "replicas",
+    "epochs",
+    "batch_size",
+    "data.name",
+    "data.train_subset",
+    "data.validation_fraction",
+    "model.name",
+    "optim.name",
+    "optim.lr",
+    "optim.schedule",
+)
+
+
 def read_joined(folder: str | Path, others: list[str | Path]) -> list[dict[str, Any]]:
     """The rows of the sweep in `folder` and of each sweep in `others` (e.g. rows added later to a
-    table under the same settings), as one table. A cell (method or variant, noise, seed) that two
-    of them hold is refused (ValueError naming both folders): a joined table never counts a run twice."""
+    table under the same settings), as one table. Refused (ValueError naming both folders): a cell
+    (method or variant, noise, seed) that two of them hold (a joined table never counts a run
+    twice), and sweeps whose runs differ in one of SHARED_SETTINGS (e.g. 40 epochs beside 60: a
+    joined table compares methods under one budget). Tables written before a setting was a
+    column are not checked on it."""
     rows = read_results(folder)
     held = {_cell(r): str(folder) for r in rows}
     for other in others:
@@ -102,9 +129,27 @@ def read_joined(folder: str | Path, others: list[str | Path]) -> list[dict[str, 
         for cell in {_cell(r) for r in extra}:
             if cell in held:
                 raise ValueError(f"{other} repeats {held[cell]}'s run {cell[0]}, {cell[1]}, seed {cell[2]}")
+        _check_shared_settings(rows, str(folder), extra, str(other))
         held.update({_cell(r): str(other) for r in extra})
         rows += extra
     return rows
+
+
+def _check_shared_settings(rows: list[dict[str, Any]], folder: str, extra: list[dict[str, Any]], other: str) -> None:
+    for key in SHARED_SETTINGS:
+        ours, theirs = _one_value(rows, key), _one_value(extra, key)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise ValueError(
+                f"{other} ran with {key} {theirs[0]}, {folder} with {ours[0]}: the sweeps of a joined table "
+                "share their runs' budget, data, model and optimiser"
+            )
+
+
+def _one_value(rows: list[dict[str, Any]], key: str) -> Optional[tuple[Any]]:
+    """(the value,) when every row that has `key` holds the same one (None-valued allowed), else
+    None: not a column (an older table) or a grid axis of that sweep."""
+    values = {repr(r[key]): r[key] for r in rows if key in r}
+    return (next(iter(values.values())),) if len(values) == 1 else None
 
 
 def _cell(row: dict[str, Any]) -> tuple[str, str, Any]:

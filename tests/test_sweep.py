@@ -82,7 +82,9 @@ def test_a_rerun_is_compared_cell_by_cell_and_seed_by_seed_with_the_table_it_rep
     assert lines[2].endswith("| -1.67 | +10.00 |")  # seed 1 differs by 10 points; seed 2 has no pair
 
 
-def test_rows_added_by_a_later_sweep_join_the_table_once_and_a_repeated_run_is_refused(tmp_path, capsys):
+def test_rows_added_by_a_later_sweep_join_the_table_once_and_a_repeated_run_or_another_budget_is_refused(
+    tmp_path, capsys
+):
     import pyarrow as pa
 
     from cmd_ray.cli import main
@@ -108,6 +110,14 @@ def test_rows_added_by_a_later_sweep_join_the_table_once_and_a_repeated_run_is_r
     assert table.index("jocor ") < table.index("cmd-p ")  # the registry's order: rivals before CMD
     assert main(["report", str(tmp_path / "first"), "--with", str(tmp_path / "again")]) == 2
     assert "--with: " in capsys.readouterr().err
+    # A sweep run under another budget (or data, model, optimiser) does not join the table.
+    base = from_dict({"epochs": 40}).to_dict()
+    write(tmp_path / "longer", "jocor", [2])
+    assert main(["report", str(tmp_path / "first"), "--with", str(tmp_path / "longer")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"cmd-ray: error: --with: {tmp_path / 'longer'} ran with epochs 40, {tmp_path / 'first'} with 5: "
+        "the sweeps of a joined table share their runs' budget, data, model and optimiser"
+    )
 
 
 def _sweep_cmd(root: Path, folder: Path, name: str, *extra: str) -> list[str]:
