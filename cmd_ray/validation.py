@@ -36,16 +36,25 @@ def validation_choice(rows: list[dict[str, Any]], last_epochs: int = 3) -> tuple
 
     A candidate's score per noise setting is the mean over seeds of its final validation
     accuracy (mean of the last `last_epochs` epochs); its overall score is the mean over
-    noise settings. Test accuracy is not read here.
+    noise settings. A candidate without a finished trial for every noise setting and seed that
+    any candidate has (a stopped sweep's, a failed trial's) is shown but not ranked: a choice is
+    made on the same evidence for every candidate. Test accuracy is not read here.
     """
-    scores, reference = _validation_scores(rows, last_epochs)
+    scores, reference, seeds = _validation_scores(rows, last_epochs)
     noises = sorted({n for _, _, n in scores})
     candidates = sorted({(m, c) for m, c, _ in scores}, key=lambda mc: (method_order(mc[0]), mc[1]))
+    every_seed = {n: set().union(*(s for (_, _, n2), s in seeds.items() if n2 == n)) for n in noises}
+    missing = {}
     overall = {}
     for method, cand in candidates:
         cells = [scores.get((method, cand, n)) for n in noises]
+        lacks = [
+            f"{n} seed {seed}" for n in noises for seed in sorted(every_seed[n] - seeds.get((method, cand, n), set()))
+        ]
+        if lacks:
+            missing[(method, cand)] = lacks
         done = [sum(c) / len(c) for c in cells if c]
-        overall[(method, cand)] = sum(done) / len(done) if len(done) == len(noises) else float("nan")
+        overall[(method, cand)] = sum(done) / len(done) if not lacks else float("nan")
     best, tied = _choose_on_validation(overall, reference)
     lines = ["| method | candidate | " + " | ".join(noises) + " | mean |", "|---" * (len(noises) + 3) + "|"]
     for method, cand in candidates:
@@ -71,16 +80,20 @@ def validation_choice(rows: list[dict[str, Any]], last_epochs: int = 3) -> tuple
             f"\n{method}: a tie between {', '.join(names)} (within {100 * TIE:g} points): none is chosen; more seeds "
             "or validation images would separate them"
         )
+    for (method, cand), lacks in missing.items():
+        shown = ", ".join(lacks[:3]) + (f" and {len(lacks) - 3} more" if len(lacks) > 3 else "")
+        lines.append(f"\n{method}, {cand}: not ranked, no finished trial at {shown} (resume the sweep to finish it)")
     return "\n".join(lines), best
 
 
 def _validation_scores(
     rows: list[dict[str, Any]], last_epochs: int
-) -> tuple[dict[tuple[str, str, str], list[float]], set[tuple[str, str]]]:
+) -> tuple[dict[tuple[str, str, str], list[float]], set[tuple[str, str]], dict[tuple[str, str, str], set]]:
     """Each finished trial's final validation accuracy (mean of its last `last_epochs` epochs),
-    listed under (method, candidate, noise); and the (method, candidate) pairs marked as a
-    reference (shown for comparison, never chosen)."""
+    listed under (method, candidate, noise); the (method, candidate) pairs marked as a
+    reference (shown for comparison, never chosen); and the seeds of each (method, candidate, noise)."""
     scores: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    seeds: dict[tuple[str, str, str], set] = defaultdict(set)
     reference: set[tuple[str, str]] = set()
     by_trial: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
@@ -95,10 +108,12 @@ def _validation_scores(
         trial.sort(key=lambda r: r["epoch"])
         tail = [r[VALIDATION] for r in trial[-last_epochs:]]
         first = trial[0]
-        scores[(first["method"], _candidate(first, varying), noise_label(first))].append(sum(tail) / len(tail))
+        cell = (first["method"], _candidate(first, varying), noise_label(first))
+        scores[cell].append(sum(tail) / len(tail))
+        seeds[cell].add(first.get("seed"))
         if first.get("reference"):
             reference.add((first["method"], _candidate(first, varying)))
-    return scores, reference
+    return scores, reference, seeds
 
 
 def _choose_on_validation(

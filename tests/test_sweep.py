@@ -744,6 +744,28 @@ def test_a_validation_tie_chooses_nothing_and_says_tie():
     assert validation_choice(rows, last_epochs=1)[1] == {"cmd-p": "knowledge.tau_end=0.5"}
 
 
+def test_a_validation_candidate_missing_a_seed_is_shown_but_not_chosen():
+    """A stopped (or partly failed) validation sweep: a candidate with fewer finished trials than
+    the others is not ranked, however high its mean over the seeds it has (one lucky seed must
+    not win), and the table says what it lacks."""
+    from cmd_ray.validation import validation_choice
+
+    base = from_dict({"data": {"validation_fraction": 0.1}}).to_dict()
+    rows = []
+    for tau, accuracies in ((0.5, (0.40, 0.41, 0.42)), (0.9, (0.55,))):  # tau 0.9: seeds 1 and 2 stopped
+        for seed, acc in enumerate(accuracies):
+            history = [{"epoch": 0, "mean/val_accuracy": acc}]
+            point = {"knowledge.tau_end": tau, "method": "cmd-p", "seed": seed}
+            rows += trial_rows(f"t{tau}-{seed}", point, base, history, "finished", "")
+    table, best = validation_choice(rows, last_epochs=1)
+    assert best == {"cmd-p": "knowledge.tau_end=0.5"}, table
+    assert "| cmd-p | knowledge.tau_end=0.9 | 55.00 | - |" in table
+    assert (
+        "cmd-p, knowledge.tau_end=0.9: not ranked, no finished trial at symmetric 0.4 seed 1, symmetric 0.4 seed 2"
+        in table
+    )
+
+
 def test_rows_of_a_labels_file_carry_its_name_and_realised_rate_not_an_unused_rate(tmp_path, capsys):
     from cmd_ray.cli import main
     from cmd_ray.results import trial_finals
