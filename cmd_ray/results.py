@@ -357,7 +357,8 @@ def method_order(label: str) -> tuple[int, str]:
 def findings(rows: list[dict[str, Any]], last_epochs: int = 1, metric: str = ACCURACY) -> list[str]:
     """The table in words, one sentence per noise setting: which method ends best, at what final
     accuracy, over how many seeds, and its margin over plain cross-entropy (`ce`) where the sweep
-    ran it, e.g. 'symmetric 0.5: cmd-p ends best, 78.4% (3 seeds), 23.4 points above ce (55.0%).'"""
+    ran it, saying so when the methods' seed counts differ, e.g. 'symmetric 0.5: cmd-p ends best,
+    78.4% (3 seeds), 23.4 points above ce (55.0%).'"""
     cells: dict[tuple[str, str], list[float]] = defaultdict(list)
     for f in trial_finals(rows, last_epochs, metric):
         cells[(f["noise"], f["method"])].append(100 * f["final"])
@@ -381,6 +382,9 @@ def findings(rows: list[dict[str, Any]], last_epochs: int = 1, metric: str = ACC
         runner_up = max(others, key=means.get) if others else "ce"
         if runner_up != "ce":
             line += f"; next {runner_up}, {means[runner_up]:.1f}% ({means[best] - means[runner_up]:.1f} points behind)"
+        counts = {m: len(cells[(noise, m)]) for m in sorted(means, key=method_order)}
+        if len(set(counts.values())) > 1:  # a stopped sweep's, a failed trial's: not a like-for-like reading
+            line += "; seeds differ (" + ", ".join(f"{m} {n}" for m, n in counts.items()) + ")"
         out.append(line + ".")
     return out
 

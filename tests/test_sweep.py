@@ -844,7 +844,7 @@ def test_the_suite_kills_only_the_ray_of_the_driver_it_killed(tmp_path):
     assert ray_sessions_of(99, tmp_path) == []
 
 
-def test_the_finding_in_words_names_the_best_its_margin_over_ce_and_a_level_result_as_level():
+def test_the_finding_in_words_names_the_best_its_margin_over_ce_a_level_result_as_level_and_unequal_seeds():
     from cmd_ray.results import findings
 
     base = from_dict({}).to_dict()
@@ -861,6 +861,10 @@ def test_the_finding_in_words_names_the_best_its_margin_over_ce_and_a_level_resu
         "(0.2 points behind)."
     ]
     assert findings(rows({"ce": 1.0, "cmd-p": 1.0})) == ["symmetric 0.4: ce, cmd-p end level at 100.0% (1 seed)."]
+    unequal = rows({"ce": 0.5, "cmd-p": 0.8}) + [{**r, "trial_id": "t9", "seed": 1} for r in rows({"ce": 0.6})]
+    assert findings(unequal) == [
+        "symmetric 0.4: cmd-p ends best, 80.0% (1 seed), 25.0 points above ce (55.0%); seeds differ (ce 2, cmd-p 1)."
+    ]
 
 
 @pytest.mark.parametrize("placement, dashboard", [("trial", False), ("workers", True)])
