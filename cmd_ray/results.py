@@ -17,15 +17,13 @@ from cmd_ray.metrics import TEST_ACCURACY, VALIDATION_ACCURACY, ensemble_key, me
 from cmd_ray.presets import flatten
 from cmd_ray.storage import exists, join, read_parquet
 
-# Config columns every results row carries (the grid's own keys are added to these). The noise
-# keys a row's noise type does not read (a rate for a labels file) are left empty.
-CONFIG_COLUMNS = (
-    "method",
+# What the sweeps of one joined table must share: the runs' budget, data, model and optimiser
+# (the methods, their settings, the noise and the seeds are what a table compares).
+SHARED_SETTINGS = (
     "peers",
     "replicas",
     "epochs",
     "batch_size",
-    "seed",
     "data.name",
     "data.train_subset",
     "data.validation_fraction",
@@ -33,6 +31,15 @@ CONFIG_COLUMNS = (
     "optim.name",
     "optim.lr",
     "optim.schedule",
+)
+
+
+# Config columns every results row carries (the grid's own keys are added to these). The noise
+# keys a row's noise type does not read (a rate for a labels file) are left empty.
+CONFIG_COLUMNS = (
+    "method",
+    "seed",
+    *SHARED_SETTINGS,
     "noise.type",
     "noise.rate",
     "noise.matrix",
@@ -96,23 +103,6 @@ def read_results(folder: str | Path) -> list[dict[str, Any]]:
     if not exists(path):
         raise FileNotFoundError(f"{path}: no results table; run a sweep into this folder first")
     return read_parquet(path).to_pylist()
-
-
-# What the sweeps of one joined table must share: the runs' budget, data, model and optimiser
-# (the methods, their settings, the noise and the seeds are what a table compares).
-SHARED_SETTINGS = (
-    "peers",
-    "replicas",
-    "epochs",
-    "batch_size",
-    "data.name",
-    "data.train_subset",
-    "data.validation_fraction",
-    "model.name",
-    "optim.name",
-    "optim.lr",
-    "optim.schedule",
-)
 
 
 def read_joined(folder: str | Path, others: list[str | Path]) -> list[dict[str, Any]]:
