@@ -71,8 +71,9 @@ def unread_overrides(cfg: Config, overrides: list[str]) -> list[str]:
     if cfg.sweep.grid:
         from cmd_ray.grid import grid_points, trial_config  # NumPy (noise files): only for a grid
 
+        base = cfg.to_dict()
         try:
-            runs = [trial_config(cfg.to_dict(), point) for point in grid_points(cfg.sweep.grid)]
+            runs = [trial_config(base, point) for point in grid_points(cfg.sweep.grid)]
         except ConfigError:
             return []  # a point that does not validate: check_grid names it
     notes = []

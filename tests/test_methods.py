@@ -230,15 +230,12 @@ def _cmd_behaviour(settings: dict) -> list:
     """What a CMD plan does on one batch of 3 peers at five points of training: each peer's
     total loss, kept labels and selected knowledge, and the epochs it asks for the mixtures."""
     from cmd_ray.methods.base import EPOCH_VALUES, StepInputs
+    from cmd_ray.presets import set_path
 
-    nested: dict = {}
+    values: dict = {"peers": 3}
     for key, value in settings.items():
-        section, name = key.split(".") if "." in key else (key, None)
-        if name is None:
-            nested[section] = value
-        else:
-            nested.setdefault(section, {})[name] = value
-    plan = method_plan(from_dict({"peers": 3, **nested}))
+        values = set_path(values, key, value)
+    plan = method_plan(from_dict(values))
     g = torch.Generator().manual_seed(0)
     peer_logits, labels = 3 * torch.randn(3, 24, 5, generator=g), torch.randint(0, 5, (24,), generator=g)
     values = torch.rand(3, 24, 1, generator=g)
@@ -263,8 +260,8 @@ def test_a_cmd_key_said_to_be_unread_changes_nothing_and_one_said_to_be_read_cha
     for loss in ("kl", "label_correction", "target_mix"):
         for trust in ("all", "small_loss", "joint_small_loss", "agreement", "mixture", "small_loss_and_mixture"):
             base = {"method": method, "distill.loss": loss, "labels.trust": trust}
-            unread = methods.get(method).unread_keys(from_dict({"method": method, "distill": {"loss": loss},
-                                                                 "labels": {"trust": trust}}))  # fmt: skip
+            config = {"method": method, "distill": {"loss": loss}, "labels": {"trust": trust}}
+            unread = methods.get(method).unread_keys(from_dict(config))
             assert set(unread) <= set(CMD_CONDITIONAL_KEYS)
             before = _cmd_behaviour(base)
             for key, other in CMD_CONDITIONAL_KEYS.items():
