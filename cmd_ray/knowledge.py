@@ -137,11 +137,12 @@ class Formulation:
 
 @dataclass(frozen=True)
 class StepValues:
-    """The scheduled quantities at one step: tau(s), the small-loss forget rate r(t), trust g(s)."""
+    """The scheduled quantities at one step: tau(s), the small-loss forget rate r(t), trust g(s), lambda(s)."""
 
     tau: float
     forget_rate: float = 0.0
     trust: float = 0.0
+    weight: Optional[float] = None  # kl's lambda at this step; None = the formulation's constant weight
 
 
 @dataclass
@@ -349,7 +350,8 @@ def peer_loss(
         t = form.temperature
         target_t = target if t == 1.0 else selected_target(sources, mask, t)[0]
         ce = _batch_mean(label_weight, label_ce)
-        distill = form.weight * _batch_mean(selected.float(), kl_term(logits, _shaped(target_t, form.target), t))
+        weight = form.weight if at.weight is None else at.weight
+        distill = weight * _batch_mean(selected.float(), kl_term(logits, _shaped(target_t, form.target), t))
     elif form.loss in ("label_correction", "target_mix"):
         eps = correction_epsilon(target, selected, at.trust, form.epsilon, form.certainty)
         ce = _batch_mean(label_weight * (1.0 - eps), label_ce)

@@ -176,6 +176,22 @@ def test_cmd_warm_up_selects_no_knowledge_before_its_epochs_and_as_usual_after()
     assert _plan("dml", knowledge={"warmup_epochs": 2}).values(early).tau == -math.inf  # DML: all knowledge, always
 
 
+def test_cmd_weight_end_ramps_lambda_linearly_from_weight_to_it_over_training_and_dml_keeps_lambda_1():
+    """distill.weight_end: lambda(s) = weight + (weight_end - weight) * s; the knowledge term of
+    the loss scales with it, the label term does not; DML's published lambda stays 1."""
+    ramp = _plan("cmd-p", distill={"weight": 1.0, "weight_end": 5.0})
+    constant = _plan("cmd-p", distill={"weight": 1.0})
+    peer_logits, labels = torch.tensor([Z1, Z2]), torch.tensor(LABELS)
+    start, quarter, end = (StepSchedule(step=s, total_steps=1000, steps_per_epoch=10) for s in (0, 250, 1000))
+    assert [ramp.values(w).weight for w in (start, quarter, end)] == [1.0, 2.0, 5.0]
+    assert constant.values(quarter).weight is None
+    heavy, light = (p.loss(0, peer_logits[0], peer_logits, labels, quarter) for p in (ramp, constant))
+    assert light.distill.item() > 0
+    assert heavy.distill.item() == pytest.approx(2.0 * light.distill.item())
+    assert heavy.ce.item() == pytest.approx(light.ce.item())
+    assert _plan("dml", distill={"weight_end": 5.0}).values(quarter).weight is None
+
+
 def test_cmd_with_mixture_trust_keeps_the_labels_the_other_peers_loss_mixture_trusts_and_every_label_before():
     """labels.trust mixture: before each epoch past the warm-up a peer shares its clean
     probability of every training label (a loss mixture over the whole split); a peer's label
@@ -213,6 +229,7 @@ CMD_CONDITIONAL_KEYS = {
     "knowledge.steepness": 2.0,
     "knowledge.midpoint": 0.2,
     "distill.weight": 3.0,
+    "distill.weight_end": 5.0,
     "distill.temperature": 2.0,
     "distill.epsilon": "trust",
     "distill.trust_steepness": 2.0,
@@ -297,6 +314,7 @@ def test_every_cmd_setting_reaches_its_formulation_field():
         ({"jocor": {"lambda": 0.9}}, r"^jocor.lambda: unknown key; allowed at this level: weight$"),
         ({"labels": {"joint_weight": 2}}, r"^labels.joint_weight: got 2.0; allowed: a number in \[0.0, 1.0\]$"),
         ({"knowledge": {"warmup_epochs": -1}}, r"^knowledge.warmup_epochs: got -1.0; allowed: a number >= 0$"),
+        ({"distill": {"weight_end": -2}}, r"^distill.weight_end: got -2.0; allowed: a number >= 0$"),
         (
             {"labels": {"mixture_threshold": 1.5}},
             r"^labels.mixture_threshold: got 1.5; allowed: a number in \[0.0, 1.0\]$",

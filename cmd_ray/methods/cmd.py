@@ -54,6 +54,10 @@ class DistillConfig:
     # noisy validation splits over two regimes (docs/ACCURACY.md): 8 won slightly with the MLP in
     # the memorisation regime but stalled the small CNN at a short budget.
     weight: float = 1.0
+    # lambda at the end of training, kl only: lambda rises (or falls) linearly with training
+    # progress s from `weight` at s = 0 to this at s = 1, so the peers distil lightly while their
+    # knowledge forms and heavily once the label term starts to fit wrong labels; null = constant.
+    weight_end: Optional[float] = None
     temperature: float = 1.0  # T, kl only
     mix_weight: float = 1.0  # w, target_mix only
     # label_correction's eps: certainty = g(s) * c(q) (ProSelfLC) | trust = g(s) (selected knowledge
@@ -131,15 +135,19 @@ class DistillationPlan(Plan):
     trust_midpoint: float = 0.5
     mix_weight: float = 1.0
     labels: LabelsConfig = field(default_factory=LabelsConfig)  # for labels.trust mixture's warm-up and threshold
+    weight_end: Optional[float] = None  # distill.weight_end: lambda at s = 1 (cmd-s / cmd-p only)
 
     @classmethod
     def of(cls, cfg: Any, form: Formulation, noise_rate: Optional[float]) -> DistillationPlan:
         forget = ForgetSchedule.of(cfg, noise_rate) if form.label_trust in SMALL_LOSS_TRUST else None
         d = cfg.distill
-        return cls(form, cfg.knowledge, forget, d.trust_steepness, d.trust_midpoint, d.mix_weight, cfg.labels)
+        weight_end = d.weight_end if form.schedule in ("static", "progressive") else None  # dml keeps lambda 1
+        return cls(
+            form, cfg.knowledge, forget, d.trust_steepness, d.trust_midpoint, d.mix_weight, cfg.labels, weight_end
+        )
 
     def values(self, when: StepSchedule) -> StepValues:
-        """tau(s), the small-loss forget rate r(t) and the label-correction trust g(s) at a step."""
+        """tau(s), r(t), the label-correction trust g(s) and lambda(s) at a step."""
         from cmd_ray.knowledge import StepValues, global_trust, threshold
 
         forget_rate = self.forget.at(when) if self.forget is not None else 0.0
@@ -160,7 +168,10 @@ class DistillationPlan(Plan):
         )
         if self.form.schedule in ("static", "progressive") and when.epoch_progress < k.warmup_epochs:
             tau = math.inf  # warm-up: no knowledge selected yet
-        return StepValues(tau, forget_rate, trust)
+        weight = None
+        if self.weight_end is not None:
+            weight = self.form.weight + (self.weight_end - self.form.weight) * when.progress
+        return StepValues(tau, forget_rate, trust, weight)
 
     def wants_epoch_values(self, epoch: int) -> bool:
         return self.form.label_trust in MIXTURE_TRUST and epoch >= self.labels.mixture_warm_up
@@ -199,6 +210,8 @@ class _Cmd(Method):
         if not isinstance(cfg.labels.mixture_warm_up, int) or cfg.labels.mixture_warm_up < 0:
             raise ConfigError(f"labels.mixture_warm_up: got {cfg.labels.mixture_warm_up!r}; allowed: an integer >= 0")
         check_above("distill.weight", d.weight, 0, inclusive=True)
+        if d.weight_end is not None:
+            check_above("distill.weight_end", d.weight_end, 0, inclusive=True)
         check_above("distill.temperature", d.temperature, 0)
         check_range("distill.mix_weight", d.mix_weight, 0.0, 1.0)
         check_above("distill.trust_steepness", d.trust_steepness, 0)
@@ -212,6 +225,7 @@ class _Cmd(Method):
         loss, trust = cfg.distill.loss, cfg.labels.trust
         when_read = {  # key -> (read with these settings, when that is)
             "distill.weight": (loss == "kl", "distill.loss kl"),
+            "distill.weight_end": (loss == "kl", "distill.loss kl"),
             "distill.temperature": (loss == "kl", "distill.loss kl"),
             "distill.epsilon": (loss != "kl", "distill.loss label_correction or target_mix"),
             "distill.trust_steepness": (loss == "label_correction", "distill.loss label_correction"),
