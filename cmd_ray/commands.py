@@ -215,6 +215,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         _, plots = report(args.folder, args.last_epochs, plots_dir=args.plots, joined=args.joined)
     except FileNotFoundError as err:
         raise ConfigError(f"{'--compare' if args.compare and args.compare in str(err) else 'folder'}: {err}") from None
+    except ConfigError:
+        raise  # names its own field (--last-epochs)
     except ValueError as err:
         joining = args.joined and (" repeats " in str(err) or "joined table" in str(err))
         field = "--with" if joining else "--validation" if args.validation else "folder"
@@ -256,14 +258,17 @@ def bench_load(args: argparse.Namespace) -> int:
 
 
 def bench_accuracy(args: argparse.Namespace) -> int:
-    from cmd_ray.grid import check_grid
+    from cmd_ray.grid import check_grid, trial_config
     from cmd_ray.report import report
     from cmd_ray.tools import bench
 
     cfg = _load(args)
-    check_grid(cfg)
-    if args.last_epochs < 1:
-        raise ConfigError(f"--last-epochs: got {args.last_epochs}; allowed: an integer >= 1")
+    points = check_grid(cfg)
+    shortest = min(trial_config(cfg.to_dict(), point).epochs for point in points)
+    if not 1 <= args.last_epochs <= shortest:
+        raise ConfigError(
+            f"--last-epochs: got {args.last_epochs}; allowed: an integer in [1, {shortest}] (the grid's shortest run)"
+        )
     if not args.resume:
         _check_writable("sweep.storage_path", cfg.sweep.storage_path)
     _check_writable("--folder", args.folder)

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from cmd_ray import methods
 from cmd_ray.config import NOISE_READS
+from cmd_ray.errors import ConfigError
 from cmd_ray.grid import point_overrides, trial_config, variant_label
 from cmd_ray.metrics import TEST_ACCURACY, VALIDATION_ACCURACY, ensemble_key, mean_key
 from cmd_ray.presets import flatten
@@ -209,19 +210,39 @@ def cell_labels(rows: list[dict[str, Any]]) -> dict[str, str]:
     }
 
 
-def trial_finals(rows: list[dict[str, Any]], last_epochs: int = 1, metric: str = ACCURACY) -> list[dict[str, Any]]:
-    """Per finished trial: its cell's label (method or variant, and any other key its grid point
-    sets apart: `cell_labels`), noise, seed, final (mean of the last `last_epochs` epochs) and
-    best `metric` (mean of the peers' accuracy)."""
+def finished_trials(rows: list[dict[str, Any]], metric: str, last_epochs: int = 1) -> dict[str, list[dict[str, Any]]]:
+    """Each finished trial's rows that carry `metric`, in epoch order, by trial id. Refuses a
+    `last_epochs` longer than the shortest of them: its final would be the mean of fewer epochs
+    than the caption says."""
     by_trial: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         if row.get("status") == "finished" and row.get(metric) is not None:
             by_trial[row["trial_id"]].append(row)
+    for trial in by_trial.values():
+        trial.sort(key=lambda r: r["epoch"])
+    shortest = min((len(trial) for trial in by_trial.values()), default=last_epochs)
+    if last_epochs > shortest:
+        raise ConfigError(
+            f"--last-epochs: got {last_epochs}; allowed: an integer in [1, {shortest}] "
+            f"(the shortest finished trial has {shortest} epochs)"
+        )
+    return dict(by_trial)
+
+
+def final_value(trial: list[dict[str, Any]], last_epochs: int, metric: str) -> float:
+    """A trial's final `metric`: the mean over its last `last_epochs` rows (in epoch order)."""
+    tail = [r[metric] for r in trial[-last_epochs:]]
+    return sum(tail) / len(tail)
+
+
+def trial_finals(rows: list[dict[str, Any]], last_epochs: int = 1, metric: str = ACCURACY) -> list[dict[str, Any]]:
+    """Per finished trial: its cell's label (method or variant, and any other key its grid point
+    sets apart: `cell_labels`), noise, seed, final (mean of the last `last_epochs` epochs) and
+    best `metric` (mean of the peers' accuracy)."""
+    by_trial = finished_trials(rows, metric, last_epochs)
     labels = cell_labels([r for trial in by_trial.values() for r in trial])
     out = []
     for trial_id, trial_rows_ in by_trial.items():
-        trial_rows_.sort(key=lambda r: r["epoch"])
-        tail = [r[metric] for r in trial_rows_[-last_epochs:]]
         first = trial_rows_[0]
         out.append(
             {
@@ -233,7 +254,7 @@ def trial_finals(rows: list[dict[str, Any]], last_epochs: int = 1, metric: str =
                 if first.get("noise.rate") is not None
                 else trial_rows_[-1].get("realised_noise_rate"),
                 "seed": first["seed"],
-                "final": sum(tail) / len(tail),
+                "final": final_value(trial_rows_, last_epochs, metric),
                 "best": max(r[metric] for r in trial_rows_),
                 "ensemble_final": trial_rows_[-1].get(ensemble_key(metric.split("/", 1)[1])),
                 "selection_precision": trial_rows_[-1].get(mean_key("selection_precision")),

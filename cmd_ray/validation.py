@@ -9,7 +9,7 @@ from collections import defaultdict
 from typing import Any
 
 from cmd_ray import methods
-from cmd_ray.results import VALIDATION, method_order, noise_label
+from cmd_ray.results import VALIDATION, final_value, finished_trials, method_order, noise_label
 
 # Config sections a validation sweep's candidates differ in: every method's own.
 CANDIDATE_SECTIONS = tuple(f"{key}." for key in methods.SECTIONS)
@@ -95,21 +95,16 @@ def _validation_scores(
     scores: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     seeds: dict[tuple[str, str, str], set] = defaultdict(set)
     reference: set[tuple[str, str]] = set()
-    by_trial: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        if row.get("status") == "finished" and row.get(VALIDATION) is not None:
-            by_trial[row["trial_id"]].append(row)
+    by_trial = finished_trials(rows, VALIDATION, last_epochs)
     if not by_trial:
         raise ValueError("no finished trial has validation accuracy; set data.validation_fraction > 0")
     firsts = [trial[0] for trial in by_trial.values()]
     columns = {k for row in firsts for k in row if k.startswith(CANDIDATE_SECTIONS)}
     varying = {k for k in columns if len({repr(row.get(k)) for row in firsts}) > 1}
     for trial in by_trial.values():
-        trial.sort(key=lambda r: r["epoch"])
-        tail = [r[VALIDATION] for r in trial[-last_epochs:]]
         first = trial[0]
         cell = (first["method"], _candidate(first, varying), noise_label(first))
-        scores[cell].append(sum(tail) / len(tail))
+        scores[cell].append(final_value(trial, last_epochs, VALIDATION))
         seeds[cell].add(first.get("seed"))
         if first.get("reference"):
             reference.add((first["method"], _candidate(first, varying)))

@@ -177,6 +177,10 @@ CASES = [
      "sweep.placement: got 'trial' with replicas=2"),
     ("no CPU for a trial", lambda t: ["sweep", "--set", "sweep.cpus_per_trial=0"], "sweep.cpus_per_trial: got 0.0"),
     ("report nothing", lambda t: ["report", str(t)], "folder: "),
+    ("final over more epochs than the runs have",
+     lambda t: ["bench", "accuracy", "--config", PRESET, "--folder", str(t / "b"), "--set", "epochs=3",
+                "--last-epochs", "5"],
+     "--last-epochs: got 5; allowed: an integer in [1, 3] (the grid's shortest run)"),
     # A user's own data
     ("own data without a path", lambda t: ["train", "--set", "data.name=image_folder"], "data.path: got null"),
     ("unreadable folder", lambda t: _folder_args(t, t / "nowhere"), "data.path: "),

@@ -766,6 +766,29 @@ def test_a_validation_candidate_missing_a_seed_is_shown_but_not_chosen():
     )
 
 
+def test_a_final_over_more_epochs_than_a_trial_ran_is_refused_naming_last_epochs(tmp_path, capsys):
+    """`--last-epochs 5` on 3-epoch trials would caption the mean of 3 epochs "the mean of the
+    last 5": the report and the validation choice refuse it in one line (a bench refuses it before
+    any work: test_bad_input.py)."""
+    import pyarrow as pa
+
+    from cmd_ray.cli import main
+
+    base = from_dict({"epochs": 3, "data": {"validation_fraction": 0.1}}).to_dict()
+    history = [{"epoch": e, "mean/test_accuracy": 0.5, "mean/val_accuracy": 0.4} for e in range(3)]
+    rows = trial_rows("t0", {"seed": 0, "method": "cmd-p"}, base, history, "finished", "")
+    rows += trial_rows("t1", {"seed": 1, "method": "cmd-p"}, base, history[:2], "stopped", "")  # not counted
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "results.parquet")
+    plots = str(tmp_path / "plots")
+    for extra in ([], ["--validation"]):
+        assert main(["report", str(tmp_path), "--last-epochs", "3", "--plots", plots, *extra]) == 0
+        capsys.readouterr()
+        assert main(["report", str(tmp_path), "--last-epochs", "4", "--plots", plots, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        expected = "--last-epochs: got 4; allowed: an integer in [1, 3] (the shortest finished trial has 3 epochs)"
+        assert err == "cmd-ray: error: " + expected
+
+
 def test_rows_of_a_labels_file_carry_its_name_and_realised_rate_not_an_unused_rate(tmp_path, capsys):
     from cmd_ray.cli import main
     from cmd_ray.results import trial_finals
