@@ -6,7 +6,10 @@ work, naming each key that differs and both values.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from cmd_ray.config import Config, ConfigError, from_dict
@@ -17,6 +20,11 @@ from cmd_ray.storage import exists, join, read_bytes, write_json_atomic
 # sweep continued) may change them. Everything else is the run's identity.
 EXECUTION_KEYS = ("ray.", "sweep.", "testing.", "output_dir", "data.root", "use_gpu")
 SETTINGS_FILE = "settings.json"  # in a named run's (or a sweep's) folder: its identity
+# Files a run reads by path whose content, not only their name, is what it computes from: a labels
+# file (or matrix) edited in place, under the same name, and the run resumed would report one run
+# of two label sets. Their content is part of the identity, under "content of <path>".
+CONTENT_KEYS = ("noise.labels", "noise.matrix")
+CONTENT_PREFIX = "content of "
 
 
 def run_identity(cfg: Config, sweep: bool = False) -> dict[str, Any]:
@@ -26,13 +34,38 @@ def run_identity(cfg: Config, sweep: bool = False) -> dict[str, Any]:
     kept = {k: v for k, v in flat.items() if not k.startswith(EXECUTION_KEYS)}
     if sweep:
         kept.update({k: v for k, v in flat.items() if k.startswith("sweep.grid")})
+    for path in sorted({p for key, p in _values(dict(kept)) if key.endswith(CONTENT_KEYS) and isinstance(p, str)}):
+        kept[CONTENT_PREFIX + path] = _digest(path)
     return json.loads(json.dumps(kept, sort_keys=True, default=str))  # as it reads back from the file
+
+
+def _values(node: Any, key: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf in nested dicts and lists; a list adds no key part (a
+    grid's `noise: [{type: labels, labels: a.csv}]` yields ("sweep.grid.noise.labels", "a.csv"))."""
+    if isinstance(node, dict):
+        for name, child in node.items():
+            yield from _values(child, f"{key}.{name}" if key else str(name))
+    elif isinstance(node, list):
+        for child in node:
+            yield from _values(child, key)
+    else:
+        yield key, node
+
+
+def _digest(path: Any) -> Any:
+    """'sha256:<16 hex>' of a local file's bytes; None for what is not one (unset, a URI, missing:
+    reading it fails on its own, naming the key)."""
+    if not isinstance(path, str) or "://" in path or not Path(path).expanduser().is_file():
+        return None
+    digest = hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
+    return "sha256:" + digest[:16]
 
 
 def identity_differences(started: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """'key: <value it started with> then, <value> now' for every key where the two differ. A key
     the run's settings lack (one a later cmd-ray added) that holds its default now is no
-    difference: a new key's default is what cmd-ray did before the key existed."""
+    difference: a new key's default is what cmd-ray did before the key existed; nor is a file's
+    content that the run's settings lack (saved before cmd-ray kept it)."""
     missing = object()
     defaults = run_identity(from_dict({}))
     out = []
@@ -40,6 +73,8 @@ def identity_differences(started: dict[str, Any], now: dict[str, Any]) -> list[s
         before, after = started.get(key, missing), now.get(key, missing)
         if before is missing and key in defaults and after == defaults[key]:
             continue
+        if before is missing and key.startswith(CONTENT_PREFIX):
+            continue  # saved before cmd-ray kept files' content: its name is all that can be checked
         if before != after:
             shown = ["(not set)" if v is missing else json.dumps(v) for v in (before, after)]
             out.append(f"{key} {shown[0]} then, {shown[1]} now")

@@ -680,6 +680,39 @@ def test_a_run_started_before_a_key_existed_resumes_while_that_key_holds_its_def
         check_same_run(str(tmp_path), other, "--run-name", "x")
 
 
+def test_a_labels_file_edited_in_place_is_another_run_and_its_resume_is_refused(tmp_path):
+    """A run (or sweep) reads its noise files by path: the same name over other content, resumed,
+    would report one run of two label sets. The content is part of what a run is (a grid's files
+    too); a run saved before cmd-ray kept it resumes on the name alone."""
+    import json
+
+    from cmd_ray.identity import SETTINGS_FILE, check_same_run, save_run_settings
+
+    labels, grid_labels = tmp_path / "noisy.csv", tmp_path / "other.csv"
+    labels.write_text("0\n1\n")
+    grid_labels.write_text("1\n1\n")
+    cfg = from_dict({"method": "ce", "noise": {"type": "labels", "labels": str(labels)}})
+    run = tmp_path / "run"
+    save_run_settings(str(run), cfg)
+    assert check_same_run(str(run), cfg, "--run-name", "x")
+    labels.write_text("1\n1\n")  # edited in place
+    changed = rf"content of {re.escape(str(labels))} \"sha256:\w{{16}}\" then, \"sha256:\w{{16}}\" now\)"
+    with pytest.raises(ConfigError, match=r"^--run-name: the run at \S+ was started with other settings \(" + changed):
+        check_same_run(str(run), cfg, "--run-name", "x")
+    saved = json.loads((run / SETTINGS_FILE).read_text())
+    saved["identity"] = {k: v for k, v in saved["identity"].items() if not k.startswith("content of ")}
+    (run / SETTINGS_FILE).write_text(json.dumps(saved))  # as an older cmd-ray wrote it
+    assert check_same_run(str(run), cfg, "--run-name", "x")
+
+    grid = {"noise": [{"type": "labels", "labels": str(grid_labels)}, {"type": "symmetric", "rate": 0.2}]}
+    swept = from_dict({"method": "ce", "sweep": {"grid": grid}})
+    save_run_settings(str(tmp_path / "sweep"), swept, sweep=True)
+    assert check_same_run(str(tmp_path / "sweep"), swept, "--resume", "another sweep.name", sweep=True)
+    grid_labels.write_text("0\n0\n")
+    with pytest.raises(ConfigError, match="content of " + re.escape(str(grid_labels))):
+        check_same_run(str(tmp_path / "sweep"), swept, "--resume", "another sweep.name", sweep=True)
+
+
 def test_a_table_cell_holds_the_seeds_of_one_grid_point_and_names_its_figure():
     """Two values of a swept key at one seed are two cells, never one 'n=2' cell; the caption
     says the figure is the peers' mean and what final means."""
