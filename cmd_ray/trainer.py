@@ -307,7 +307,8 @@ def train_in_process(
     """Train P peers in this process; return the run summary (see `cmd_ray.summary.summarise`).
 
     `resume` loads a checkpoint into the freshly built peers (a Tune trial restarting);
-    `on_epoch` checkpoints and reports after each epoch; `label` prefixes progress lines;
+    `on_epoch` checkpoints and reports after each epoch (and once, with the last epoch's record,
+    when resumed after it); `label` prefixes progress lines;
     `started_at` (wall clock) is when the run started, for its start-up time.
     """
     started, started_at = time.perf_counter(), started_at or time.time()
@@ -334,5 +335,10 @@ def train_in_process(
         log(progress_line(record, cfg.peers, cfg.epochs, label))
         if on_epoch is not None:
             on_epoch(epoch + 1, peers, history)
+    if start_epoch == cfg.epochs and on_epoch is not None:
+        # Resumed after its last epoch (a sweep's driver killed as the trial ended): report the last
+        # record again, or a sweep's Tune trial has no result and never reads as finished (as
+        # `cmd_ray.ray_train.train_loop_per_worker` does).
+        on_epoch(cfg.epochs, peers, history)
     extra = {"path": "in-process", "wall_seconds": time.perf_counter() - started}
     return summarise(cfg, history, data.noise, extra)

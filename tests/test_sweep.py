@@ -961,8 +961,11 @@ def test_a_trial_restarted_at_its_last_checkpoint_still_reports_its_last_record(
     reported = []
     monkeypatch.setattr(tune, "report", reported.append)
     sweep_module._train_in_trial(cfg, data, "t", {"trial_start": time.time()})  # trains its epoch, reports it
+    kept = {p: p.stat().st_mtime_ns for p in Path(cfg.output_dir).rglob("checkpoint_*/*")}
     sweep_module._train_in_trial(cfg, data, "t", {"trial_start": time.time()})  # restarted: nothing to train
     assert [r["epoch"] for r in reported] == [0, 0] and reported[1] == reported[0]
+    # ... without writing again the checkpoint it just read (a kill mid-write would leave it torn)
+    assert kept and {p: p.stat().st_mtime_ns for p in Path(cfg.output_dir).rglob("checkpoint_*/*")} == kept
     # A trial Tune holds no result of adds no rows (run_sweep then says the sweep did not finish).
     from types import SimpleNamespace
 
