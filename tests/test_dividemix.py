@@ -149,3 +149,37 @@ def test_three_peers_each_trained_on_the_mean_division_of_the_other_two(fake_fmn
     fractions = [record[f"peer{k}/selected_fraction"] for k in range(3)]
     assert all(0.0 < f < 1.0 for f in fractions) and len(set(fractions)) > 1
     assert math.isfinite(record["peer2/loss"])
+
+
+@pytest.mark.parametrize(
+    "settings,unread",
+    [
+        ({"warm_up": 0}, {"dividemix.confidence_penalty"}),
+        ({"warm_up": 4}, {"dividemix.p_threshold", "dividemix.lambda_u", "dividemix.temperature", "dividemix.alpha"}),
+        ({"warm_up": 2}, set()),
+    ],
+)
+def test_a_dividemix_key_said_to_be_unread_changes_no_step_of_the_run_and_the_others_are_read(settings, unread):
+    """`unread_keys` refuses a grid over a key no trial reads: with warm_up 0 the warm-up's
+    penalty, with warm_up >= epochs (4 here) everything after it. Each key it names, changed,
+    leaves every step's loss of a 4-epoch run equal; each key it does not name changes one."""
+    from cmd_ray import methods
+
+    changed = {"confidence_penalty": True, "p_threshold": 0.9, "lambda_u": 100.0, "temperature": 0.9, "alpha": 0.5}
+    cfg = from_dict({"method": "dividemix", "epochs": 4, "dividemix": settings})
+    assert set(methods.get("dividemix").unread_keys(cfg)) == unread
+    g = torch.Generator().manual_seed(0)
+    logits, labels = 3 * torch.randn(2, 8, 3, generator=g), torch.randint(0, 3, (8,), generator=g)
+    clean = torch.rand(2, 8, generator=g)
+
+    def losses(plan) -> list[float]:
+        out = []
+        for epoch in range(4):
+            when = StepSchedule(step=epoch * 10 + 5, total_steps=40, steps_per_epoch=10)
+            inputs = _inputs(logits[0].reshape(8, 3, 1, 1), clean, seed=epoch)
+            out.append(round(float(plan.loss(0, logits[0].clone(), logits, labels, when, inputs).total), 6))
+        return out
+
+    base = losses(_plan(**settings))
+    for name, value in changed.items():
+        assert (losses(_plan(**settings, **{name: value})) != base) == (f"dividemix.{name}" not in unread), name
