@@ -174,10 +174,10 @@ class DivideMix(Method):
     def unread_keys(self, cfg: Any) -> dict[str, str]:
         unread = super().unread_keys(cfg)
         if cfg.dividemix.warm_up == 0:
-            unread["dividemix.confidence_penalty"] = "dividemix reads it only in its warm-up (dividemix.warm_up > 0)"
+            unread["dividemix.confidence_penalty"] = f"{self.name} reads it only in its warm-up, with warm_up > 0"
         if cfg.dividemix.warm_up >= cfg.epochs:  # every epoch is warm-up: no division, no MixMatch
             for name in ("p_threshold", "lambda_u", "temperature", "alpha"):
-                unread[f"dividemix.{name}"] = "dividemix reads it only after its warm-up (dividemix.warm_up < epochs)"
+                unread[f"dividemix.{name}"] = f"{self.name} reads it only after its warm-up, with warm_up < epochs"
         return unread
 
     def plan(self, cfg: Any, noise_rate: Optional[float]) -> Plan:
