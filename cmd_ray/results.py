@@ -344,15 +344,20 @@ def compare_table(rows: list[dict[str, Any]], other: list[dict[str, Any]], last_
         "| method | noise | this sweep | the other | difference | largest difference of one seed |",
         "|---|---|---|---|---|---|",
     ]
+    unpaired = []
     for method, noise in sorted(set(mine) & set(theirs), key=lambda c: (method_order(c[0]), c[1])):
         a, b = mine[(method, noise)], theirs[(method, noise)]
         paired = [a[seed] - b[seed] for seed in a if seed in b]
         largest = max(paired, key=abs) if paired else float("nan")
         difference = mean_std(list(a.values()))[0] - mean_std(list(b.values()))[0]
-        lines.append(
-            f"| {method} | {noise} | {_format_mean(list(a.values()))} | {_format_mean(list(b.values()))} | "
-            f"{difference:+.2f} | {largest:+.2f} |"
-        )
+        shown = [_format_mean(list(a.values())), _format_mean(list(b.values()))]
+        if set(a) != set(b):  # the means are over other seeds: say so where the figures are
+            shown = [f"{text} (seeds {', '.join(map(str, sorted(c)))})" for text, c in zip(shown, (a, b))]
+            unpaired.append(f"{method}, {noise}")
+        lines.append(f"| {method} | {noise} | {shown[0]} | {shown[1]} | {difference:+.2f} | {largest:+.2f} |")
+    if unpaired:
+        cells = "; ".join(unpaired)
+        lines.append(f"\nThe two hold other seeds at: {cells} (their difference is of means over other seeds).")
     return "\n".join(lines)
 
 

@@ -78,8 +78,12 @@ def test_a_rerun_is_compared_cell_by_cell_and_seed_by_seed_with_the_table_it_rep
 
     table = compare_table(sweep({0: 0.80, 1: 0.70}), sweep({0: 0.80, 1: 0.60, 2: 0.9}))
     lines = table.splitlines()
-    assert len(lines) == 3 and lines[2].startswith("| ce | symmetric 0.4 | 75.00±7.07 | 76.67±15.28 |")
+    assert len(lines) == 5, table
+    assert lines[2].startswith("| ce | symmetric 0.4 | 75.00±7.07 (seeds 0, 1) | 76.67±15.28 (seeds 0, 1, 2) |")
     assert lines[2].endswith("| -1.67 | +10.00 |")  # seed 1 differs by 10 points; seed 2 has no pair
+    assert lines[4] == "The two hold other seeds at: ce, symmetric 0.4 (their difference is of means over other seeds)."
+    same = compare_table(sweep({0: 0.80, 1: 0.70}), sweep({0: 0.80, 1: 0.60})).splitlines()
+    assert len(same) == 3 and same[2] == "| ce | symmetric 0.4 | 75.00±7.07 | 70.00±14.14 | +5.00 | +10.00 |"
 
 
 def test_rows_added_by_a_later_sweep_join_the_table_once_and_a_repeated_run_or_another_budget_is_refused(
