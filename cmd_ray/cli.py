@@ -115,7 +115,12 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "--folder", required=True, help="where results.parquet and plots/ are kept, e.g. runs/bench/accuracy"
     )
     acc.add_argument("--resume", action="store_true", help="continue the sweep of this sweep.name")
-    acc.add_argument("--last-epochs", type=int, default=5, help="final accuracy = mean of the last N epochs")
+    acc.add_argument(
+        "--last-epochs",
+        type=int,
+        default=None,
+        help="final accuracy = mean of the last N epochs (default: 5, or every epoch of a shorter run)",
+    )
     _add_bench_sweep_parser(bench_sub)
     imp = bench_sub.add_parser("import", help="import a generated image folder into the cache: images per second")
     imp.add_argument("--images", type=int, default=10000, help="how many PNG images to generate and import")

@@ -265,6 +265,8 @@ def bench_accuracy(args: argparse.Namespace) -> int:
     cfg = _load(args)
     points = check_grid(cfg)
     shortest = min(trial_config(cfg.to_dict(), point).epochs for point in points)
+    if args.last_epochs is None:
+        args.last_epochs = min(5, shortest)
     if not 1 <= args.last_epochs <= shortest:
         raise ConfigError(
             f"--last-epochs: got {args.last_epochs}; allowed: an integer in [1, {shortest}] (the grid's shortest run)"
