@@ -433,6 +433,12 @@ def _bundle(
             train.subset(torch.nonzero(~held).flatten()),
             train.subset(torch.nonzero(held).flatten()),
         )
+    if train_subset is not None and train_subset > len(train):
+        # Trained on all of them, the run's config (and every results row) would say otherwise.
+        raise DataError(
+            f"data.train_subset: got {train_subset}, but {source.path if source else name} has {len(train)} "
+            f"training images; allowed: an integer up to {len(train)}, or null (all of them)"
+        )
     subset = train_subset is not None and train_subset < len(train)
     if subset:
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:train_subset]

@@ -203,6 +203,9 @@ CASES = [
      re.compile(r"noise\.labels: \S+noisy\.csv names 0 paths the data set lacks and leaves out 1 of its 6 images "
                 r"\(first: 'ankle/0000\.png'\); allowed: ")),
     ("one class", _one_class, re.compile(r"data\.path: \S+one has 1 class folder \('ankle'\); allowed: at least 2 ")),
+    ("training subset larger than the data", lambda t: _folder_args(t, _own(t), "--set", "data.train_subset=100"),
+     re.compile(r"data\.train_subset: got 100, but \S+own has \d+ training images; allowed: an integer up to \d+, "
+                r"or null \(all of them\)$")),
     ("a class all held out", _class_all_held_out,
      re.compile(r"data\.validation_fraction: got 0\.5, but class '\w+' has \d image\(s\), all held out for validat")),
     ("labels file too short", lambda t: _labels_file(t, [0, 1, 2]), "noise.labels: "),
