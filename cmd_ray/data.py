@@ -463,17 +463,6 @@ def _bundle(
     return DataBundle(train=train, test=test, info=info, noise=noise, validation=validation)
 
 
-def labels_digest(data: DataBundle) -> str:
-    """SHA-256 of what the peers learn from: sample ids and noisy labels of the training and
-    validation splits. Workers compare it with the driver's before training."""
-    digest = hashlib.sha256()
-    for split in (data.train, data.validation):
-        if split is not None:
-            digest.update(split.index.numpy().tobytes())
-            digest.update(split.noisy_labels.numpy().tobytes())
-    return digest.hexdigest()
-
-
 def check_every_class_trains(train: Split, validation: Split, fraction: float) -> None:
     """Refuse a validation split that holds every image of a class (by the labels trained on):
     the peers would never see the class, and its accuracy would say nothing (DataError)."""

@@ -9,6 +9,7 @@ report one record (and a checkpoint every `ray.checkpoint_every` epochs) per epo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from cmd_ray.cluster import check_cluster_resources, init_ray, worker_resources
 from cmd_ray.config import Config, from_dict
 from cmd_ray.console import console
-from cmd_ray.data import DataBundle, Split, labels_digest
+from cmd_ray.data import DataBundle, Split
 from cmd_ray.errors import DataMismatchError
 from cmd_ray.exchange import (
     Placement,
@@ -66,6 +67,17 @@ TIMELINE_FILE = "timeline.json"  # in the run folder: when rank 0 reached each p
 
 # --------------------------------------------------------------------------------------
 # Worker side
+
+
+def labels_digest(data: DataBundle) -> str:
+    """SHA-256 of what the peers learn from: sample ids and noisy labels of the training and
+    validation splits. Workers compare it with the driver's before training."""
+    digest = hashlib.sha256()
+    for split in (data.train, data.validation):
+        if split is not None:
+            digest.update(split.index.numpy().tobytes())
+            digest.update(split.noisy_labels.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _received_data(loop_config: dict[str, Any], topology: Topology) -> DataBundle:

@@ -207,7 +207,7 @@ def test_real_fashion_mnist_has_60000_train_and_10000_test(real_data_root):
 
 
 def test_labels_digest_changes_with_any_noisy_label_or_sample_id(fake_fmnist_root):
-    from cmd_ray.data import labels_digest
+    from cmd_ray.ray_train import labels_digest
 
     bundle = load_data("fashion-mnist", fake_fmnist_root, NoiseSpec("symmetric", 0.4), 0, validation_fraction=0.2)
     before = labels_digest(bundle)

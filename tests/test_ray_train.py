@@ -155,9 +155,8 @@ def _reports_of_another_fit(cfg, run_name: str, into: Path) -> list[dict]:
 
 
 def test_workers_get_the_data_through_the_object_store_and_refuse_other_labels(fake_fmnist_root, local_ray):
-    from cmd_ray.data import labels_digest
     from cmd_ray.exchange import Topology
-    from cmd_ray.ray_train import DataMismatchError, _received_data
+    from cmd_ray.ray_train import DataMismatchError, _received_data, labels_digest
     from cmd_ray.trainer import load_run_data
 
     data = load_run_data(tiny_config(fake_fmnist_root))
