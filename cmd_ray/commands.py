@@ -265,11 +265,10 @@ def bench_accuracy(args: argparse.Namespace) -> int:
     cfg = _load(args)
     points = check_grid(cfg)
     shortest = min(trial_config(cfg.to_dict(), point).epochs for point in points)
-    if args.last_epochs is None:
-        args.last_epochs = min(5, shortest)
-    if not 1 <= args.last_epochs <= shortest:
+    last_epochs = min(5, shortest) if args.last_epochs is None else args.last_epochs
+    if not 1 <= last_epochs <= shortest:
         raise ConfigError(
-            f"--last-epochs: got {args.last_epochs}; allowed: an integer in [1, {shortest}] (the grid's shortest run)"
+            f"--last-epochs: got {last_epochs}; allowed: an integer in [1, {shortest}] (the grid's shortest run)"
         )
     if not args.resume:
         _check_writable("sweep.storage_path", cfg.sweep.storage_path)
@@ -282,8 +281,8 @@ def bench_accuracy(args: argparse.Namespace) -> int:
         resume_command=resume_command(args, ("bench", "accuracy", "--folder", args.folder)),
     )
     if cfg.data.validation_fraction > 0:  # a hyper-parameter sweep: rank on validation only
-        return _print_validation_choice(folder, last_epochs=args.last_epochs)
-    _, plots = report(folder, last_epochs=args.last_epochs)
+        return _print_validation_choice(folder, last_epochs=last_epochs)
+    _, plots = report(folder, last_epochs=last_epochs)
     print("plots: " + ", ".join(str(p) for p in plots))
     return 0
 

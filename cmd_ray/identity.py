@@ -34,7 +34,7 @@ def run_identity(cfg: Config, sweep: bool = False) -> dict[str, Any]:
     kept = {k: v for k, v in flat.items() if not k.startswith(EXECUTION_KEYS)}
     if sweep:
         kept.update({k: v for k, v in flat.items() if k.startswith("sweep.grid")})
-    for path in sorted({p for key, p in _values(dict(kept)) if key.endswith(CONTENT_KEYS) and isinstance(p, str)}):
+    for path in sorted({p for key, p in _values(kept) if key.endswith(CONTENT_KEYS) and isinstance(p, str)}):
         kept[CONTENT_PREFIX + path] = _digest(path)
     return json.loads(json.dumps(kept, sort_keys=True, default=str))  # as it reads back from the file
 

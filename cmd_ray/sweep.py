@@ -198,20 +198,21 @@ def _train_in_trial(cfg: Config, data, label: str, timeline: dict[str, float]) -
     if not cfg.use_gpu:  # the CPUs Tune reserved for this trial, and no more
         torch.set_num_threads(max(1, int(cfg.sweep.cpus_per_trial)))
 
-    resumed_at = [0]  # the epoch of the checkpoint this start read: the latest already
+    resumed_at = 0  # the epoch of the checkpoint this start read: the latest already
 
     def resume(peers) -> tuple[int, list[dict[str, Any]]]:
+        nonlocal resumed_at
         done, history = read_latest_checkpoint(cfg.output_dir, peers)
         if not done:
             return 0, []
         console(f"[cmd-ray] {label}: resumed from the checkpoint after epoch {done}")
-        resumed_at[0] = done
+        resumed_at = done
         return done, history
 
     def report(done: int, peers, history: list[dict[str, Any]]) -> None:
         timeline.setdefault("first_epoch_end", time.time())
         reporting = time.perf_counter()
-        if (done % cfg.ray.checkpoint_every == 0 or done == cfg.epochs) and done != resumed_at[0]:
+        if (done % cfg.ray.checkpoint_every == 0 or done == cfg.epochs) and done != resumed_at:
             write_latest_checkpoint(cfg.output_dir, peers, done, history)
         write_bytes(join(cfg.output_dir, HISTORY_FILE), json.dumps(history).encode())
         tune.report(history[-1])
